@@ -1,0 +1,79 @@
+"""Dense attention forward: ferrokernels vs torch SDPA (FLASH_ATTENTION and CUDNN_ATTENTION
+backends) in one process.
+
+Workloads: batch * seqlen = 32K tokens, heads * head_dim = 2048, seqlen in {1K, 4K, 16K},
+head_dim in {64, 128, 256}, causal and not, bf16. Each impl gets its native layout
+(ours (b, n, h, d), torch's (b, h, n, d)), contiguous.
+TFLOP/s counts 4 * b * h * n^2 * d (two matmuls), halved for causal.
+rel_err: ||out - ref|| / ||ref|| on batch 0, heads 0-1, against float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ferrokernels as fk
+from ferrokernels.bench import time_ms
+
+N_INPUTS = 2
+
+
+def ref_slice(q, k, v, causal):
+    """float64 output of batch 0, heads 0..1 in (n, h, d) layout, in query chunks."""
+    qs, ks, vs = (x[0, :, :2].double() for x in (q, k, v))
+    n, d = qs.shape[0], qs.shape[2]
+    out = torch.empty_like(qs)
+    for s in range(0, n, 1024):
+        sc = torch.einsum("qhd,khd->hqk", qs[s:s + 1024], ks) / math.sqrt(d)
+        if causal:
+            i = torch.arange(s, min(s + 1024, n), device=q.device)[:, None]
+            sc = sc.masked_fill(torch.arange(n, device=q.device)[None] > i, float("-inf"))
+        out[s:s + 1024] = torch.einsum("hqk,khd->qhd", torch.softmax(sc, -1), vs)
+    return out
+
+
+def rel_err(out_nhd, ref):
+    o = out_nhd[0, :, :2].double()
+    return ((o - ref).norm() / ref.norm()).item()
+
+
+def run(quick: bool = False):
+    records = []
+    seqlens = [1024, 4096] if quick else [1024, 4096, 16384]
+    dims = [64, 128] if quick else [64, 128, 256]
+    for d in dims:
+        for n in seqlens:
+            b, h = 32768 // n, 2048 // d
+            sets = [tuple(torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                    for _ in range(N_INPUTS)]
+            torch_sets = [tuple(x.transpose(1, 2).contiguous() for x in s) for s in sets]
+            for causal in (False, True):
+                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                params = {"batch": b, "heads": h, "seqlen": n, "head_dim": d, "causal": causal, "dtype": "bfloat16"}
+                ref = ref_slice(*sets[0], causal)
+                impls = {"ferrokernels": lambda i: fk.attention(*sets[i], causal=causal)}
+                for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def call(i, backend=backend):
+                        with sdpa_kernel(backend):
+                            return torch.nn.functional.scaled_dot_product_attention(*torch_sets[i], is_causal=causal)
+                    impls[label] = call
+                for label, fn in impls.items():
+                    try:
+                        out = fn(0)
+                        if label != "ferrokernels":
+                            out = out.transpose(1, 2)
+                        err = rel_err(out, ref)
+                        ms = time_ms(fn, N_INPUTS)
+                    except Exception as e:  # a peer that cannot run a shape is reported, not fatal
+                        print(f"  {label} failed on {params}: {str(e).splitlines()[0]}")
+                        continue
+                    tflops = flops / ms / 1e9
+                    records.append({"bench": "attention", "impl": label, "params": params, "ms": round(ms, 4),
+                                    "tflops": round(tflops, 1), "gbps": None, "rel_err": float(f"{err:.3g}")})
+                    print(f"  d={d:3d} n={n:5d} causal={causal!s:5} {label:13s} {ms:8.3f} ms {tflops:7.1f} TFLOP/s err {err:.1e}")
+            del sets, torch_sets
+            torch.cuda.empty_cache()
+    return records

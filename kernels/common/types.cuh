@@ -1,0 +1,26 @@
+// Scalar types and conversions shared by every kernel. NVRTC has no host headers, so the
+// fixed-width integer names are ours.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef int i32;
+typedef long long i64;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Two floats rounded to one register holding two T (low half first), the operand format of
+// the 16-bit tensor-core instructions.
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi);
+
+template <> __device__ __forceinline__ u32 pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&h);
+}

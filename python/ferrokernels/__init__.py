@@ -1,0 +1,31 @@
+"""ferrokernels: fast attention and GEMM kernels for PyTorch, in Rust + CUDA (NVRTC JIT)."""
+
+from . import _native
+from ._native import (
+    CompileError,
+    CudaError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ShapeError,
+)
+from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
+from .attention import attention, sdpa
+from .runtime import compile_all, info, kernel_names
+
+__version__ = _native.__version__
+
+__all__ = [
+    "attention",
+    "sdpa",
+    "info",
+    "compile_all",
+    "kernel_names",
+    "ShapeError",
+    "DTypeError",
+    "DeviceError",
+    "LayoutError",
+    "CudaError",
+    "CompileError",
+    "__version__",
+]

@@ -1,0 +1,134 @@
+"""Benchmark machinery shared by benchmarks/bench_<op>.py: CUDA-event timing (median, rotating
+inputs), the device ceilings, and the results file (benchmarks/results/<device>.json + .md,
+schema in the project's RESULTS.md). Records of other benches are merged, never dropped."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def time_ms(fn: Callable[[int], object], n_inputs: int = 1, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of fn(i) over reps, i cycling through n_inputs input sets so caches
+    do not flatter; CUDA events around each call."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    times = []
+    for r in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(r % n_inputs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    """Measured once per run: an 8192^3 bf16 matmul and a large device-to-device copy."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda i: a @ b, reps=10)
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda i: dst.copy_(src), reps=10)
+    return {"bf16_matmul_tflops": round(2 * 8192**3 / ms / 1e9, 1),
+            "copy_gbps": round(2 * src.numel() / copy_ms / 1e6, 1)}
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def nvrtc_version() -> str:
+    from . import _native
+
+    return _native.runtime_info().get("nvrtc_version", "?")
+
+
+def merge_results(results_dir: str, records: List[dict], ceil: dict) -> str:
+    """Rewrites <device>.json with `records` replacing any record of the same bench/impl/params."""
+    os.makedirs(results_dir, exist_ok=True)
+    name = torch.cuda.get_device_name()
+    path = os.path.join(results_dir, device_slug(name) + ".json")
+    data = {"records": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    key = lambda r: (r["bench"], r["impl"], json.dumps(r["params"], sort_keys=True))  # noqa: E731
+    new = {key(r) for r in records}
+    data["records"] = [r for r in data.get("records", []) if key(r) not in new] + records
+    data.update({"device": name, "torch": torch.__version__, "nvrtc": nvrtc_version(),
+                 "date": datetime.date.today().isoformat(), "ceilings": ceil})
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(markdown(data))
+    return path
+
+
+def markdown(data: dict) -> str:
+    """One table per bench: a row per workload, a column per impl (TFLOP/s, else ms)."""
+    lines = [f"# {data['device']}", "",
+             f"torch {data['torch']}, NVRTC {data.get('nvrtc', '?')}, {data['date']}; "
+             f"ceilings: {data['ceilings']}", ""]
+    benches = sorted({r["bench"] for r in data["records"]})
+    for bench in benches:
+        recs = [r for r in data["records"] if r["bench"] == bench]
+        impls = sorted({r["impl"] for r in recs}, key=lambda s: (s != "ferrokernels", s))
+        rows = {}
+        for r in recs:
+            rows.setdefault(json.dumps(r["params"], sort_keys=True), {})[r["impl"]] = r
+        lines += [f"## {bench}", "", "| params | " + " | ".join(impls) + " | rel_err (ours) |",
+                  "|---" * (len(impls) + 2) + "|"]
+        for p, by_impl in rows.items():
+            cells = []
+            for i in impls:
+                r = by_impl.get(i)
+                cells.append("" if r is None else (f"{r['tflops']:.1f} TF/s" if r.get("tflops") else f"{r['ms']:.3f} ms"))
+            ours = by_impl.get("ferrokernels", {})
+            params = ", ".join(f"{k}={v}" for k, v in json.loads(p).items())
+            err = ours.get("rel_err")
+            lines.append(f"| {params} | " + " | ".join(cells) + f" | {'' if err is None else f'{err:.1e}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_bench_module(name: str):
+    """benchmarks/bench_<name>.py from the repository (the current folder or above it)."""
+    here = os.path.abspath(os.getcwd())
+    for root in (here, os.path.dirname(here)):
+        path = os.path.join(root, "benchmarks", f"bench_{name}.py")
+        if os.path.exists(path):
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+    raise SystemExit(f"benchmarks/bench_{name}.py not found: run from the repository root")
+
+
+BENCHES: Sequence[str] = ("attention",)
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("the benchmarks need a CUDA GPU", file=sys.stderr)
+        return 1
+    results_dir = args.results_dir or os.path.join("benchmarks", "results")
+    ceil = ceilings()
+    print(f"ceilings: {ceil}")
+    records = []
+    for name in (BENCHES if args.which == "all" else [args.which]):
+        records += load_bench_module(name).run(quick=args.quick)
+    path = merge_results(results_dir, records, ceil)
+    print(f"wrote {path}")
+    return 0

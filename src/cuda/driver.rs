@@ -1,0 +1,157 @@
+//! Driver side: the primary context of each device (the one torch uses), kernel modules loaded
+//! from the cache, and launches on the caller's stream. Every driver failure becomes
+//! `Error::Cuda` with the driver's own message.
+
+use super::{KernelSource, cache};
+use crate::error::{Error, Result};
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Mutex, OnceLock, RwLock};
+
+fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // cudarc panics if libcuda is missing, so look before the first call.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The CUDA version the driver supports (e.g. 13000), or `None` without a driver.
+pub fn driver_version() -> Option<i32> {
+    if !driver_present() {
+        return None;
+    }
+    let mut v = 0;
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+fn init() -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if !driver_present() {
+            return Err("no CUDA driver (libcuda.so.1) found on this machine".to_string());
+        }
+        result::init().map_err(|e| Error::from(e).to_string())
+    })
+    .clone()
+    .map_err(Error::Cuda)
+}
+
+pub fn device_count() -> i32 {
+    if init().is_err() {
+        return 0;
+    }
+    result::device::get_count().unwrap_or(0)
+}
+
+/// A loaded kernel. The handle belongs to a module that lives as long as the process.
+#[derive(Clone, Copy)]
+pub struct Function(sys::CUfunction);
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+pub struct Device {
+    pub ordinal: i32,
+    ctx: sys::CUcontext,
+    pub name: String,
+    pub arch: String,
+    pub sm_count: i32,
+    pub max_smem_optin: i32,
+    functions: RwLock<HashMap<String, Function>>,
+}
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+/// The NVRTC arch for a compute capability: Hopper gets `sm_90a` so wgmma/setmaxnreg work.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if major == 9 { "sm_90a".to_string() } else { format!("sm_{major}{minor}") }
+}
+
+static DEVICES: Mutex<Vec<&'static Device>> = Mutex::new(Vec::new());
+
+pub fn device(ordinal: i32) -> Result<&'static Device> {
+    init()?;
+    let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = devices.iter().find(|d| d.ordinal == ordinal) {
+        return Ok(d);
+    }
+    let count = result::device::get_count()?;
+    if ordinal < 0 || ordinal >= count {
+        return Err(Error::Device(format!("cuda:{ordinal} does not exist ({count} CUDA devices)")));
+    }
+    let dev = result::device::get(ordinal)?;
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) };
+    use sys::CUdevice_attribute::*;
+    let (major, minor) = (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+    if major < 8 {
+        return Err(Error::Device(format!("cuda:{ordinal} has compute capability {major}.{minor}; ferrokernels needs 8.0 or newer")));
+    }
+    let d: &'static Device = Box::leak(Box::new(Device {
+        ordinal,
+        ctx: unsafe { result::primary_ctx::retain(dev)? },
+        name: result::device::get_name(dev)?,
+        arch: arch_for(major, minor),
+        sm_count: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        max_smem_optin: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        functions: RwLock::new(HashMap::new()),
+    }));
+    devices.push(d);
+    Ok(d)
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub smem_bytes: u32,
+}
+
+impl Device {
+    fn make_current(&self) -> Result<()> {
+        unsafe { result::ctx::set_current(self.ctx)? };
+        Ok(())
+    }
+
+    /// The kernel's function handle, compiling (or reading the disk cache) on first use.
+    pub fn function(&self, k: &KernelSource, smem_bytes: u32) -> Result<Function> {
+        if let Some(f) = self.functions.read().unwrap_or_else(|e| e.into_inner()).get(&k.name) {
+            return Ok(*f);
+        }
+        let compiled = cache::compile(k, &self.arch)?;
+        self.make_current()?;
+        let f = unsafe {
+            let module = result::module::load_data(compiled.cubin.as_ptr() as *const c_void).map_err(|e| {
+                let nv = super::nvrtc::get().map(|n| n.version).unwrap_or((0, 0));
+                Error::Cuda(format!("{} (loading {} compiled by NVRTC {}.{} for {}; if the NVRTC is newer than the driver \
+                    (CUDA {:?}), the driver is too old: install a toolkit that matches it or set CUDA_HOME)",
+                    Error::from(e), k.name, nv.0, nv.1, self.arch, driver_version()))
+            })?;
+            let name = CString::new(k.name.as_str()).expect("kernel names have no NUL");
+            result::module::get_function(module, name)?
+        };
+        if smem_bytes as i32 > self.max_smem_optin {
+            return Err(Error::Value(format!("{} needs {smem_bytes} bytes of shared memory; {} allows {}", k.name, self.name, self.max_smem_optin)));
+        }
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )?;
+        }
+        let f = Function(f);
+        self.functions.write().unwrap_or_else(|e| e.into_inner()).insert(k.name.clone(), f);
+        Ok(f)
+    }
+
+    /// Launches on `stream` (a raw `CUstream`, e.g. `torch.cuda.current_stream().cuda_stream`).
+    /// `params` points at each kernel argument, in order.
+    pub fn launch(&self, f: Function, cfg: LaunchConfig, stream: usize, params: &mut [*mut c_void]) -> Result<()> {
+        self.make_current()?;
+        unsafe {
+            result::launch_kernel(f.0, cfg.grid, cfg.block, cfg.smem_bytes, stream as sys::CUstream, params)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! CUDA plumbing shared by every op: toolkit discovery, NVRTC, the cubin cache, contexts and
+//! launches. Ops describe a kernel as a `KernelSource` (a readable name + a tiny rendered
+//! source that instantiates one template) and never touch NVRTC or the driver directly.
+
+pub mod cache;
+pub mod driver;
+pub mod nvrtc;
+pub mod toolkit;
+
+/// One specialisation of a kernel template: `name` is both the `extern "C"` symbol and the
+/// readable cache-file stem; `source` is complete CUDA C++ that `#include`s the headers below.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KernelSource {
+    pub name: String,
+    pub source: String,
+}
+
+/// Our kernel sources, embedded so the wheel needs no data files. Kernels `#include` them by
+/// these names; they are part of every cache key.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common/types.cuh", include_str!("../../kernels/common/types.cuh")),
+    ("common/mma.cuh", include_str!("../../kernels/common/mma.cuh")),
+    ("common/softmax.cuh", include_str!("../../kernels/common/softmax.cuh")),
+    ("attention.cu", include_str!("../../kernels/attention.cu")),
+];
+
+/// What ptxas reported for one kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceReport {
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+fn number_before(line: &str, suffix: &str) -> Option<u32> {
+    let idx = line.find(suffix)?;
+    line[..idx].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses the `--ptxas-options=-v` lines of an NVRTC log.
+pub fn resource_report(log: &str) -> ResourceReport {
+    let mut r = ResourceReport::default();
+    for line in log.lines() {
+        if let Some(n) = number_before(line, "registers") {
+            r.registers = n;
+        }
+        if let Some(n) = number_before(line, "bytes stack frame") {
+            r.stack_bytes = n;
+        }
+        if let Some(n) = number_before(line, "bytes spill stores") {
+            r.spill_stores = n;
+        }
+        if let Some(n) = number_before(line, "bytes spill loads") {
+            r.spill_loads = n;
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_ptxas_report() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+                   ptxas info    : Function properties for k\n    \
+                   16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+                   ptxas info    : Used 168 registers, used 1 barriers, 944 bytes cmem[0]";
+        let r = super::resource_report(log);
+        assert_eq!((r.registers, r.stack_bytes, r.spill_stores, r.spill_loads), (168, 16, 8, 12));
+    }
+}

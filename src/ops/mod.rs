@@ -1,0 +1,10 @@
+//! One file per op family: argument checks, kernel choice, launch (GPU) or CPU call.
+
+pub mod attention;
+
+use crate::cuda::KernelSource;
+
+/// Every kernel specialisation of every op, for `warmup` and the CI compile test.
+pub fn all_kernels() -> Vec<KernelSource> {
+    attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect()
+}

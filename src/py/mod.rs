@@ -1,0 +1,15 @@
+//! pyo3 bindings: the only place pyo3 and DLPack capsules appear.
+
+mod errors;
+mod ops;
+mod runtime;
+mod tensor;
+
+use pyo3::prelude::*;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    ops::register(m)?;
+    runtime::register(m)?;
+    Ok(())
+}
