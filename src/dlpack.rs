@@ -217,6 +217,18 @@ impl TensorView {
         Ok(())
     }
 
+    /// Outputs must not be broadcast views: a zero stride would make rows overwrite each other.
+    pub fn expect_writable_layout(&self) -> Result<()> {
+        if let Some(axis) = (0..self.ndim()).find(|&i| self.shape[i] > 1 && self.strides[i] == 0) {
+            return Err(Error::Layout(format!(
+                "{} has stride 0 in dimension {axis} (a broadcast/expanded view); outputs need \
+                 their own memory for every element",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// A kernel that loads `vector_bytes` at a time needs the base pointer and every
     /// stride (except the last) to be multiples of that width.
     pub fn expect_aligned(&self, vector_bytes: usize) -> Result<()> {

@@ -65,6 +65,9 @@ def test_layout(device):
     q, k, v = qkv(device)
     with pytest.raises(fk.LayoutError, match="q must be contiguous in its last dimension"):
         fk.attention(q.transpose(1, 3).contiguous().transpose(1, 3), k, v)
+    expanded = torch.empty(1, 1, 2, 32, device=device, dtype=q.dtype).expand(1, 8, 2, 32)
+    with pytest.raises(fk.LayoutError, match="out has stride 0 in dimension 1"):
+        fk.attention(q, k, v, out=expanded)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -167,11 +167,13 @@ fn check(q: &TensorView, k: &TensorView, v: &TensorView, out: &TensorView, lse: 
         )));
     }
     out.expect_shape(&[batch as i64, seqlen_q as i64, heads_q as i64, head_dim as i64])?;
+    out.expect_writable_layout()?;
     if let Some(lse) = lse {
         lse.expect_same_device(q)?;
         lse.expect_dtype(&[DType::F32])?;
         lse.expect_shape(&[batch as i64, heads_q as i64, seqlen_q as i64])?;
         lse.expect_last_contiguous()?;
+        lse.expect_writable_layout()?;
     }
     for t in [q, k, v, out] {
         t.expect_last_contiguous()?;
