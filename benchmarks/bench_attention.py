@@ -1,11 +1,16 @@
 """Dense attention forward: ferrokernels vs torch SDPA (FLASH_ATTENTION and CUDNN_ATTENTION
-backends) in one process.
+backends) and compiled flex_attention, in one process.
 
 Workloads: batch * seqlen = 32K tokens, heads * head_dim = 2048, seqlen in {1K, 4K, 16K},
 head_dim in {64, 128, 256}, causal and not, bf16. Each impl gets its native layout
 (ours (b, n, h, d), torch's (b, h, n, d)), contiguous.
 TFLOP/s counts 4 * b * h * n^2 * d (two matmuls), halved for causal.
 rel_err: ||out - ref|| / ||ref|| on batch 0, heads 0-1, against float64.
+
+Varlen (bench "attention_varlen"): 64 sequences of random length 128-4096 packed, 16 heads,
+D=128; TFLOP/s counts each sequence's own n^2. Beside it the dense kernel on the same number
+of tokens at the mean length (impl "ferrokernels-dense"), the figure varlen should stay within
+10% of.
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ import ferrokernels as fk
 from ferrokernels.bench import time_ms
 
 N_INPUTS = 2
+
+
+def flex_peer():
+    """Compiled flex_attention, or None where this torch has none."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def make(n, causal):
+        mask = None
+        if causal:
+            mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, n, n, device="cuda")
+        return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+    return make
 
 
 def ref_slice(q, k, v, causal):
@@ -42,6 +64,7 @@ def rel_err(out_nhd, ref):
 
 def run(quick: bool = False):
     records = []
+    flex = flex_peer()
     seqlens = [1024, 4096] if quick else [1024, 4096, 16384]
     dims = [64, 128] if quick else [64, 128, 256]
     for d in dims:
@@ -60,6 +83,9 @@ def run(quick: bool = False):
                         with sdpa_kernel(backend):
                             return torch.nn.functional.scaled_dot_product_attention(*torch_sets[i], is_causal=causal)
                     impls[label] = call
+                if flex is not None:
+                    flex_fn = flex(n, causal)
+                    impls["flex"] = lambda i, f=flex_fn: f(*torch_sets[i])
                 for label, fn in impls.items():
                     try:
                         out = fn(0)
@@ -76,4 +102,35 @@ def run(quick: bool = False):
                     print(f"  d={d:3d} n={n:5d} causal={causal!s:5} {label:13s} {ms:8.3f} ms {tflops:7.1f} TFLOP/s err {err:.1e}")
             del sets, torch_sets
             torch.cuda.empty_cache()
+    records += run_varlen()
+    return records
+
+
+def run_varlen(n_seqs=64, lo=128, hi=4096, h=16, d=128):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(lo, hi + 1, (n_seqs,), generator=g)
+    total, mean = int(lens.sum()), int(lens.float().mean())
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).cuda()
+    sets = [tuple(torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for _ in range(N_INPUTS)]
+    b = total // mean
+    dense = [tuple(x[: b * mean].view(b, mean, h, d) for x in s) for s in sets]
+    records = []
+    for causal in (False, True):
+        div = 2 if causal else 1
+        flops = sum(4 * h * int(n) ** 2 * d for n in lens) / div
+        dense_flops = 4 * b * h * mean * mean * d / div
+        params = {"seqs": n_seqs, "lengths": f"{lo}-{hi}", "heads": h, "head_dim": d, "causal": causal,
+                  "dtype": "bfloat16"}
+        runs = {
+            "ferrokernels": (lambda i: fk.attention_varlen(*sets[i], cu, cu, int(lens.max()), int(lens.max()),
+                                                           causal=causal), flops),
+            "ferrokernels-dense": (lambda i: fk.attention(*dense[i], causal=causal), dense_flops),
+        }
+        for label, (fn, fl) in runs.items():
+            ms = time_ms(fn, N_INPUTS)
+            tflops = fl / ms / 1e9
+            records.append({"bench": "attention_varlen", "impl": label, "params": params, "ms": round(ms, 4),
+                            "tflops": round(tflops, 1), "gbps": None, "rel_err": None})
+            print(f"  varlen causal={causal!s:5} {label:19s} {ms:8.3f} ms {tflops:7.1f} TFLOP/s")
     return records

@@ -30,14 +30,18 @@ pub enum DType {
     I8,
     U8,
     I32,
+    I64,
+    F64,
+    Bool,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
+            DType::F64 | DType::I64 => 8,
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::F8E4M3 | DType::F8E5M2 | DType::I8 | DType::U8 => 1,
+            DType::F8E4M3 | DType::F8E5M2 | DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
 
@@ -52,6 +56,9 @@ impl DType {
             DType::I8 => "int8",
             DType::U8 => "uint8",
             DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::F64 => "float64",
+            DType::Bool => "bool",
         }
     }
 
@@ -69,6 +76,9 @@ impl DType {
             (0, 8) => DType::I8,
             (1, 8) => DType::U8,
             (0, 32) => DType::I32,
+            (0, 64) => DType::I64,
+            (2, 64) => DType::F64,
+            (6, 8) => DType::Bool,
             _ => return None,
         })
     }
@@ -311,7 +321,8 @@ mod tests {
     fn dlpack_codes() {
         assert_eq!(DType::from_dlpack(4, 16, 1), Some(DType::BF16));
         assert_eq!(DType::from_dlpack(10, 8, 1), Some(DType::F8E4M3));
-        assert_eq!(DType::from_dlpack(2, 64, 1), None);
+        assert_eq!(DType::from_dlpack(2, 64, 1), Some(DType::F64));
+        assert_eq!(DType::from_dlpack(5, 64, 1), None);
         assert_eq!(DType::from_dlpack(2, 32, 4), None);
     }
 }

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ferrokernels as fk
-from conftest import ERR_FLOOR, devices, reference, rel_err, torch_lowp
+from conftest import ERR_FLOOR, check_against_reference, devices, dtypes_for, make, reference, rel_err
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim): odd sizes, GQA/MQA, Nq != Nk.
 SHAPES = [
@@ -24,32 +24,6 @@ GPU_SHAPES = SHAPES + [
     (1, 127, 129, 4, 1, 144),
     (2, 300, 300, 2, 2, 256),
 ]
-
-
-def dtypes_for(device):
-    return [torch.float16, torch.bfloat16] + ([torch.float32] if device == "cpu" else [])
-
-
-def make(shape, dtype, device, seed):
-    b, nq, nk, hq, hk, d = shape
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return mk(b, nq, hq, d), mk(b, nk, hk, d), mk(b, nk, hk, d)
-
-
-def check_against_reference(q, k, v, out, lse, causal, offset=None, scale=None):
-    ref, ref_lse = reference(q, k, v, causal, offset, scale)
-    assert not out.isnan().any(), "unwritten (poisoned) or NaN output"
-    err = rel_err(out, ref)
-    torch_err = rel_err(torch_lowp(q, k, v, causal, offset, scale), ref)
-    budget = max(2 * torch_err, ERR_FLOOR[q.dtype])
-    assert err <= budget, f"rel err {err:.2e} > budget {budget:.2e} (torch {torch_err:.2e})"
-    if lse is not None:
-        finite = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isfinite(lse.transpose(0, 0)), finite), "LSE -inf rows differ"
-        assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 2e-3
-        assert (lse[~finite] == float("-inf")).all()
-    return err
 
 
 @pytest.mark.parametrize("device", devices())
@@ -72,7 +46,7 @@ def test_lse_is_written_everywhere(device):
     q, k, v = make((2, 50, 20, 4, 2, 64), torch.bfloat16, device, seed=7)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, 4, 50), float("nan"), device=device)
-    fk._native.attention_fwd(q, k, v, out, lse, True, True, None, fk._runtime.stream_of(q))
+    fk._native.attention_fwd(q, k, v, out, lse, causal=True, stream=fk._runtime.stream_of(q))
     assert not lse.isnan().any()
     assert (lse[:, :, :30] == float("-inf")).all()  # bottom-right: the first 30 queries see nothing
     assert (out[:, :30] == 0).all()

@@ -29,8 +29,10 @@ def test_dtypes(device):
         fk.attention(q, k.bfloat16(), v)
     with pytest.raises(fk.DTypeError, match="q must have dtype float16 or bfloat16 or float32, got int32"):
         fk.attention(q.int(), k.int(), v.int())
-    with pytest.raises(TypeError, match="q has an unsupported dtype"):
+    with pytest.raises(fk.DTypeError, match="q must have dtype float16 or bfloat16 or float32, got float64"):
         fk.attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="q has an unsupported dtype"):
+        fk.attention(q.to(torch.complex64), k, v)
 
 
 def test_isinstance_of_builtin_exceptions():
@@ -54,8 +56,10 @@ def test_shapes(device):
         fk.attention(q, k, v[:, :5])
     with pytest.raises(fk.ShapeError, match="k has batch"):
         fk.attention(q, torch.cat([k, k]), v)
-    with pytest.raises(NotImplementedError, match="head_dim_v"):
-        fk.attention(q, k, torch.randn(1, 8, 2, 64, device=device, dtype=q.dtype))
+    with pytest.raises(fk.ShapeError, match=r"out must have shape \(1, 8, 2, 64\)"):
+        fk.attention(q, k, torch.randn(1, 8, 2, 64, device=device, dtype=q.dtype), out=torch.empty_like(q))
+    with pytest.raises(fk.ShapeError, match="v has head_dim 20"):
+        fk.attention(q, k, torch.randn(1, 8, 2, 20, device=device, dtype=q.dtype))
     with pytest.raises(fk.ShapeError, match="out must have shape"):
         fk.attention(q, k, v, out=torch.empty(1, 8, 2, 16, device=device, dtype=q.dtype))
 
@@ -81,8 +85,14 @@ def test_values(device):
 
 def test_sdpa_arguments():
     q, k, v = (x.transpose(1, 2) for x in qkv())
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        fk.sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(fk.ShapeError, match="attn_mask has shape"):
+        fk.sdpa(q, k, v, attn_mask=torch.ones(8, 5, dtype=torch.bool))
+    with pytest.raises(fk.ShapeError, match="attn_mask must be 2-D to 4-D"):
+        fk.sdpa(q, k, v, attn_mask=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(fk.DTypeError, match="attn_mask has dtype int32"):
+        fk.sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.int32))
+    with pytest.raises(fk.DTypeError, match="attn_mask has dtype bfloat16"):
+        fk.sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bfloat16))
     with pytest.raises(NotImplementedError, match="dropout_p"):
         fk.sdpa(q, k, v, dropout_p=0.1)
     q, k, v = (x.transpose(1, 2) for x in qkv(h=4, hk=2))
@@ -113,3 +123,46 @@ def test_cuda_only_checks():
     odd = torch.randn(1, 8, 2, 36, device="cuda", dtype=torch.float16)[..., :32]
     with pytest.raises(fk.LayoutError, match="stride 36 of dimension 2 is not a multiple of 16 bytes"):
         fk.attention(odd, k, v)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_option_values(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="window left must be >= 0"):
+        fk.attention(q, k, v, window=(-5, 0))
+    with pytest.raises(ValueError, match="window must be a"):
+        fk.attention(q, k, v, window=3)
+    with pytest.raises(ValueError, match="window right must be an int"):
+        fk.attention(q, k, v, window=(3, 1.5))
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        fk.attention(q, k, v, softcap=-1.0)
+    with pytest.raises(fk.ShapeError, match=r"alibi_slopes must have shape \(2,\) or \(1, 2\)"):
+        fk.attention(q, k, v, alibi_slopes=torch.ones(3, device=device))
+    with pytest.raises(fk.DTypeError, match="alibi_slopes must have dtype float32"):
+        fk.attention(q, k, v, alibi_slopes=torch.ones(2, device=device, dtype=torch.float16))
+
+
+def varlen_inputs(device, lens=(3, 5)):
+    total = sum(lens)
+    q, k, v = (torch.randn(total, 2, 32, device=device, dtype=torch.float16) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("device", devices())
+def test_varlen_offsets(device):
+    q, k, v, cu = varlen_inputs(device)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        fk.attention_varlen(q, k, v, torch.tensor([0, 5, 3], dtype=torch.int32, device=device), cu, 8, 8)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0"):
+        fk.attention_varlen(q, k, v, cu, cu + 1, 8, 8)
+    with pytest.raises(ValueError, match="more than max_seqlen 4"):
+        fk.attention_varlen(q, k, v, cu, cu, 4, 8)
+    with pytest.raises(ValueError, match="ends at 8 but the tensor has only 6 rows"):
+        fk.attention_varlen(q[:6], k, v, cu, cu, 8, 8)
+    with pytest.raises(fk.DTypeError, match="cu_seqlens_q must have dtype int32"):
+        fk.attention_varlen(q, k, v, cu.long(), cu, 8, 8)
+    with pytest.raises(fk.ShapeError, match="cu_seqlens_k has length"):
+        fk.attention_varlen(q, k, v, cu, cu[:2], 8, 8)
+    with pytest.raises(fk.ShapeError, match=r"q must be 3-D \(total_tokens, heads, head_dim\)"):
+        fk.attention_varlen(q[None], k, v, cu, cu, 8, 8)

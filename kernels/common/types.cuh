@@ -24,3 +24,6 @@ template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float 
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<u32*>(&h);
 }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

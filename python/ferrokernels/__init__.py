@@ -10,13 +10,14 @@ from ._native import (
     ShapeError,
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
-from .attention import attention, sdpa
+from .attention import attention, attention_varlen, sdpa
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "sdpa",
     "info",
     "compile_all",

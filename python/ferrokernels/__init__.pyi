@@ -1,12 +1,19 @@
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._native import (CompileError as CompileError, CudaError as CudaError, DeviceError as DeviceError,
                       DTypeError as DTypeError, LayoutError as LayoutError, ShapeError as ShapeError)
 
 __version__: str
 
+Window = Optional[Sequence[Optional[int]]]
+
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
+              window: Window = None, softcap: Optional[float] = None, alibi_slopes: Any = None,
               return_lse: bool = False, out: Any = None) -> Union[Any, Tuple[Any, Any]]: ...
+def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
+                     max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None,
+                     window: Window = None, softcap: Optional[float] = None, alibi_slopes: Any = None,
+                     return_lse: bool = False, out: Any = None) -> Union[Any, Tuple[Any, Any]]: ...
 def sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Any: ...
 def info() -> dict: ...

@@ -88,8 +88,9 @@ def markdown(data: dict) -> str:
         rows = {}
         for r in recs:
             rows.setdefault(json.dumps(r["params"], sort_keys=True), {})[r["impl"]] = r
-        lines += [f"## {bench}", "", "| params | " + " | ".join(impls) + " | rel_err (ours) |",
-                  "|---" * (len(impls) + 2) + "|"]
+        ratio = "ferrokernels" in impls and "sdpa_cudnn" in impls
+        lines += [f"## {bench}", "", "| params | " + " | ".join(impls) + (" | ours / cuDNN" if ratio else "")
+                  + " | rel_err (ours) |", "|---" * (len(impls) + 2 + ratio) + "|"]
         for p, by_impl in rows.items():
             cells = []
             for i in impls:
@@ -98,6 +99,10 @@ def markdown(data: dict) -> str:
             ours = by_impl.get("ferrokernels", {})
             params = ", ".join(f"{k}={v}" for k, v in json.loads(p).items())
             err = ours.get("rel_err")
+            if ratio:
+                cudnn = by_impl.get("sdpa_cudnn")
+                both = ours.get("ms") and cudnn
+                cells.append(f"{cudnn['ms'] / ours['ms']:.2f}x" if both else "")
             lines.append(f"| {params} | " + " | ".join(cells) + f" | {'' if err is None else f'{err:.1e}'} |")
         lines.append("")
     return "\n".join(lines)

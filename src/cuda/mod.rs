@@ -21,6 +21,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/types.cuh", include_str!("../../kernels/common/types.cuh")),
     ("common/mma.cuh", include_str!("../../kernels/common/mma.cuh")),
     ("common/softmax.cuh", include_str!("../../kernels/common/softmax.cuh")),
+    ("common/attention.cuh", include_str!("../../kernels/common/attention.cuh")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
 ];
 

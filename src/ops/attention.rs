@@ -1,5 +1,10 @@
-//! Dense attention forward: `out = softmax(scale * q k^T [+ causal mask]) v` per (batch, head),
-//! q/k/v/out in (batch, seqlen, heads, head_dim) layout with any strides (last dim contiguous).
+//! Attention forward: `out = softmax(mods(scale * q k^T)) v` per (batch, head), where mods are
+//! the optional softcap, ALiBi bias, dense mask and causal/sliding-window bounds.
+//!
+//! Dense inputs are (batch, seqlen, heads, head_dim) with any strides (last dim contiguous);
+//! varlen inputs pack sequences as (total_tokens, heads, head_dim) with int32 `cu_seqlens`
+//! offsets, as flash-attn. Both run the same kernels: varlen is a batch whose sequences start at
+//! per-sequence row offsets.
 
 use crate::cpu;
 use crate::cuda::KernelSource;
@@ -9,7 +14,13 @@ use crate::error::{Error, Result};
 use std::ffi::c_void;
 
 pub const LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
+pub const VARLEN_LAYOUT: &str = "(total_tokens, heads, head_dim)";
+pub const MASK_LAYOUT: &str = "(batch, heads, seqlen_q, seqlen_k), each axis either full or 1";
 pub const MAX_HEAD_DIM: usize = 256;
+/// An unbounded window side; larger than any sequence the kernels accept.
+pub const WINDOW_NONE: i64 = 0x3fff_ffff;
+/// The granularity of `mask_tiles` (kernels/common/attention.cuh: MASK_TILE).
+pub const MASK_TILE: usize = 64;
 
 /// Where the causal diagonal sits when seqlen_q != seqlen_k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,65 +31,167 @@ pub enum CausalAlign {
     TopLeft,
 }
 
+/// Packed sequences: sequence b owns rows cu_seqlens[b]..cu_seqlens[b+1].
 #[derive(Debug, Clone, Copy)]
-pub struct AttentionOptions {
+pub struct Varlen<'a> {
+    pub cu_seqlens_q: &'a TensorView,
+    pub cu_seqlens_k: &'a TensorView,
+    pub max_seqlen_q: usize,
+    pub max_seqlen_k: usize,
+}
+
+/// One attention call: borrowed tensors plus options.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionArgs<'a> {
+    pub q: &'a TensorView,
+    pub k: &'a TensorView,
+    pub v: &'a TensorView,
+    pub out: &'a TensorView,
+    /// float32 (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen.
+    pub lse: Option<&'a TensorView>,
+    /// float32 slopes, (heads_q,) or (batch, heads_q): bias -slope * |i + off - j|.
+    pub alibi: Option<&'a TensorView>,
+    /// Dense mask, bool (true = attend) or additive (q's dtype or float32), MASK_LAYOUT.
+    pub mask: Option<&'a TensorView>,
+    /// uint8 summary of `mask` per MASK_TILE x MASK_TILE tile (0 empty, 1 partial, 2 full),
+    /// same broadcasting; lets the GPU skip empty tiles and not read full ones.
+    pub mask_tiles: Option<&'a TensorView>,
+    pub varlen: Option<Varlen<'a>>,
     pub causal: bool,
     pub align: CausalAlign,
     /// Softmax scale; `None` means 1/sqrt(head_dim).
     pub scale: Option<f64>,
+    /// Keys (left, right) of the diagonal that stay visible; -1 = unbounded (flash-attn).
+    pub window: (i64, i64),
+    /// Scores become softcap * tanh(score / softcap); 0 = off.
+    pub softcap: f64,
 }
 
-/// Sizes shared by the CPU and GPU paths, read once from the checked views.
+impl<'a> AttentionArgs<'a> {
+    /// Plain attention with every option off.
+    pub fn new(q: &'a TensorView, k: &'a TensorView, v: &'a TensorView, out: &'a TensorView) -> Self {
+        AttentionArgs {
+            q,
+            k,
+            v,
+            out,
+            lse: None,
+            alibi: None,
+            mask: None,
+            mask_tiles: None,
+            varlen: None,
+            causal: false,
+            align: CausalAlign::BottomRight,
+            scale: None,
+            window: (-1, -1),
+            softcap: 0.0,
+        }
+    }
+}
+
+/// How the dense mask's elements are read (kernels/common/attention.cuh: MASK_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskKind {
+    None = 0,
+    Bool = 1,
+    AddSame = 2,
+    AddF32 = 3,
+}
+
+/// Sizes and resolved options shared by the CPU and GPU paths, read once from checked views.
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
     pub batch: usize,
+    /// Per sequence; the maxima for varlen.
     pub seqlen_q: usize,
     pub seqlen_k: usize,
     pub heads_q: usize,
     pub heads_kv: usize,
     pub head_dim: usize,
-    /// Key j is visible to query i when j <= i + causal_offset (only if causal).
-    pub causal_offset: i64,
-    pub causal: bool,
+    pub head_dim_v: usize,
+    /// Key j is visible to query i when i + off - left <= j <= i + off + right.
+    pub window_left: i64,
+    pub window_right: i64,
+    /// off = seqlen_k - seqlen_q per sequence when true, else 0.
+    pub bottom_right: bool,
     pub scale: f32,
+    pub softcap: f32,
+    pub mask_kind: MaskKind,
+    pub varlen: bool,
+}
+
+/// Strides (batch, seq, head) of a q/k/v/out view, in elements: varlen views have no batch
+/// axis (sequences are found through cu_seqlens).
+pub fn bsh_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
+    if varlen { [0, t.stride(0), t.stride(1)] } else { [t.stride(0), t.stride(1), t.stride(2)] }
+}
+
+/// Strides (batch, head, seq) of the LSE view.
+pub fn lse_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
+    if varlen { [0, t.stride(0), t.stride(1)] } else { [t.stride(0), t.stride(1), t.stride(2)] }
+}
+
+/// Strides of a 4-D broadcastable view, 0 on axes of size 1.
+pub fn broadcast_strides(t: &TensorView) -> [i64; 4] {
+    let mut s = [0i64; 4];
+    for (i, x) in s.iter_mut().enumerate() {
+        *x = if t.dim(i) == 1 { 0 } else { t.stride(i) };
+    }
+    s
 }
 
 /// One compiled specialisation: the template parameters, the symbol name, the cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionSpec {
     pub dtype: DType,
-    /// The head dim rounded up to the MMA k step (16).
+    /// The q/k head dim rounded up to the MMA k step (16).
     pub head_dim_pad: usize,
+    /// The v/out head dim, likewise.
+    pub head_dim_v_pad: usize,
 }
 
 impl AttentionSpec {
     pub const BLOCK_M: usize = 64;
 
-    pub fn for_problem(dtype: DType, head_dim: usize) -> AttentionSpec {
-        AttentionSpec { dtype, head_dim_pad: head_dim.div_ceil(16) * 16 }
+    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize) -> AttentionSpec {
+        AttentionSpec { dtype, head_dim_pad: head_dim.div_ceil(16) * 16, head_dim_v_pad: head_dim_v.div_ceil(16) * 16 }
     }
 
+    /// The variants `warmup` and CI compile: every padded head dim, plus MLA-style 192/128.
+    /// Other (head_dim, head_dim_v) pairs compile on first use.
     pub fn all() -> Vec<AttentionSpec> {
         let mut v = Vec::new();
         for dtype in [DType::F16, DType::BF16] {
             for d in (16..=MAX_HEAD_DIM).step_by(16) {
-                v.push(AttentionSpec { dtype, head_dim_pad: d });
+                v.push(AttentionSpec { dtype, head_dim_pad: d, head_dim_v_pad: d });
             }
+            v.push(AttentionSpec { dtype, head_dim_pad: 192, head_dim_v_pad: 128 });
         }
         v
     }
 
+    fn widest(&self) -> usize {
+        self.head_dim_pad.max(self.head_dim_v_pad)
+    }
+
     /// Smaller key tiles for wide heads keep the score + output registers under the limit.
     fn block_n(&self) -> usize {
-        if self.head_dim_pad <= 128 { 64 } else { 32 }
+        if self.widest() <= 128 { 64 } else { 32 }
     }
 
     fn q_in_regs(&self) -> bool {
-        self.head_dim_pad <= 128
+        self.widest() <= 128
     }
 
+    pub fn threads(&self) -> u32 {
+        (Self::BLOCK_M / 16 * 32) as u32
+    }
+
+    /// Q, K and V tiles (rows padded by 16 bytes); the output is staged over them at the end.
     pub fn smem_bytes(&self) -> u32 {
-        ((Self::BLOCK_M + 2 * self.block_n()) * (self.head_dim_pad + 8) * 2) as u32
+        let (d, dv, bn) = (self.head_dim_pad + 8, self.head_dim_v_pad + 8, self.block_n());
+        let tiles = (Self::BLOCK_M + bn) * d + bn * dv;
+        (tiles.max(Self::BLOCK_M * dv) * 2) as u32
     }
 
     fn ctype(&self) -> (&'static str, &'static str) {
@@ -89,18 +202,20 @@ impl AttentionSpec {
     }
 
     pub fn name(&self) -> String {
-        format!("attention_fwd_{}_d{}", self.ctype().1, self.head_dim_pad)
+        let base = format!("attention_fwd_{}_d{}", self.ctype().1, self.head_dim_pad);
+        if self.head_dim_v_pad == self.head_dim_pad { base } else { format!("{base}_dv{}", self.head_dim_v_pad) }
     }
 
     pub fn kernel(&self) -> KernelSource {
-        let threads = Self::BLOCK_M / 16 * 32;
         let source = format!(
             "#include \"attention.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const __grid_constant__ AttentionParams p) {{\n\
-             \x20   attention_fwd<{t}, {d}, {bm}, {bn}, {qr}>(p);\n}}\n",
+             \x20   attention_fwd<{t}, {d}, {dv}, {bm}, {bn}, {qr}>(p);\n}}\n",
+            threads = self.threads(),
             name = self.name(),
             t = self.ctype().0,
             d = self.head_dim_pad,
+            dv = self.head_dim_v_pad,
             bm = Self::BLOCK_M,
             bn = self.block_n(),
             qr = self.q_in_regs(),
@@ -109,7 +224,7 @@ impl AttentionSpec {
     }
 }
 
-/// Mirrors `struct AttentionParams` in kernels/attention.cu.
+/// Mirrors `struct AttentionParams` in kernels/common/attention.cuh.
 #[repr(C)]
 struct AttentionParams {
     q: u64,
@@ -117,25 +232,156 @@ struct AttentionParams {
     v: u64,
     o: u64,
     lse: u64,
+    cu_seqlens_q: u64,
+    cu_seqlens_k: u64,
+    alibi: u64,
+    mask: u64,
+    mask_tiles: u64,
     q_s: [i64; 3],
     k_s: [i64; 3],
     v_s: [i64; 3],
     o_s: [i64; 3],
-    lse_s: [i64; 2],
+    lse_s: [i64; 3],
+    alibi_sb: i64,
+    mask_s: [i64; 4],
+    mask_tiles_s: [i64; 4],
     heads_q: i32,
     heads_kv: i32,
     seqlen_q: i32,
     seqlen_k: i32,
     head_dim: i32,
-    causal: i32,
-    causal_offset: i32,
-    scale_log2: f32,
+    head_dim_v: i32,
+    window_left: i32,
+    window_right: i32,
+    bottom_right: i32,
+    mask_kind: i32,
+    scale: f32,
+    softcap: f32,
 }
 
-fn check(q: &TensorView, k: &TensorView, v: &TensorView, out: &TensorView, lse: Option<&TensorView>, opts: &AttentionOptions) -> Result<Dims> {
-    for t in [q, k, v, out] {
-        t.expect_rank(4, LAYOUT)?;
+fn shape_err<T>(msg: String) -> Result<T> {
+    Err(Error::Shape(msg))
+}
+
+/// Reads cu_seqlens from host memory and checks it is a valid offset list for `total` rows.
+pub fn host_seqlens(cu: &TensorView, total: usize, max_len: usize) -> Result<Vec<i32>> {
+    let n = cu.dim(0);
+    let vals: Vec<i32> = (0..n).map(|i| unsafe { *(cu.ptr as *const i32).offset(i as isize * cu.stride(0) as isize) }).collect();
+    if vals[0] != 0 {
+        return Err(Error::Value(format!("{} must start at 0, got {}", cu.name, vals[0])));
     }
+    for (i, w) in vals.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::Value(format!(
+                "{} must be non-decreasing, but entry {} ({}) < entry {} ({})",
+                cu.name,
+                i + 1,
+                w[1],
+                i,
+                w[0]
+            )));
+        }
+        if (w[1] - w[0]) as usize > max_len {
+            return Err(Error::Value(format!(
+                "{}: sequence {i} has {} tokens, more than max_seqlen {max_len}",
+                cu.name,
+                w[1] - w[0]
+            )));
+        }
+    }
+    if vals[n - 1] as usize > total {
+        return Err(Error::Value(format!("{} ends at {} but the tensor has only {total} rows", cu.name, vals[n - 1])));
+    }
+    Ok(vals)
+}
+
+fn check_varlen(a: &AttentionArgs, vl: &Varlen) -> Result<usize> {
+    for t in [a.q, a.k, a.v, a.out] {
+        t.expect_rank(3, VARLEN_LAYOUT)?;
+    }
+    for cu in [vl.cu_seqlens_q, vl.cu_seqlens_k] {
+        cu.expect_rank(1, "(batch + 1,)")?;
+        cu.expect_dtype(&[DType::I32])?;
+        cu.expect_same_device(a.q)?;
+    }
+    let batch = vl.cu_seqlens_q.dim(0).saturating_sub(1);
+    if vl.cu_seqlens_q.dim(0) == 0 {
+        return shape_err(format!("{} must hold batch + 1 offsets, got an empty tensor", vl.cu_seqlens_q.name));
+    }
+    vl.cu_seqlens_k.expect_dim(0, batch + 1, "length (must match cu_seqlens_q)")?;
+    if a.mask.is_some() {
+        return Err(Error::NotImplemented("a dense attn mask is not supported with varlen inputs".into()));
+    }
+    Ok(batch)
+}
+
+fn check_mask(a: &AttentionArgs, want: [usize; 4]) -> Result<MaskKind> {
+    let Some(mask) = a.mask else {
+        if let Some(t) = a.mask_tiles {
+            return Err(Error::Value(format!("{} was given without a mask", t.name)));
+        }
+        return Ok(MaskKind::None);
+    };
+    mask.expect_rank(4, MASK_LAYOUT)?;
+    mask.expect_same_device(a.q)?;
+    for (axis, &n) in want.iter().enumerate() {
+        if mask.dim(axis) != n && mask.dim(axis) != 1 {
+            return shape_err(format!(
+                "{} has shape {:?}, which does not broadcast to (batch, heads, seqlen_q, seqlen_k) = {:?}",
+                mask.name, mask.shape, want
+            ));
+        }
+    }
+    let kind = match mask.dtype {
+        DType::Bool | DType::U8 => MaskKind::Bool,
+        DType::F32 => MaskKind::AddF32,
+        d if d == a.q.dtype => MaskKind::AddSame,
+        d => {
+            return Err(Error::DType(format!(
+                "{} has dtype {}; masks are bool (true = attend), float32, or q's dtype {}",
+                mask.name,
+                d.name(),
+                a.q.dtype.name()
+            )));
+        }
+    };
+    if let Some(t) = a.mask_tiles {
+        t.expect_rank(4, "(batch, heads, q tiles, k tiles), each axis either full or 1")?;
+        t.expect_same_device(a.q)?;
+        t.expect_dtype(&[DType::U8])?;
+        let tiles = [want[0], want[1], want[2].div_ceil(MASK_TILE), want[3].div_ceil(MASK_TILE)];
+        for (axis, &n) in tiles.iter().enumerate() {
+            if t.dim(axis) != n && t.dim(axis) != 1 {
+                return shape_err(format!("{} has shape {:?}; expected axes {:?} (or 1)", t.name, t.shape, tiles));
+            }
+        }
+    }
+    Ok(kind)
+}
+
+fn check_alibi(a: &AttentionArgs, batch: usize, heads_q: usize) -> Result<()> {
+    let Some(al) = a.alibi else { return Ok(()) };
+    al.expect_same_device(a.q)?;
+    al.expect_dtype(&[DType::F32])?;
+    al.expect_last_contiguous()?;
+    let ok = (al.ndim() == 1 && al.dim(0) == heads_q) || (al.ndim() == 2 && al.dim(0) == batch && al.dim(1) == heads_q);
+    if !ok {
+        return shape_err(format!("{} must have shape ({heads_q},) or ({batch}, {heads_q}), got {:?}", al.name, al.shape));
+    }
+    Ok(())
+}
+
+/// flash-attn's convention: -1 is unbounded; other negatives are errors.
+fn window_side(x: i64, which: &str) -> Result<i64> {
+    match x {
+        -1 => Ok(WINDOW_NONE),
+        x if x < -1 => Err(Error::Value(format!("window {which} must be >= 0 (or -1 for unbounded), got {x}"))),
+        x => Ok(x.min(WINDOW_NONE)),
+    }
+}
+
+fn check(a: &AttentionArgs) -> Result<Dims> {
+    let (q, k, v, out) = (a.q, a.k, a.v, a.out);
     for t in [k, v, out] {
         t.expect_same_device(q)?;
     }
@@ -143,111 +389,164 @@ fn check(q: &TensorView, k: &TensorView, v: &TensorView, out: &TensorView, lse: 
     for t in [k, v, out] {
         t.expect_same_dtype(q)?;
     }
-    let (batch, seqlen_q, heads_q, head_dim) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-    let (seqlen_k, heads_kv) = (k.dim(1), k.dim(2));
-    k.expect_dim(0, batch, "batch")?;
-    v.expect_dim(0, batch, "batch")?;
-    k.expect_dim(3, head_dim, "head_dim")?;
-    v.expect_dim(1, seqlen_k, "seqlen (must match k)")?;
-    v.expect_dim(2, heads_kv, "heads (must match k)")?;
-    if v.dim(3) != head_dim {
-        return Err(Error::NotImplemented(format!(
-            "v head_dim {} differs from q/k head_dim {head_dim}; a separate head_dim_v is not supported yet",
-            v.dim(3)
-        )));
-    }
-    if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
-        return Err(Error::Shape(format!(
-            "q has head_dim {head_dim}; supported head dims are multiples of 8 from 8 to {MAX_HEAD_DIM}"
-        )));
+    let varlen = a.varlen.is_some();
+    // Axis of seqlen / heads / head_dim in q/k/v/out.
+    let (batch, ax) = match &a.varlen {
+        Some(vl) => (check_varlen(a, vl)?, 0),
+        None => {
+            for t in [q, k, v, out] {
+                t.expect_rank(4, LAYOUT)?;
+            }
+            k.expect_dim(0, q.dim(0), "batch")?;
+            v.expect_dim(0, q.dim(0), "batch")?;
+            (q.dim(0), 1)
+        }
+    };
+    let (heads_q, head_dim) = (q.dim(ax + 1), q.dim(ax + 2));
+    let (heads_kv, head_dim_v) = (k.dim(ax + 1), v.dim(ax + 2));
+    k.expect_dim(ax + 2, head_dim, "head_dim (must match q)")?;
+    v.expect_dim(ax, k.dim(ax), "seqlen (must match k)")?;
+    v.expect_dim(ax + 1, heads_kv, "heads (must match k)")?;
+    for (d, t) in [(head_dim, q), (head_dim_v, v)] {
+        if d == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
+            return shape_err(format!(
+                "{} has head_dim {d}; supported head dims are multiples of 8 from 8 to {MAX_HEAD_DIM}",
+                t.name
+            ));
+        }
     }
     if heads_kv == 0 || heads_q % heads_kv != 0 {
-        return Err(Error::Shape(format!(
-            "q has {heads_q} heads, which must be a multiple of k's {heads_kv} heads (GQA/MQA)"
-        )));
+        return shape_err(format!("q has {heads_q} heads, which must be a multiple of k's {heads_kv} heads (GQA/MQA)"));
     }
-    out.expect_shape(&[batch as i64, seqlen_q as i64, heads_q as i64, head_dim as i64])?;
+    let (seqlen_q, seqlen_k) = match &a.varlen {
+        Some(vl) => (vl.max_seqlen_q, vl.max_seqlen_k),
+        None => (q.dim(1), k.dim(1)),
+    };
+    let mut out_shape: Vec<i64> = q.shape.clone();
+    *out_shape.last_mut().unwrap() = head_dim_v as i64;
+    out.expect_shape(&out_shape)?;
     out.expect_writable_layout()?;
-    if let Some(lse) = lse {
+    if let Some(lse) = a.lse {
         lse.expect_same_device(q)?;
         lse.expect_dtype(&[DType::F32])?;
-        lse.expect_shape(&[batch as i64, heads_q as i64, seqlen_q as i64])?;
-        lse.expect_last_contiguous()?;
+        if varlen {
+            lse.expect_shape(&[heads_q as i64, q.dim(0) as i64])?;
+        } else {
+            lse.expect_shape(&[batch as i64, heads_q as i64, seqlen_q as i64])?;
+        }
         lse.expect_writable_layout()?;
     }
     for t in [q, k, v, out] {
         t.expect_last_contiguous()?;
     }
-    let scale = match opts.scale {
+    if seqlen_q as i64 >= WINDOW_NONE || seqlen_k as i64 >= WINDOW_NONE {
+        return shape_err(format!("sequences of {seqlen_q} queries / {seqlen_k} keys exceed the supported 2^30"));
+    }
+    let mask_kind = check_mask(a, [batch, heads_q, seqlen_q, seqlen_k])?;
+    check_alibi(a, batch, heads_q)?;
+    let scale = match a.scale {
         Some(s) if !s.is_finite() => return Err(Error::Value(format!("scale must be finite, got {s}"))),
         Some(s) => s as f32,
         None => 1.0 / (head_dim as f32).sqrt(),
     };
-    let causal_offset = match opts.align {
-        CausalAlign::BottomRight => seqlen_k as i64 - seqlen_q as i64,
-        CausalAlign::TopLeft => 0,
-    };
-    Ok(Dims { batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal_offset, causal: opts.causal, scale })
+    if !(a.softcap.is_finite() && a.softcap >= 0.0) {
+        return Err(Error::Value(format!("softcap must be a finite number >= 0 (0 = off), got {}", a.softcap)));
+    }
+    let window_left = window_side(a.window.0, "left")?;
+    let mut window_right = window_side(a.window.1, "right")?;
+    if a.causal {
+        window_right = 0;
+    }
+    Ok(Dims {
+        batch,
+        seqlen_q,
+        seqlen_k,
+        heads_q,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+        window_left,
+        window_right,
+        bottom_right: a.align == CausalAlign::BottomRight,
+        scale,
+        softcap: a.softcap as f32,
+        mask_kind,
+        varlen,
+    })
 }
 
-/// Runs attention into `out` (and `lse` if given). `stream` is the CUDA stream to launch on
+/// Runs attention into `a.out` (and `a.lse`). `stream` is the CUDA stream to launch on
 /// (ignored on the CPU).
-pub fn forward(q: &TensorView, k: &TensorView, v: &TensorView, out: &TensorView, lse: Option<&TensorView>, opts: &AttentionOptions, stream: usize) -> Result<()> {
-    let dims = check(q, k, v, out, lse, opts)?;
+pub fn forward(a: &AttentionArgs, stream: usize) -> Result<()> {
+    let dims = check(a)?;
     if dims.batch == 0 || dims.seqlen_q == 0 || dims.heads_q == 0 {
         return Ok(());
     }
-    match q.device {
-        Device::Cpu => cpu::attention::forward(q, k, v, out, lse, &dims),
-        Device::Cuda(ordinal) => forward_cuda(ordinal, q, k, v, out, lse, &dims, stream),
+    match a.q.device {
+        Device::Cpu => cpu::attention::forward(a, &dims),
+        Device::Cuda(ordinal) => forward_cuda(ordinal, a, &dims, stream),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_cuda(ordinal: i32, q: &TensorView, k: &TensorView, v: &TensorView, out: &TensorView, lse: Option<&TensorView>, d: &Dims, stream: usize) -> Result<()> {
-    if q.dtype == DType::F32 {
+fn ptr(t: Option<&TensorView>) -> u64 {
+    t.map_or(0, |t| t.ptr as u64)
+}
+
+fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Result<()> {
+    if a.q.dtype == DType::F32 {
         return Err(Error::DType(
             "q is float32; the CUDA attention kernel takes float16 or bfloat16 (float32 runs on the CPU path)".into(),
         ));
     }
-    for t in [q, k, v, out] {
+    for t in [a.q, a.k, a.v, a.out] {
         t.expect_aligned(16)?;
     }
-    let too_big = |n: usize| n > i32::MAX as usize;
-    if d.batch > 65535 || d.heads_q > 65535 || too_big(d.seqlen_q) || too_big(d.seqlen_k) {
-        return Err(Error::Shape(format!(
+    if d.batch > 65535 || d.heads_q > 65535 {
+        return shape_err(format!(
             "q has batch {} and {} heads; the CUDA kernel supports at most 65535 of each",
             d.batch, d.heads_q
-        )));
+        ));
     }
     let dev = driver::device(ordinal)?;
-    let spec = AttentionSpec::for_problem(q.dtype, d.head_dim);
+    let spec = AttentionSpec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
-    let s3 = |t: &TensorView| [t.stride(0), t.stride(1), t.stride(2)];
+    let vl = d.varlen;
     let mut params = AttentionParams {
-        q: q.ptr as u64,
-        k: k.ptr as u64,
-        v: v.ptr as u64,
-        o: out.ptr as u64,
-        lse: lse.map_or(0, |l| l.ptr as u64),
-        q_s: s3(q),
-        k_s: s3(k),
-        v_s: s3(v),
-        o_s: s3(out),
-        lse_s: lse.map_or([0, 0], |l| [l.stride(0), l.stride(1)]),
+        q: a.q.ptr as u64,
+        k: a.k.ptr as u64,
+        v: a.v.ptr as u64,
+        o: a.out.ptr as u64,
+        lse: ptr(a.lse),
+        cu_seqlens_q: ptr(a.varlen.map(|v| v.cu_seqlens_q)),
+        cu_seqlens_k: ptr(a.varlen.map(|v| v.cu_seqlens_k)),
+        alibi: ptr(a.alibi),
+        mask: ptr(a.mask),
+        mask_tiles: ptr(a.mask_tiles),
+        q_s: bsh_strides(a.q, vl),
+        k_s: bsh_strides(a.k, vl),
+        v_s: bsh_strides(a.v, vl),
+        o_s: bsh_strides(a.out, vl),
+        lse_s: a.lse.map_or([0; 3], |l| lse_strides(l, vl)),
+        alibi_sb: a.alibi.map_or(0, |t| if t.ndim() == 2 { t.stride(0) } else { 0 }),
+        mask_s: a.mask.map_or([0; 4], broadcast_strides),
+        mask_tiles_s: a.mask_tiles.map_or([0; 4], broadcast_strides),
         heads_q: d.heads_q as i32,
         heads_kv: d.heads_kv as i32,
         seqlen_q: d.seqlen_q as i32,
         seqlen_k: d.seqlen_k as i32,
         head_dim: d.head_dim as i32,
-        causal: d.causal as i32,
-        causal_offset: d.causal_offset.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
-        scale_log2: d.scale * std::f32::consts::LOG2_E,
+        head_dim_v: d.head_dim_v as i32,
+        window_left: d.window_left as i32,
+        window_right: d.window_right as i32,
+        bottom_right: d.bottom_right as i32,
+        mask_kind: d.mask_kind as i32,
+        scale: d.scale,
+        softcap: d.softcap,
     };
     let cfg = LaunchConfig {
         grid: (d.seqlen_q.div_ceil(AttentionSpec::BLOCK_M) as u32, d.heads_q as u32, d.batch as u32),
-        block: ((AttentionSpec::BLOCK_M / 16 * 32) as u32, 1, 1),
+        block: (spec.threads(), 1, 1),
         smem_bytes: smem,
     };
     let mut args = [&mut params as *mut AttentionParams as *mut c_void];
@@ -260,16 +559,20 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_struct() {
-        // 5 pointers, 14 i64 strides, 7 i32, 1 f32 -- no padding anywhere.
-        assert_eq!(std::mem::size_of::<AttentionParams>(), 5 * 8 + 14 * 8 + 7 * 4 + 4);
+        // 10 pointers, 24 i64 strides, 10 i32, 2 f32 -- no padding anywhere.
+        assert_eq!(std::mem::size_of::<AttentionParams>(), 10 * 8 + 24 * 8 + 10 * 4 + 2 * 4);
     }
 
     #[test]
     fn spec_names_and_tiles() {
-        let s = AttentionSpec::for_problem(DType::BF16, 72);
+        let s = AttentionSpec::for_problem(DType::BF16, 72, 72);
         assert_eq!(s.name(), "attention_fwd_bf16_d80");
-        assert!(s.kernel().source.contains("attention_fwd<__nv_bfloat16, 80, 64, 64, true>"));
-        assert_eq!(AttentionSpec::for_problem(DType::F16, 256).smem_bytes(), (64 + 64) * 264 * 2);
-        assert_eq!(AttentionSpec::all().len(), 32);
+        assert!(s.kernel().source.contains("attention_fwd<__nv_bfloat16, 80, 80, 64, 64, true>"));
+        let mla = AttentionSpec::for_problem(DType::F16, 192, 128);
+        assert_eq!(mla.name(), "attention_fwd_f16_d192_dv128");
+        assert_eq!(AttentionSpec::for_problem(DType::F16, 256, 256).smem_bytes(), (64 + 64) * 264 * 2);
+        // The output staging area (64 rows of dv) can exceed the tiles when dv >> d.
+        assert_eq!(AttentionSpec::for_problem(DType::F16, 16, 256).smem_bytes(), 64 * 264 * 2);
+        assert_eq!(AttentionSpec::all().len(), 34);
     }
 }

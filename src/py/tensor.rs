@@ -50,7 +50,7 @@ pub fn import(obj: &Bound<'_, PyAny>, name: &str, stream: usize, writable: bool)
     let dtype = DType::from_dlpack(dt.code.0, dt.bits, dt.lanes).ok_or_else(|| {
         DTypeError::new_err(format!(
             "{name} has an unsupported dtype (DLPack code {}, {} bits, {} lanes); supported: float32, float16, \
-             bfloat16, float8_e4m3fn, float8_e5m2, int8, uint8, int32",
+             bfloat16, float8_e4m3fn, float8_e5m2, int8, uint8, int32, int64, float64, bool",
             dt.code.0, dt.bits, dt.lanes
         ))
     })?;
