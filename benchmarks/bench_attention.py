@@ -32,6 +32,13 @@ def flex_peer():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
+    import torch._dynamo
+
+    # One compiled kernel per workload shape: lift the recompile cap so none falls back to the
+    # unfused eager path.
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def make(n, causal):
