@@ -121,47 +121,8 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         const unsigned char tile = mask_tile(p, b, h, m0, n0);
         const bool extra = mod.slope_log2 != 0.f || tile != TILE_FULL;
         const bool need_mask = extra || !window_covers(p, seq, r0, r0 + 16, n0, n0 + BN);
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = score_scaled(mod, s[nt][e]);
-        if (need_mask) {
-            const RowBounds rb[2] = {row_bounds(p, seq, row_a), row_bounds(p, seq, row_a + 8)};
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = n0 + nt * 8 + 2 * t + (e & 1), row = row_a + (e >> 1) * 8;
-                    if (key < rb[e >> 1].lo || key > rb[e >> 1].hi) s[nt][e] = neg_inf();
-                    else if (extra) s[nt][e] = score_extra<T>(p, seq, mod.slope_log2, b, h, row, key, s[nt][e]);
-                }
-            }
-        }
-
-        // Online softmax: rescale the running output by exp2(m_old - m_new), turn S into P.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = m_row[r];
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = quad_max(mx);
-            const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet stays at 0
-            const float alpha = fast_exp2(m_row[r] - base);
-            m_row[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - base);
-                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - base);
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            l_row[r] = l_row[r] * alpha + sum;  // per-lane partial; reduced over the quad at the end
-#pragma unroll
-            for (int dt = 0; dt < DV / 8; ++dt) {
-                o[dt][2 * r] *= alpha;
-                o[dt][2 * r + 1] *= alpha;
-            }
-        }
+        scores_to_log2<T, BN>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+        softmax_update<BN, DV>(s, o, m_row, l_row);
 
         cp_async_wait<0>();
         __syncthreads();  // every warp is past Q K^T: sK may be refilled
@@ -171,8 +132,8 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         // O += P V, with P taken straight from the score registers.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 a[4];
+            p_fragment<T, BN>(s, kk, a);
 #pragma unroll
             for (int dp = 0; dp < DV / 16; ++dp) {
                 u32 bv[4];
@@ -192,11 +153,7 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     // Normalise and stage this warp's 16 rows in its own slice of shared memory, then store
     // 16 bytes a lane.
     float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_row[r] = quad_sum(l_row[r]);
-        inv[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;
-    }
+    softmax_finish(l_row, inv);
     T* sO = reinterpret_cast<T*>(smem_raw) + warp * 16 * SROWV;
 #pragma unroll
     for (int dt = 0; dt < DV / 8; ++dt) {
@@ -211,13 +168,5 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         if (row < seq.nq && col < p.head_dim_v)
             *reinterpret_cast<uint4*>(og + (i64)row * p.o_ss + col) = *reinterpret_cast<const uint4*>(sO + r * SROWV + col);
     }
-    if (p.lse != nullptr && t == 0) {
-        float* lse = p.lse + b * p.lse_sb + h * p.lse_sh + seq.q_row0 * p.lse_ss;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = row_a + r * 8;
-            if (row < seq.nq)
-                lse[row * p.lse_ss] = l_row[r] > 0.f ? (m_row[r] + log2f(l_row[r])) * 0.69314718055994531f : neg_inf();
-        }
-    }
+    store_lse(p, seq, b, h, row_a, t, m_row, l_row);
 }

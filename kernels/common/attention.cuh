@@ -8,6 +8,7 @@
 // window_right = 0; "no window" is WINDOW_NONE, larger than any sequence.
 #pragma once
 #include "common/types.cuh"
+#include "common/softmax.cuh"
 
 #define WINDOW_NONE 0x3fffffff
 
@@ -103,6 +104,20 @@ __device__ __forceinline__ unsigned char mask_tile(const AttentionParams& p, int
     return p.mask_tiles[b * p.mt_sb + h * p.mt_sh + (m0 / MASK_TILE) * p.mt_sq + (n0 / MASK_TILE) * p.mt_sk];
 }
 
+// The class of the block rows [m0, m1) x keys [n0, n1) (multiples of MASK_TILE at the start):
+// EMPTY only if every mask tile in it is, FULL only if every one is.
+__device__ __forceinline__ unsigned char mask_span(const AttentionParams& p, int b, int h, int m0, int m1, int n0, int n1) {
+    if (p.mask_tiles == nullptr) return mask_tile(p, b, h, m0, n0);
+    bool any_kept = false, all_full = true;
+    for (int m = m0; m < m1; m += MASK_TILE)
+        for (int n = n0; n < n1; n += MASK_TILE) {
+            const unsigned char c = mask_tile(p, b, h, m, n);
+            any_kept |= c != TILE_EMPTY;
+            all_full &= c == TILE_FULL;
+        }
+    return all_full ? TILE_FULL : (any_kept ? TILE_PARTIAL : TILE_EMPTY);
+}
+
 __device__ __forceinline__ float tanh_approx(float x) {
     float y;
     asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -166,4 +181,91 @@ __device__ __noinline__ float score_extra(const AttentionParams& p, const SeqInf
         }
     }
     return x;
+}
+
+// --- per-tile steps shared by the sm_80 and sm_90 kernels ---------------------------------------
+// Both keep a warp's scores in the m16n8 C-fragment layout: s[i][0..1] are keys n0 + 8i + 2t,
+// + 1 of row `row_a`, s[i][2..3] the same keys of row `row_a + 8`; o likewise over DV columns.
+
+// Scores into log2 units, then bounds, bias and mask where this tile needs them.
+template <typename T, int BN>
+__device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const AttentionParams& p, const SeqInfo& seq,
+                                               const ScoreMod& mod, int b, int h, int row_a, int n0, int t,
+                                               bool need_mask, bool extra) {
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = score_scaled(mod, s[i][e]);
+    if (!need_mask) return;
+    const RowBounds rb[2] = {row_bounds(p, seq, row_a), row_bounds(p, seq, row_a + 8)};
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = n0 + i * 8 + 2 * t + (e & 1), row = row_a + (e >> 1) * 8;
+            if (key < rb[e >> 1].lo || key > rb[e >> 1].hi) s[i][e] = neg_inf();
+            else if (extra) s[i][e] = score_extra<T>(p, seq, mod.slope_log2, b, h, row, key, s[i][e]);
+        }
+    }
+}
+
+// Online softmax: rescales the running output by exp2(m_old - m_new) and turns S into P.
+// l_row stays a per-lane partial sum until softmax_finish.
+template <int BN, int DV>
+__device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)[DV / 8][4], float (&m_row)[2],
+                                               float (&l_row)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = m_row[r];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+        mx = quad_max(mx);
+        const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet stays at 0
+        const float alpha = fast_exp2(m_row[r] - base);
+        m_row[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            s[i][2 * r] = fast_exp2(s[i][2 * r] - base);
+            s[i][2 * r + 1] = fast_exp2(s[i][2 * r + 1] - base);
+            sum += s[i][2 * r] + s[i][2 * r + 1];
+        }
+        l_row[r] = l_row[r] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i) {
+            o[i][2 * r] *= alpha;
+            o[i][2 * r + 1] *= alpha;
+        }
+    }
+}
+
+// The A fragment of P V for keys 16kk..16kk+15, straight from the score registers.
+template <typename T, int BN>
+__device__ __forceinline__ void p_fragment(const float (&s)[BN / 8][4], int kk, u32 (&a)[4]) {
+    a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Completes the row sums over the quad; returns 1 / l per row (0 for rows that saw no key).
+__device__ __forceinline__ void softmax_finish(float (&l_row)[2], float (&inv)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_row[r] = quad_sum(l_row[r]);
+        inv[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;
+    }
+}
+
+// Natural-log LSE of rows row_a and row_a + 8, written by lane t == 0 of each quad.
+__device__ __forceinline__ void store_lse(const AttentionParams& p, const SeqInfo& seq, int b, int h, int row_a, int t,
+                                         const float (&m_row)[2], const float (&l_row)[2]) {
+    if (p.lse == nullptr || t != 0) return;
+    float* lse = p.lse + b * p.lse_sb + h * p.lse_sh + seq.q_row0 * p.lse_ss;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row_a + r * 8;
+        if (row < seq.nq)
+            lse[row * p.lse_ss] = l_row[r] > 0.f ? (m_row[r] + log2f(l_row[r])) * 0.69314718055994531f : neg_inf();
+    }
 }

@@ -10,9 +10,9 @@ from . import _native
 from ._runtime import torch
 
 
-def kernel_names() -> List[str]:
-    """Every kernel variant the library can JIT."""
-    return list(_native.kernel_names())
+def kernel_names(arch: Optional[str] = None) -> List[str]:
+    """Every kernel variant the library can JIT (for `arch`, those that target it)."""
+    return list(_native.kernel_names(arch))
 
 
 def _dir_size(path: str) -> int:
@@ -51,8 +51,7 @@ def compile_all(archs: Optional[Iterable[str]] = None, progress: bool = False) -
     """Compiles every kernel variant for each arch (default: the GPUs present, else sm_80 and
     sm_90a) into the disk cache; returns each variant's resource report."""
     archs = list(archs or default_archs())
-    names = kernel_names()
-    jobs = [(n, a) for a in archs for n in names]
+    jobs = [(n, a) for a in archs for n in kernel_names(a)]
     reports = []
     for i, (name, arch) in enumerate(jobs, 1):
         reports.append(dict(_native.compile_kernel(name, arch)))

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod driver;
 pub mod nvrtc;
+pub mod tma;
 pub mod toolkit;
 
 /// One specialisation of a kernel template: `name` is both the `extern "C"` symbol and the
@@ -13,6 +14,22 @@ pub mod toolkit;
 pub struct KernelSource {
     pub name: String,
     pub source: String,
+    /// The SM versions (inclusive) the source compiles for: (80, u32::MAX) for portable
+    /// kernels, (90, 90) for kernels using sm_90a-only instructions (wgmma, setmaxnreg).
+    pub sm_range: (u32, u32),
+}
+
+impl KernelSource {
+    /// A kernel that runs on sm_80 and every later arch.
+    pub fn portable(name: String, source: String) -> KernelSource {
+        KernelSource { name, source, sm_range: (80, u32::MAX) }
+    }
+
+    /// Whether this source targets `arch` ("sm_80", "sm_90a", ...).
+    pub fn supports(&self, arch: &str) -> bool {
+        let digits: String = arch.chars().filter(|c| c.is_ascii_digit()).collect();
+        digits.parse::<u32>().is_ok_and(|sm| sm >= self.sm_range.0 && sm <= self.sm_range.1)
+    }
 }
 
 /// Our kernel sources, embedded so the wheel needs no data files. Kernels `#include` them by
@@ -22,7 +39,10 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/mma.cuh", include_str!("../../kernels/common/mma.cuh")),
     ("common/softmax.cuh", include_str!("../../kernels/common/softmax.cuh")),
     ("common/attention.cuh", include_str!("../../kernels/common/attention.cuh")),
+    ("common/hopper.cuh", include_str!("../../kernels/common/hopper.cuh")),
+    ("common/wgmma.cuh", include_str!("../../kernels/common/wgmma.cuh")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
+    ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
 ];
 
 /// What ptxas reported for one kernel.
@@ -61,6 +81,13 @@ pub fn resource_report(log: &str) -> ResourceReport {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn arch_ranges() {
+        let k = super::KernelSource { name: "k".into(), source: String::new(), sm_range: (90, 90) };
+        assert!(k.supports("sm_90a") && !k.supports("sm_80") && !k.supports("sm_100a"));
+        assert!(super::KernelSource::portable("p".into(), String::new()).supports("sm_120"));
+    }
+
     #[test]
     fn parses_ptxas_report() {
         let log = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\

@@ -9,6 +9,7 @@
 use crate::cpu;
 use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
+use crate::cuda::tma::{self, TensorMap};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
 use std::ffi::c_void;
@@ -220,12 +221,13 @@ impl AttentionSpec {
             bn = self.block_n(),
             qr = self.q_in_regs(),
         );
-        KernelSource { name: self.name(), source }
+        KernelSource::portable(self.name(), source)
     }
 }
 
 /// Mirrors `struct AttentionParams` in kernels/common/attention.cuh.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct AttentionParams {
     q: u64,
     k: u64,
@@ -257,6 +259,103 @@ struct AttentionParams {
     mask_kind: i32,
     scale: f32,
     softcap: f32,
+}
+
+/// The Hopper kernel (kernels/attention_sm90.cu): head dims rounded up to 64 (TMA boxes of 64
+/// columns), 128 query rows per CTA, a 2-slot K/V ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionSm90Spec {
+    pub dtype: DType,
+    pub head_dim_pad: usize,
+    pub head_dim_v_pad: usize,
+}
+
+impl AttentionSm90Spec {
+    pub const BLOCK_M: usize = 128;
+    pub const STAGES: usize = 2;
+    pub const THREADS: u32 = 384;
+
+    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize) -> AttentionSm90Spec {
+        AttentionSm90Spec { dtype, head_dim_pad: head_dim.div_ceil(64) * 64, head_dim_v_pad: head_dim_v.div_ceil(64) * 64 }
+    }
+
+    /// Precompiled by `warmup` and CI; other pairs compile on first use.
+    pub fn all() -> Vec<AttentionSm90Spec> {
+        let mut v = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for (d, dv) in [(64, 64), (128, 128), (192, 192), (256, 256), (192, 128)] {
+                v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: dv });
+            }
+        }
+        v
+    }
+
+    /// Keys per tile: the S and O accumulators of a consumer share its ~230 registers.
+    pub fn block_n(&self) -> usize {
+        if self.head_dim_pad.max(self.head_dim_v_pad) <= 128 { 128 } else { 64 }
+    }
+
+    /// Mirrors Sm90Smem in the kernel: Q, the K and V rings, an output stage if v is wider
+    /// than q, the mbarriers, and slack to align the base to 1024 bytes.
+    pub fn smem_bytes(&self) -> u32 {
+        let (d, dv, bn) = (self.head_dim_pad, self.head_dim_v_pad, self.block_n());
+        let q = Self::BLOCK_M * d * 2;
+        let kv = Self::STAGES * bn * (d + dv) * 2;
+        let o = if dv <= d { 0 } else { Self::BLOCK_M * dv * 2 };
+        (q + kv + o + 8 * (1 + 4 * Self::STAGES) + 1024) as u32
+    }
+
+    fn ctype(&self) -> (&'static str, &'static str) {
+        AttentionSpec { dtype: self.dtype, head_dim_pad: 0, head_dim_v_pad: 0 }.ctype()
+    }
+
+    pub fn name(&self) -> String {
+        let base = format!("attention_fwd_sm90_{}_d{}", self.ctype().1, self.head_dim_pad);
+        if self.head_dim_v_pad == self.head_dim_pad { base } else { format!("{base}_dv{}", self.head_dim_v_pad) }
+    }
+
+    pub fn kernel(&self) -> KernelSource {
+        let source = format!(
+            "#include \"attention_sm90.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__({threads}, 1) {name}(const __grid_constant__ AttentionSm90Params p) {{\n\
+             \x20   attention_fwd_sm90<{t}, {d}, {dv}, {bn}, {stages}>(p);\n}}\n",
+            threads = Self::THREADS,
+            name = self.name(),
+            t = self.ctype().0,
+            d = self.head_dim_pad,
+            dv = self.head_dim_v_pad,
+            bn = self.block_n(),
+            stages = Self::STAGES,
+        );
+        KernelSource { name: self.name(), source, sm_range: (90, 90) }
+    }
+}
+
+/// Mirrors `struct AttentionSm90Params` in kernels/attention_sm90.cu.
+#[repr(C, align(64))]
+struct AttentionSm90Params {
+    tq: TensorMap,
+    tk: TensorMap,
+    tv: TensorMap,
+    p: AttentionParams,
+}
+
+/// Which kernel family runs on the GPU: FERROKERNELS_ATTENTION_PATH=sm80|sm90|auto (default
+/// auto: the Hopper kernel on sm_90 where its TMA maps can address the tensors, else sm80).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelPath {
+    Auto,
+    Sm80,
+    Sm90,
+}
+
+fn kernel_path() -> Result<KernelPath> {
+    match std::env::var("FERROKERNELS_ATTENTION_PATH").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(KernelPath::Auto),
+        Ok("sm80") => Ok(KernelPath::Sm80),
+        Ok("sm90") => Ok(KernelPath::Sm90),
+        Ok(other) => Err(Error::Value(format!("FERROKERNELS_ATTENTION_PATH must be auto, sm80 or sm90, got {other:?}"))),
+    }
 }
 
 fn shape_err<T>(msg: String) -> Result<T> {
@@ -508,11 +607,24 @@ fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Res
         ));
     }
     let dev = driver::device(ordinal)?;
-    let spec = AttentionSpec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
-    let smem = spec.smem_bytes();
-    let f = dev.function(&spec.kernel(), smem)?;
+    let params = kernel_params(a, d);
+    let path = kernel_path()?;
+    if path != KernelPath::Sm80 && dev.arch == "sm_90a" {
+        match launch_sm90(dev, a, d, params, stream) {
+            Ok(()) => return Ok(()),
+            // The layout is outside what TMA can address: the portable kernel takes it.
+            Err(Error::Layout(_)) if path == KernelPath::Auto => {}
+            Err(e) => return Err(e),
+        }
+    } else if path == KernelPath::Sm90 {
+        return Err(Error::Value(format!("FERROKERNELS_ATTENTION_PATH=sm90 needs an sm_90 GPU; {} is {}", dev.name, dev.arch)));
+    }
+    launch_sm80(dev, a, d, params, stream)
+}
+
+fn kernel_params(a: &AttentionArgs, d: &Dims) -> AttentionParams {
     let vl = d.varlen;
-    let mut params = AttentionParams {
+    AttentionParams {
         q: a.q.ptr as u64,
         k: a.k.ptr as u64,
         v: a.v.ptr as u64,
@@ -543,13 +655,56 @@ fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Res
         mask_kind: d.mask_kind as i32,
         scale: d.scale,
         softcap: d.softcap,
-    };
+    }
+}
+
+fn launch_sm80(dev: &driver::Device, a: &AttentionArgs, d: &Dims, mut params: AttentionParams, stream: usize) -> Result<()> {
+    let spec = AttentionSpec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
+    let smem = spec.smem_bytes();
+    let f = dev.function(&spec.kernel(), smem)?;
     let cfg = LaunchConfig {
         grid: (d.seqlen_q.div_ceil(AttentionSpec::BLOCK_M) as u32, d.heads_q as u32, d.batch as u32),
         block: (spec.threads(), 1, 1),
         smem_bytes: smem,
     };
     let mut args = [&mut params as *mut AttentionParams as *mut c_void];
+    dev.launch(f, cfg, stream, &mut args)
+}
+
+/// The 4-D TMA map (head_dim, heads, rows, batch) of q, k or v, with boxes of 64 columns x
+/// `rows` rows of one head. Varlen tensors are one batch of all packed rows.
+fn tensor_map(t: &TensorView, varlen: bool, head_dim: usize, rows: usize) -> Result<TensorMap> {
+    let [sb, ss, sh] = bsh_strides(t, varlen);
+    let (n, heads, batch) = if varlen { (t.dim(0), t.dim(1), 1) } else { (t.dim(1), t.dim(2), t.dim(0)) };
+    tma::tiled_4d_16bit(
+        t.dtype == DType::BF16,
+        t.ptr,
+        [head_dim as u64, heads as u64, n as u64, batch as u64],
+        [sh, ss, sb],
+        [64, 1, rows as u32, 1],
+    )
+}
+
+fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: AttentionParams, stream: usize) -> Result<()> {
+    let spec = AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
+    let smem = spec.smem_bytes();
+    if smem as i32 > dev.max_smem_optin {
+        return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", spec.name())));
+    }
+    let bn = spec.block_n();
+    let mut p = AttentionSm90Params {
+        tq: tensor_map(a.q, d.varlen, d.head_dim, AttentionSm90Spec::BLOCK_M)?,
+        tk: tensor_map(a.k, d.varlen, d.head_dim, bn)?,
+        tv: tensor_map(a.v, d.varlen, d.head_dim_v, bn)?,
+        p: params,
+    };
+    let f = dev.function(&spec.kernel(), smem)?;
+    let cfg = LaunchConfig {
+        grid: (d.seqlen_q.div_ceil(AttentionSm90Spec::BLOCK_M) as u32, d.heads_q as u32, d.batch as u32),
+        block: (AttentionSm90Spec::THREADS, 1, 1),
+        smem_bytes: smem,
+    };
+    let mut args = [&mut p as *mut AttentionSm90Params as *mut c_void];
     dev.launch(f, cfg, stream, &mut args)
 }
 
@@ -574,5 +729,18 @@ mod tests {
         // The output staging area (64 rows of dv) can exceed the tiles when dv >> d.
         assert_eq!(AttentionSpec::for_problem(DType::F16, 16, 256).smem_bytes(), 64 * 264 * 2);
         assert_eq!(AttentionSpec::all().len(), 34);
+    }
+
+    #[test]
+    fn sm90_params_layout() {
+        // Three 128-byte tensor maps, then the shared block at offset 384, padded to 64 bytes.
+        assert_eq!(std::mem::offset_of!(AttentionSm90Params, p), 384);
+        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 704);
+        let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96);
+        assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128", 128));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<__nv_bfloat16, 128, 128, 128, 2>"));
+        for s in AttentionSm90Spec::all() {
+            assert!(s.smem_bytes() <= 232_448, "{} needs {} bytes", s.name(), s.smem_bytes());
+        }
     }
 }

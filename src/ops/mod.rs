@@ -6,5 +6,7 @@ use crate::cuda::KernelSource;
 
 /// Every kernel specialisation of every op, for `warmup` and the CI compile test.
 pub fn all_kernels() -> Vec<KernelSource> {
-    attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect()
+    let mut v: Vec<KernelSource> = attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect();
+    v.extend(attention::AttentionSm90Spec::all().iter().map(|s| s.kernel()));
+    v
 }

@@ -49,10 +49,11 @@ fn device_arch(ordinal: i32) -> PyResult<String> {
     Ok(driver::device(ordinal).map_err(to_py)?.arch.clone())
 }
 
-/// Every kernel variant's name.
+/// Every kernel variant's name; with `arch`, only those that target it.
 #[pyfunction]
-fn kernel_names() -> Vec<String> {
-    crate::ops::all_kernels().into_iter().map(|k| k.name).collect()
+#[pyo3(signature = (arch=None))]
+fn kernel_names(arch: Option<&str>) -> Vec<String> {
+    crate::ops::all_kernels().into_iter().filter(|k| arch.is_none_or(|a| k.supports(a))).map(|k| k.name).collect()
 }
 
 /// Compiles (or reads from the cache) one variant for `arch` and returns its resource report.
@@ -62,6 +63,12 @@ fn compile_kernel<'py>(py: Python<'py>, name: &str, arch: &str) -> PyResult<Boun
         .into_iter()
         .find(|k| k.name == name)
         .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(format!("no kernel named {name}")))?;
+    if !k.supports(arch) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{name} targets sm_{}..sm_{}, not {arch}",
+            k.sm_range.0, k.sm_range.1
+        )));
+    }
     let arch = arch.to_string();
     let compiled = py.detach(|| cache::compile(&k, &arch)).map_err(to_py)?;
     let r = cuda::resource_report(&compiled.log);

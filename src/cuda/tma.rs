@@ -1,0 +1,61 @@
+//! TMA tensor maps (`CUtensorMap`) for the Hopper kernels: encoded on the host per launch and
+//! passed by value in the kernel's parameter block.
+
+use crate::error::{Error, Result};
+use cudarc::driver::sys;
+
+/// An encoded CUtensorMap (128 bytes, 64-byte aligned as the kernel parameter expects).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TensorMap(pub [u64; 16]);
+
+impl TensorMap {
+    pub const ZERO: TensorMap = TensorMap([0; 16]);
+}
+
+/// A 16-bit (f16/bf16) 4-D tensor with 64-element, 128-byte-swizzled boxes: `dims` innermost
+/// first (elements), `strides` of dims 1..3 in elements, `box_dims` innermost first.
+/// Elements outside the tensor read as zero. Fails (and callers fall back to another kernel)
+/// when TMA cannot address the layout, e.g. strides that are not multiples of 16 bytes.
+pub fn tiled_4d_16bit(bf16: bool, ptr: usize, dims: [u64; 4], strides: [i64; 3], box_dims: [u32; 4]) -> Result<TensorMap> {
+    let mut byte_strides = [0u64; 3];
+    for i in 0..3 {
+        // A broadcast axis of size 1 never moves the address; give it any legal stride.
+        let s = if dims[i + 1] <= 1 && strides[i] <= 0 { 16 } else { strides[i] };
+        if s <= 0 || (s * 2) % 16 != 0 || (s * 2) as u64 >= 1u64 << 40 {
+            return Err(Error::Layout(format!("stride {} of axis {} is not addressable by TMA", strides[i], i + 1)));
+        }
+        byte_strides[i] = (s * 2) as u64;
+    }
+    if ptr % 16 != 0 {
+        return Err(Error::Layout("TMA needs a 16-byte aligned base".into()));
+    }
+    let dtype = if bf16 {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    let elem_strides = [1u32; 4];
+    let mut map = TensorMap::ZERO;
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map as *mut TensorMap as *mut sys::CUtensorMap,
+            dtype,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            byte_strides.as_ptr(),
+            box_dims.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        // Layout, not Cuda: callers treat it as "this kernel cannot read these tensors".
+        return Err(Error::Layout(format!("cuTensorMapEncodeTiled refused ({r:?}) dims {dims:?}, strides {strides:?}")));
+    }
+    Ok(map)
+}
