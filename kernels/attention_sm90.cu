@@ -8,8 +8,8 @@
 //   warpgroups 1 and 2, the consumers: 64 query rows each. Per key tile:
 //     S = Q K^T (wgmma, both operands in shared memory), scale/mask/online softmax in registers
 //     (common/attention.cuh, shared with the sm_80 kernel), O += P V (wgmma, P from registers,
-//     V read N-major from shared memory). Two consumers keep the tensor cores busy while either
-//     one is in its softmax.
+//     V read N-major from shared memory). Within a consumer the softmax of tile j runs while
+//     the tensor cores do P V of tile j - 1; the two consumers interleave on top of that.
 // Tiles in shared memory are 64-column blocks of 128-byte rows in TMA's 128-byte swizzle, which
 // is the layout wgmma's descriptors read (common/hopper.cuh).
 //
@@ -132,52 +132,83 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
 
-    mbar_wait(q_full, 0);
-    int it = 0;
-    for (int j = j_first; j < j_end; j = next_tile(j + 1), ++it) {
-        const int s_ = it % STAGES;
-        const u32 ph = (it / STAGES) & 1;
-        const int n0 = j * BN;
-
-        // S = Q K^T: 64 x BN per consumer, K-major operands.
-        float s[BN / 8][4];
-        mbar_wait(k_full(s_), ph);
-        wgmma_fence();
+    // Per tile j the GEMMs are issued so that the softmax of S_j overlaps P_{j-1} V_{j-1} on the
+    // tensor cores: issue S_j, issue PV_{j-1}, wait for S_j only, softmax, then wait for PV_{j-1}
+    // before O is rescaled.
+    const int w0 = m0 + 64 * c;
+    auto issue_s = [&](float (&s)[BN / 8][4], int slot) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const u32 qa = sQ + (kk / 4) * BM * 128 + c * 64 * 128 + (kk % 4) * 32;
-            const u32 kb = sK + s_ * L::K_BYTES + (kk / 4) * BN * 128 + (kk % 4) * 32;
+            const u32 kb = sK + slot * L::K_BYTES + (kk / 4) * BN * 128 + (kk % 4) * 32;
             Wgmma<T, BN>::ss(s, smem_desc_sw128(qa, 16, 1024), smem_desc_sw128(kb, 16, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
+    };
+    auto issue_pv = [&](u32 (&pf)[BN / 16][4], int slot) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const u32 vb = sV + slot * L::V_BYTES + kk * 16 * 128;
+            Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(vb, BN * 128, 1024), 1);
+        }
+        wgmma_commit();
+    };
+    auto release = [&](u32 empty_bar) {
         __syncwarp();
-        if (lane == 0) mbar_arrive(k_empty(s_));
-
-        const int w0 = m0 + 64 * c;
+        if (lane == 0) mbar_arrive(empty_bar);
+    };
+    // Scale and mask S_j, then P_j and the rescale factor of O.
+    auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2]) {
         const unsigned char tile = mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk));
         const bool extra = mod.slope_log2 != 0.f || tile != TILE_FULL;
         const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
         scores_to_log2<T, BN>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-        softmax_update<BN, DV>(s, o, m_row, l_row);
+        softmax_p<BN>(s, m_row, l_row, alpha);
+    };
 
-        // O += P V: P from registers, V N-major.
-        mbar_wait(v_full(s_), ph);
-        fence_regs(o);
+    mbar_wait(q_full, 0);
+    int j = j_first;
+    if (j < j_end) {
+        float s[BN / 8][4];
+        u32 pf[BN / 16][4];
+        float alpha[2];
+        mbar_wait(k_full(0), 0);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[4];
-            p_fragment<T, BN>(s, kk, a);
-            const u32 vb = sV + s_ * L::V_BYTES + kk * 16 * 128;
-            Wgmma<T, DV>::template rs<1>(o, a, smem_desc_sw128(vb, BN * 128, 1024), 1);
+        issue_s(s, 0);
+        wgmma_wait<0>();
+        fence_regs(s);
+        release(k_empty(0));
+        softmax_tile(s, j * BN, alpha);  // O is still 0: no rescale
+        p_fragments<T, BN>(s, pf);
+        int it = 1;  // tiles issued so far; tile it - 1's V is still to be used
+        for (j = next_tile(j + 1); j < j_end; j = next_tile(j + 1), ++it) {
+            const int slot = it % STAGES, prev = (it - 1) % STAGES;
+            const u32 ph = (it / STAGES) & 1, prev_ph = ((it - 1) / STAGES) & 1;
+            mbar_wait(k_full(slot), ph);
+            wgmma_fence();
+            issue_s(s, slot);
+            mbar_wait(v_full(prev), prev_ph);
+            issue_pv(pf, prev);
+            wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
+            fence_regs(s);
+            release(k_empty(slot));
+            softmax_tile(s, j * BN, alpha);
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pf);
+            release(v_empty(prev));
+            rescale_o<DV>(o, alpha);
+            p_fragments<T, BN>(s, pf);
         }
-        wgmma_commit();
+        const int prev = (it - 1) % STAGES;
+        const u32 prev_ph = ((it - 1) / STAGES) & 1;
+        mbar_wait(v_full(prev), prev_ph);
+        wgmma_fence();
+        issue_pv(pf, prev);
         wgmma_wait<0>();
         fence_regs(o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(v_empty(s_));
+        fence_regs(pf);
+        release(v_empty(prev));
     }
 
     // Normalise, stage this consumer's 64 rows in shared memory (swizzled, over its own Q rows

@@ -209,11 +209,11 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const Atte
     }
 }
 
-// Online softmax: rescales the running output by exp2(m_old - m_new) and turns S into P.
+// Online softmax, first half: turns S into P (unnormalised) against the new running max and
+// returns per row the factor alpha = exp2(m_old - m_new) the running output must be scaled by.
 // l_row stays a per-lane partial sum until softmax_finish.
-template <int BN, int DV>
-__device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)[DV / 8][4], float (&m_row)[2],
-                                               float (&l_row)[2]) {
+template <int BN>
+__device__ __forceinline__ void softmax_p(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2], float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = m_row[r];
@@ -221,7 +221,7 @@ __device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)
         for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
         mx = quad_max(mx);
         const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet stays at 0
-        const float alpha = fast_exp2(m_row[r] - base);
+        alpha[r] = fast_exp2(m_row[r] - base);
         m_row[r] = mx;
         float sum = 0.f;
 #pragma unroll
@@ -230,13 +230,28 @@ __device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)
             s[i][2 * r + 1] = fast_exp2(s[i][2 * r + 1] - base);
             sum += s[i][2 * r] + s[i][2 * r + 1];
         }
-        l_row[r] = l_row[r] * alpha + sum;
-#pragma unroll
-        for (int i = 0; i < DV / 8; ++i) {
-            o[i][2 * r] *= alpha;
-            o[i][2 * r + 1] *= alpha;
-        }
+        l_row[r] = l_row[r] * alpha[r] + sum;
     }
+}
+
+// Online softmax, second half: O *= alpha per row.
+template <int DV>
+__device__ __forceinline__ void rescale_o(float (&o)[DV / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < DV / 8; ++i) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+    }
+}
+
+template <int BN, int DV>
+__device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)[DV / 8][4], float (&m_row)[2],
+                                               float (&l_row)[2]) {
+    float alpha[2];
+    softmax_p<BN>(s, m_row, l_row, alpha);
+    rescale_o<DV>(o, alpha);
 }
 
 // The A fragment of P V for keys 16kk..16kk+15, straight from the score registers.
@@ -246,6 +261,13 @@ __device__ __forceinline__ void p_fragment(const float (&s)[BN / 8][4], int kk, 
     a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
     a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// All of P as A fragments, ready before the P V MMAs are issued back to back.
+template <typename T, int BN>
+__device__ __forceinline__ void p_fragments(const float (&s)[BN / 8][4], u32 (&a)[BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) p_fragment<T, BN>(s, kk, a[kk]);
 }
 
 // Completes the row sums over the quad; returns 1 / l per row (0 for rows that saw no key).

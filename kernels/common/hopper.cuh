@@ -72,6 +72,15 @@ template <int R, int C> __device__ __forceinline__ void fence_regs(float (&x)[R]
         for (int j = 0; j < C; ++j) asm volatile("" : "+f"(x[i][j])::"memory");
 }
 
+// The same for registers an in-flight wgmma reads (A fragments): keeps them live, unmodified,
+// until after the wait.
+template <int R, int C> __device__ __forceinline__ void fence_regs(u32 (&x)[R][C]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < C; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
+}
+
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
