@@ -28,7 +28,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, i64 row_stride, int 
     }
 }
 
-template <typename T, int D, int DV, int BM, int BN, bool Q_IN_REGS>
+template <typename T, int D, int DV, int BM, int BN, bool Q_IN_REGS, bool EXTRAS>
 __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     constexpr int NT = (BM / 16) * 32;
     constexpr int SROW = D + 8;  // one 16-byte pad per row: ldmatrix rows hit distinct banks
@@ -61,7 +61,8 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     const int n_begin = keys_begin(p, seq, m0), n_end = keys_end(p, seq, m1);
     const int j_end = n_end > n_begin ? (n_end + BN - 1) / BN : 0;
     auto next_tile = [&](int j) {
-        while (j < j_end && mask_tile(p, b, h, m0, j * BN) == TILE_EMPTY) ++j;
+        if constexpr (EXTRAS)
+            while (j < j_end && mask_tile(p, b, h, m0, j * BN) == TILE_EMPTY) ++j;
         return j;
     };
     int j = next_tile(n_begin / BN);
@@ -118,10 +119,10 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         }
 
         // Scores into log2 units; bounds, bias and mask only where this tile needs them.
-        const unsigned char tile = mask_tile(p, b, h, m0, n0);
-        const bool extra = mod.slope_log2 != 0.f || tile != TILE_FULL;
+        const unsigned char tile = EXTRAS ? mask_tile(p, b, h, m0, n0) : TILE_FULL;
+        const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
         const bool need_mask = extra || !window_covers(p, seq, r0, r0 + 16, n0, n0 + BN);
-        scores_to_log2<T, BN>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+        scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
         softmax_update<BN, DV>(s, o, m_row, l_row);
 
         cp_async_wait<0>();

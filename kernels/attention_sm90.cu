@@ -9,7 +9,8 @@
 //     S = Q K^T (wgmma, both operands in shared memory), scale/mask/online softmax in registers
 //     (common/attention.cuh, shared with the sm_80 kernel), O += P V (wgmma, P from registers,
 //     V read N-major from shared memory). Within a consumer the softmax of tile j runs while
-//     the tensor cores do P V of tile j - 1; the two consumers interleave on top of that.
+//     the tensor cores do P V of tile j - 1, and the two consumers take turns issuing their
+//     GEMMs (ping-pong) so one's softmax runs under the other's matrix work.
 // Tiles in shared memory are 64-column blocks of 128-byte rows in TMA's 128-byte swizzle, which
 // is the layout wgmma's descriptors read (common/hopper.cuh).
 //
@@ -45,7 +46,7 @@ struct Sm90Smem {
     static constexpr int BYTES = BAR + 8 * (1 + 4 * STAGES) + 1024;  // + alignment slack
 };
 
-template <typename T, int D, int DV, int BN, int STAGES>
+template <typename T, int D, int DV, int BN, int STAGES, bool EXTRAS>
 __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P) {
     using L = Sm90Smem<D, DV, BN, STAGES>;
     constexpr int BM = L::BM;
@@ -71,7 +72,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     const int n_begin = keys_begin(p, seq, m0), n_end = keys_end(p, seq, m1);
     const int j_end = n_end > n_begin ? (n_end + BN - 1) / BN : 0;
     auto next_tile = [&](int j) {
-        while (j < j_end && mask_span(p, b, h, m0, m1, j * BN, min(j * BN + BN, seq.nk)) == TILE_EMPTY) ++j;
+        if constexpr (EXTRAS)
+            while (j < j_end && mask_span(p, b, h, m0, m1, j * BN, min(j * BN + BN, seq.nk)) == TILE_EMPTY) ++j;
         return j;
     };
     const int j_first = next_tile(n_begin / BN);
@@ -159,22 +161,34 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     };
     // Scale and mask S_j, then P_j and the rescale factor of O.
     auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2]) {
-        const unsigned char tile = mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk));
-        const bool extra = mod.slope_log2 != 0.f || tile != TILE_FULL;
+        const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
+        const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
         const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
-        scores_to_log2<T, BN>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+        scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
         softmax_p<BN>(s, m_row, l_row, alpha);
+    };
+
+    // Ping-pong: the consumers take turns to issue their GEMMs (hardware barriers 3 and 4), so
+    // one's GEMMs run on the tensor cores while the other is in its softmax. Each issues
+    // tiles + 1 batches (S_0; S_j with PV_{j-1}; PV_last); consumer 0 goes first and consumer 1
+    // skips its last hand-over, so no arrival is left pending at exit.
+    auto wait_turn = [&]() { named_barrier(3 + c, 256); };
+    auto pass_turn = [&](bool last) {
+        if (!(last && c == 1)) named_barrier_arrive(3 + (1 - c), 256);
     };
 
     mbar_wait(q_full, 0);
     int j = j_first;
     if (j < j_end) {
+        if (c == 1) named_barrier_arrive(3, 256);
         float s[BN / 8][4];
         u32 pf[BN / 16][4];
         float alpha[2];
         mbar_wait(k_full(0), 0);
+        wait_turn();
         wgmma_fence();
         issue_s(s, 0);
+        pass_turn(false);
         wgmma_wait<0>();
         fence_regs(s);
         release(k_empty(0));
@@ -185,10 +199,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
             const int slot = it % STAGES, prev = (it - 1) % STAGES;
             const u32 ph = (it / STAGES) & 1, prev_ph = ((it - 1) / STAGES) & 1;
             mbar_wait(k_full(slot), ph);
+            mbar_wait(v_full(prev), prev_ph);
+            wait_turn();
             wgmma_fence();
             issue_s(s, slot);
-            mbar_wait(v_full(prev), prev_ph);
             issue_pv(pf, prev);
+            pass_turn(false);
             wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
             fence_regs(s);
             release(k_empty(slot));
@@ -203,8 +219,10 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         const int prev = (it - 1) % STAGES;
         const u32 prev_ph = ((it - 1) / STAGES) & 1;
         mbar_wait(v_full(prev), prev_ph);
+        wait_turn();
         wgmma_fence();
         issue_pv(pf, prev);
+        pass_turn(true);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pf);

@@ -32,9 +32,11 @@ def test_every_variant_compiles_without_spills(arch, tmp_path, monkeypatch):
     for r in reports:
         assert r["cubin_bytes"] > 1000, r["name"]
         assert 0 < r["registers"] <= 255, r["name"]
-        # The Hopper kernels keep S, O and P of two tiles in flight (~230 registers); ptxas parks
-        # a few loop-carried scalars in L1 for the 128-key tiles. More than that is a regression.
-        budget = 32 if "_sm90_" in r["name"] else 0
+        # The Hopper kernels with softcap/ALiBi/mask support (_x) keep S, O and P of two tiles in
+        # flight next to an out-of-line mask call; ptxas parks a few loop scalars in L1 for the
+        # 128-key tiles. The plain variants, which carry the common case, must not spill at all:
+        # 16 bytes of spill cost them 20% (benchmarks/NOTES.md, v4).
+        budget = 32 if "_sm90_" in r["name"] and r["name"].endswith("_x") else 0
         assert r["spill_stores"] <= budget and r["spill_loads"] <= budget, f"{r['name']} spills on {arch}:\n{r['log']}"
 
 

@@ -144,11 +144,6 @@ __device__ __forceinline__ ScoreMod score_mod(const AttentionParams& p, int b, i
     return m;
 }
 
-// The scaled (and capped) score in log2 units: the value every tile computes.
-__device__ __forceinline__ float score_scaled(const ScoreMod& m, float acc) {
-    return m.softcap ? m.cap_out * tanh_approx(acc * m.cap_in) : acc * m.scale_log2;
-}
-
 // Visible keys [lo, hi] of one query row, clipped to the sequence: the bounds a partial tile
 // compares each key against.
 struct RowBounds {
@@ -188,14 +183,24 @@ __device__ __noinline__ float score_extra(const AttentionParams& p, const SeqInf
 // + 1 of row `row_a`, s[i][2..3] the same keys of row `row_a + 8`; o likewise over DV columns.
 
 // Scores into log2 units, then bounds, bias and mask where this tile needs them.
-template <typename T, int BN>
+// EXTRAS = false compiles out softcap, ALiBi and dense masks: the kernel variant for plain,
+// causal and windowed attention, with fewer registers and no out-of-line calls.
+template <typename T, int BN, bool EXTRAS>
 __device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const AttentionParams& p, const SeqInfo& seq,
                                                const ScoreMod& mod, int b, int h, int row_a, int n0, int t,
                                                bool need_mask, bool extra) {
+    // One branch per tile, not per element: the capped and plain loops are separate.
+    if (EXTRAS && mod.softcap) {
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
+        for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = score_scaled(mod, s[i][e]);
+            for (int e = 0; e < 4; ++e) s[i][e] = mod.cap_out * tanh_approx(s[i][e] * mod.cap_in);
+    } else {
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] *= mod.scale_log2;
+    }
     if (!need_mask) return;
     const RowBounds rb[2] = {row_bounds(p, seq, row_a), row_bounds(p, seq, row_a + 8)};
 #pragma unroll
@@ -204,7 +209,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const Atte
         for (int e = 0; e < 4; ++e) {
             const int key = n0 + i * 8 + 2 * t + (e & 1), row = row_a + (e >> 1) * 8;
             if (key < rb[e >> 1].lo || key > rb[e >> 1].hi) s[i][e] = neg_inf();
-            else if (extra) s[i][e] = score_extra<T>(p, seq, mod.slope_log2, b, h, row, key, s[i][e]);
+            else if (EXTRAS && extra) s[i][e] = score_extra<T>(p, seq, mod.slope_log2, b, h, row, key, s[i][e]);
         }
     }
 }

@@ -94,6 +94,11 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Signals barrier `id` without waiting (the other side calls named_barrier).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // --- shared-memory matrix descriptors --------------------------------------------------------
 // Tiles are stored as 64-element (128-byte) wide column blocks, each a run of 128-byte rows
 // swizzled the way TMA's SWIZZLE_128B writes them (16-byte chunk c of row r lands at c ^ (r % 8));

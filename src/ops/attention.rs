@@ -121,6 +121,13 @@ pub struct Dims {
     pub varlen: bool,
 }
 
+impl Dims {
+    /// Softcap, ALiBi or a dense mask: the kernel variant compiled with them is needed.
+    pub fn extras(&self, a: &AttentionArgs) -> bool {
+        self.softcap > 0.0 || a.alibi.is_some() || self.mask_kind != MaskKind::None
+    }
+}
+
 /// Strides (batch, seq, head) of a q/k/v/out view, in elements: varlen views have no batch
 /// axis (sequences are found through cu_seqlens).
 pub fn bsh_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
@@ -149,13 +156,15 @@ pub struct AttentionSpec {
     pub head_dim_pad: usize,
     /// The v/out head dim, likewise.
     pub head_dim_v_pad: usize,
+    /// Compiled with softcap, ALiBi and dense-mask support (the plain variant has none).
+    pub extras: bool,
 }
 
 impl AttentionSpec {
     pub const BLOCK_M: usize = 64;
 
-    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize) -> AttentionSpec {
-        AttentionSpec { dtype, head_dim_pad: head_dim.div_ceil(16) * 16, head_dim_v_pad: head_dim_v.div_ceil(16) * 16 }
+    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize, extras: bool) -> AttentionSpec {
+        AttentionSpec { dtype, head_dim_pad: head_dim.div_ceil(16) * 16, head_dim_v_pad: head_dim_v.div_ceil(16) * 16, extras }
     }
 
     /// The variants `warmup` and CI compile: every padded head dim, plus MLA-style 192/128.
@@ -163,10 +172,12 @@ impl AttentionSpec {
     pub fn all() -> Vec<AttentionSpec> {
         let mut v = Vec::new();
         for dtype in [DType::F16, DType::BF16] {
-            for d in (16..=MAX_HEAD_DIM).step_by(16) {
-                v.push(AttentionSpec { dtype, head_dim_pad: d, head_dim_v_pad: d });
+            for extras in [false, true] {
+                for d in (16..=MAX_HEAD_DIM).step_by(16) {
+                    v.push(AttentionSpec { dtype, head_dim_pad: d, head_dim_v_pad: d, extras });
+                }
+                v.push(AttentionSpec { dtype, head_dim_pad: 192, head_dim_v_pad: 128, extras });
             }
-            v.push(AttentionSpec { dtype, head_dim_pad: 192, head_dim_v_pad: 128 });
         }
         v
     }
@@ -203,15 +214,16 @@ impl AttentionSpec {
     }
 
     pub fn name(&self) -> String {
-        let base = format!("attention_fwd_{}_d{}", self.ctype().1, self.head_dim_pad);
-        if self.head_dim_v_pad == self.head_dim_pad { base } else { format!("{base}_dv{}", self.head_dim_v_pad) }
+        let dv = if self.head_dim_v_pad == self.head_dim_pad { String::new() } else { format!("_dv{}", self.head_dim_v_pad) };
+        let x = if self.extras { "_x" } else { "" };
+        format!("attention_fwd_{}_d{}{dv}{x}", self.ctype().1, self.head_dim_pad)
     }
 
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"attention.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const __grid_constant__ AttentionParams p) {{\n\
-             \x20   attention_fwd<{t}, {d}, {dv}, {bm}, {bn}, {qr}>(p);\n}}\n",
+             \x20   attention_fwd<{t}, {d}, {dv}, {bm}, {bn}, {qr}, {x}>(p);\n}}\n",
             threads = self.threads(),
             name = self.name(),
             t = self.ctype().0,
@@ -220,6 +232,7 @@ impl AttentionSpec {
             bm = Self::BLOCK_M,
             bn = self.block_n(),
             qr = self.q_in_regs(),
+            x = self.extras,
         );
         KernelSource::portable(self.name(), source)
     }
@@ -268,6 +281,7 @@ pub struct AttentionSm90Spec {
     pub dtype: DType,
     pub head_dim_pad: usize,
     pub head_dim_v_pad: usize,
+    pub extras: bool,
 }
 
 impl AttentionSm90Spec {
@@ -275,16 +289,18 @@ impl AttentionSm90Spec {
     pub const STAGES: usize = 2;
     pub const THREADS: u32 = 384;
 
-    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize) -> AttentionSm90Spec {
-        AttentionSm90Spec { dtype, head_dim_pad: head_dim.div_ceil(64) * 64, head_dim_v_pad: head_dim_v.div_ceil(64) * 64 }
+    pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize, extras: bool) -> AttentionSm90Spec {
+        AttentionSm90Spec { dtype, head_dim_pad: head_dim.div_ceil(64) * 64, head_dim_v_pad: head_dim_v.div_ceil(64) * 64, extras }
     }
 
     /// Precompiled by `warmup` and CI; other pairs compile on first use.
     pub fn all() -> Vec<AttentionSm90Spec> {
         let mut v = Vec::new();
         for dtype in [DType::F16, DType::BF16] {
-            for (d, dv) in [(64, 64), (128, 128), (192, 192), (256, 256), (192, 128)] {
-                v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: dv });
+            for extras in [false, true] {
+                for (d, dv) in [(64, 64), (128, 128), (192, 192), (256, 256), (192, 128)] {
+                    v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: dv, extras });
+                }
             }
         }
         v
@@ -306,19 +322,20 @@ impl AttentionSm90Spec {
     }
 
     fn ctype(&self) -> (&'static str, &'static str) {
-        AttentionSpec { dtype: self.dtype, head_dim_pad: 0, head_dim_v_pad: 0 }.ctype()
+        AttentionSpec { dtype: self.dtype, head_dim_pad: 0, head_dim_v_pad: 0, extras: false }.ctype()
     }
 
     pub fn name(&self) -> String {
-        let base = format!("attention_fwd_sm90_{}_d{}", self.ctype().1, self.head_dim_pad);
-        if self.head_dim_v_pad == self.head_dim_pad { base } else { format!("{base}_dv{}", self.head_dim_v_pad) }
+        let dv = if self.head_dim_v_pad == self.head_dim_pad { String::new() } else { format!("_dv{}", self.head_dim_v_pad) };
+        let x = if self.extras { "_x" } else { "" };
+        format!("attention_fwd_sm90_{}_d{}{dv}{x}", self.ctype().1, self.head_dim_pad)
     }
 
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"attention_sm90.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__({threads}, 1) {name}(const __grid_constant__ AttentionSm90Params p) {{\n\
-             \x20   attention_fwd_sm90<{t}, {d}, {dv}, {bn}, {stages}>(p);\n}}\n",
+             \x20   attention_fwd_sm90<{t}, {d}, {dv}, {bn}, {stages}, {x}>(p);\n}}\n",
             threads = Self::THREADS,
             name = self.name(),
             t = self.ctype().0,
@@ -326,6 +343,7 @@ impl AttentionSm90Spec {
             dv = self.head_dim_v_pad,
             bn = self.block_n(),
             stages = Self::STAGES,
+            x = self.extras,
         );
         KernelSource { name: self.name(), source, sm_range: (90, 90) }
     }
@@ -659,7 +677,7 @@ fn kernel_params(a: &AttentionArgs, d: &Dims) -> AttentionParams {
 }
 
 fn launch_sm80(dev: &driver::Device, a: &AttentionArgs, d: &Dims, mut params: AttentionParams, stream: usize) -> Result<()> {
-    let spec = AttentionSpec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
+    let spec = AttentionSpec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a));
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
     let cfg = LaunchConfig {
@@ -686,7 +704,7 @@ fn tensor_map(t: &TensorView, varlen: bool, head_dim: usize, rows: usize) -> Res
 }
 
 fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: AttentionParams, stream: usize) -> Result<()> {
-    let spec = AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v);
+    let spec = AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a));
     let smem = spec.smem_bytes();
     if smem as i32 > dev.max_smem_optin {
         return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", spec.name())));
@@ -720,15 +738,15 @@ mod tests {
 
     #[test]
     fn spec_names_and_tiles() {
-        let s = AttentionSpec::for_problem(DType::BF16, 72, 72);
+        let s = AttentionSpec::for_problem(DType::BF16, 72, 72, false);
         assert_eq!(s.name(), "attention_fwd_bf16_d80");
-        assert!(s.kernel().source.contains("attention_fwd<__nv_bfloat16, 80, 80, 64, 64, true>"));
-        let mla = AttentionSpec::for_problem(DType::F16, 192, 128);
-        assert_eq!(mla.name(), "attention_fwd_f16_d192_dv128");
-        assert_eq!(AttentionSpec::for_problem(DType::F16, 256, 256).smem_bytes(), (64 + 64) * 264 * 2);
+        assert!(s.kernel().source.contains("attention_fwd<__nv_bfloat16, 80, 80, 64, 64, true, false>"));
+        let mla = AttentionSpec::for_problem(DType::F16, 192, 128, true);
+        assert_eq!(mla.name(), "attention_fwd_f16_d192_dv128_x");
+        assert_eq!(AttentionSpec::for_problem(DType::F16, 256, 256, false).smem_bytes(), (64 + 64) * 264 * 2);
         // The output staging area (64 rows of dv) can exceed the tiles when dv >> d.
-        assert_eq!(AttentionSpec::for_problem(DType::F16, 16, 256).smem_bytes(), 64 * 264 * 2);
-        assert_eq!(AttentionSpec::all().len(), 34);
+        assert_eq!(AttentionSpec::for_problem(DType::F16, 16, 256, false).smem_bytes(), 64 * 264 * 2);
+        assert_eq!(AttentionSpec::all().len(), 68);
     }
 
     #[test]
@@ -736,9 +754,9 @@ mod tests {
         // Three 128-byte tensor maps, then the shared block at offset 384, padded to 64 bytes.
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, p), 384);
         assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 704);
-        let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96);
-        assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128", 128));
-        assert!(s.kernel().source.contains("attention_fwd_sm90<__nv_bfloat16, 128, 128, 128, 2>"));
+        let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96, true);
+        assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128_x", 128));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<__nv_bfloat16, 128, 128, 128, 2, true>"));
         for s in AttentionSm90Spec::all() {
             assert!(s.smem_bytes() <= 232_448, "{} needs {} bytes", s.name(), s.smem_bytes());
         }
