@@ -222,7 +222,7 @@ impl AttentionSpec {
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"attention.cu\"\n\
-             extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const __grid_constant__ AttentionParams p) {{\n\
+             extern \"C\" __global__ void __launch_bounds__({threads}, 1) {name}(const __grid_constant__ AttentionParams p) {{\n\
              \x20   attention_fwd<{t}, {d}, {dv}, {bm}, {bn}, {qr}, {x}>(p);\n}}\n",
             threads = self.threads(),
             name = self.name(),
