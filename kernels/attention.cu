@@ -122,8 +122,8 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         const unsigned char tile = EXTRAS ? mask_tile(p, b, h, m0, n0) : TILE_FULL;
         const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
         const bool need_mask = extra || !window_covers(p, seq, r0, r0 + 16, n0, n0 + BN);
-        scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-        softmax_update<BN, DV>(s, o, m_row, l_row);
+        const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+        softmax_update<BN, DV>(s, o, m_row, l_row, factor);
 
         cp_async_wait<0>();
         __syncthreads();  // every warp is past Q K^T: sK may be refilled

@@ -164,8 +164,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
         const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
         const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
-        scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-        softmax_p<BN>(s, m_row, l_row, alpha);
+        const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+        softmax_p<BN>(s, m_row, l_row, alpha, factor);
     };
 
     // Ping-pong: the consumers take turns to issue their GEMMs (hardware barriers 3 and 4), so

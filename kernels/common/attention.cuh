@@ -185,23 +185,29 @@ __device__ __noinline__ float score_extra(const AttentionParams& p, const SeqInf
 // Scores into log2 units, then bounds, bias and mask where this tile needs them.
 // EXTRAS = false compiles out softcap, ALiBi and dense masks: the kernel variant for plain,
 // causal and windowed attention, with fewer registers and no out-of-line calls.
+//
+// Returns the factor softmax_p must still apply: plain variants with a positive scale leave the
+// scores raw and fold the scale into the exp2 argument (one FFMA instead of FMUL + FADD).
 template <typename T, int BN, bool EXTRAS>
-__device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const AttentionParams& p, const SeqInfo& seq,
+__device__ __forceinline__ float scores_to_log2(float (&s)[BN / 8][4], const AttentionParams& p, const SeqInfo& seq,
                                                const ScoreMod& mod, int b, int h, int row_a, int n0, int t,
                                                bool need_mask, bool extra) {
     // One branch per tile, not per element: the capped and plain loops are separate.
+    float factor = 1.f;
     if (EXTRAS && mod.softcap) {
 #pragma unroll
         for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[i][e] = mod.cap_out * tanh_approx(s[i][e] * mod.cap_in);
+    } else if (!EXTRAS && mod.scale_log2 > 0.f) {
+        factor = mod.scale_log2;  // masking below only writes -inf, which the scale keeps
     } else {
 #pragma unroll
         for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[i][e] *= mod.scale_log2;
     }
-    if (!need_mask) return;
+    if (!need_mask) return factor;
     const RowBounds rb[2] = {row_bounds(p, seq, row_a), row_bounds(p, seq, row_a + 8)};
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i) {
@@ -212,27 +218,30 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[BN / 8][4], const Atte
             else if (EXTRAS && extra) s[i][e] = score_extra<T>(p, seq, mod.slope_log2, b, h, row, key, s[i][e]);
         }
     }
+    return factor;
 }
 
 // Online softmax, first half: turns S into P (unnormalised) against the new running max and
 // returns per row the factor alpha = exp2(m_old - m_new) the running output must be scaled by.
 // l_row stays a per-lane partial sum until softmax_finish.
+// `factor` (> 0) is what scores_to_log2 left unapplied: log2-unit score = s * factor.
 template <int BN>
-__device__ __forceinline__ void softmax_p(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2], float (&alpha)[2]) {
+__device__ __forceinline__ void softmax_p(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2], float (&alpha)[2],
+                                          float factor) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float mx = m_row[r];
+        float raw = neg_inf();
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-        mx = quad_max(mx);
+        for (int i = 0; i < BN / 8; ++i) raw = fmaxf(raw, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+        const float mx = fmaxf(m_row[r], quad_max(raw) * factor);
         const float base = mx == neg_inf() ? 0.f : mx;  // a row with no key yet stays at 0
         alpha[r] = fast_exp2(m_row[r] - base);
         m_row[r] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int i = 0; i < BN / 8; ++i) {
-            s[i][2 * r] = fast_exp2(s[i][2 * r] - base);
-            s[i][2 * r + 1] = fast_exp2(s[i][2 * r + 1] - base);
+            s[i][2 * r] = fast_exp2(fmaf(s[i][2 * r], factor, -base));
+            s[i][2 * r + 1] = fast_exp2(fmaf(s[i][2 * r + 1], factor, -base));
             sum += s[i][2 * r] + s[i][2 * r + 1];
         }
         l_row[r] = l_row[r] * alpha[r] + sum;
@@ -253,9 +262,9 @@ __device__ __forceinline__ void rescale_o(float (&o)[DV / 8][4], const float (&a
 
 template <int BN, int DV>
 __device__ __forceinline__ void softmax_update(float (&s)[BN / 8][4], float (&o)[DV / 8][4], float (&m_row)[2],
-                                               float (&l_row)[2]) {
+                                               float (&l_row)[2], float factor) {
     float alpha[2];
-    softmax_p<BN>(s, m_row, l_row, alpha);
+    softmax_p<BN>(s, m_row, l_row, alpha, factor);
     rescale_o<DV>(o, alpha);
 }
 
