@@ -41,13 +41,6 @@ def rel_err(out, ref) -> float:
 ERR_FLOOR = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
 
 
-def causal_mask(nq: int, nk: int, offset: int, device="cpu"):
-    """True where key j is visible to query i: j <= i + offset."""
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(nk, device=device)[None, :]
-    return j <= i + offset
-
-
 def visible(nq, nk, offset, causal=False, window=None, device="cpu"):
     """True where key j is visible to query i under causal + window=(left, right) (-1/None =
     unbounded), the diagonal shifted by offset."""

@@ -42,13 +42,12 @@ def _softcap(softcap) -> float:
 
 
 def _check_cu_seqlens(cu, total: int, max_seqlen: int, name: str) -> None:
-    """Validates the offsets on the host. On the GPU this copies batch + 1 ints (a sync), so it
-    is skipped while a CUDA graph is being captured."""
-    if is_torch(cu):
-        if cu.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
-        cu = cu.detach().cpu()
-    _native.check_seqlens(cu, int(total), int(max_seqlen), name)
+    """Validates offsets that live on the GPU, where the kernel cannot: copies batch + 1 ints to
+    the host (a sync), skipped while a CUDA graph is being captured. Offsets in host memory are
+    checked by the native op itself."""
+    if not (is_torch(cu) and cu.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return
+    _native.check_seqlens(cu.detach().cpu(), int(total), int(max_seqlen), name)
 
 
 def _run(q, k, v, out, *, causal, bottom_right, scale, window, softcap, alibi, return_lse,

@@ -7,7 +7,7 @@
 use super::{Element, SharedPtr, matmul};
 use crate::dlpack::{DType, TensorView};
 use crate::error::Result;
-use crate::ops::attention::{AttentionArgs, Dims, MaskKind, broadcast_strides, bsh_strides, host_seqlens, lse_strides};
+use crate::ops::attention::{AttentionArgs, Dims, MaskKind, batch_strides, broadcast_strides, host_seqlens};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -65,7 +65,7 @@ struct Rows {
 
 impl Rows {
     fn of(t: &TensorView, varlen: bool) -> Rows {
-        let [sb, ss, sh] = bsh_strides(t, varlen);
+        let [sb, ss, sh] = batch_strides(t, varlen);
         Rows { ptr: SharedPtr(t.ptr), sb: sb as isize, ss: ss as isize, sh: sh as isize }
     }
 
@@ -113,7 +113,7 @@ impl Mask {
 fn run<T: Element>(a: &AttentionArgs, d: &Dims, seqs: &Seqs) {
     let vl = d.varlen;
     let (qr, kr, vr, or) = (Rows::of(a.q, vl), Rows::of(a.k, vl), Rows::of(a.v, vl), Rows::of(a.out, vl));
-    let lse_ptr = a.lse.map(|l| (SharedPtr(l.ptr), lse_strides(l, vl).map(|x| x as isize)));
+    let lse_ptr = a.lse.map(|l| (SharedPtr(l.ptr), batch_strides(l, vl).map(|x| x as isize)));
     let mask = a.mask.map(|m| Mask {
         ptr: SharedPtr(m.ptr),
         kind: d.mask_kind,

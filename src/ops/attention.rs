@@ -128,14 +128,10 @@ impl Dims {
     }
 }
 
-/// Strides (batch, seq, head) of a q/k/v/out view, in elements: varlen views have no batch
-/// axis (sequences are found through cu_seqlens).
-pub fn bsh_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
-    if varlen { [0, t.stride(0), t.stride(1)] } else { [t.stride(0), t.stride(1), t.stride(2)] }
-}
-
-/// Strides (batch, head, seq) of the LSE view.
-pub fn lse_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
+/// Strides of the batch axis and the two after it, in elements: (batch, seq, head) for
+/// q/k/v/out, (batch, head, seq) for the LSE. Varlen views have no batch axis (sequences are
+/// found through cu_seqlens), so their batch stride is 0.
+pub fn batch_strides(t: &TensorView, varlen: bool) -> [i64; 3] {
     if varlen { [0, t.stride(0), t.stride(1)] } else { [t.stride(0), t.stride(1), t.stride(2)] }
 }
 
@@ -146,6 +142,19 @@ pub fn broadcast_strides(t: &TensorView) -> [i64; 4] {
         *x = if t.dim(i) == 1 { 0 } else { t.stride(i) };
     }
     s
+}
+
+/// The CUDA type of a 16-bit dtype.
+fn ctype(dtype: DType) -> &'static str {
+    if dtype == DType::F16 { "__half" } else { "__nv_bfloat16" }
+}
+
+/// `<prefix>_<f16|bf16>_d<D>[_dv<DV>][_x]`: the symbol and cache-file stem of a kernel variant.
+fn variant_name(prefix: &str, dtype: DType, d: usize, dv: usize, extras: bool) -> String {
+    let t = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let dv = if dv == d { String::new() } else { format!("_dv{dv}") };
+    let x = if extras { "_x" } else { "" };
+    format!("{prefix}_{t}_d{d}{dv}{x}")
 }
 
 /// One compiled specialisation: the template parameters, the symbol name, the cache key.
@@ -206,17 +215,8 @@ impl AttentionSpec {
         (tiles.max(Self::BLOCK_M * dv) * 2) as u32
     }
 
-    fn ctype(&self) -> (&'static str, &'static str) {
-        match self.dtype {
-            DType::F16 => ("__half", "f16"),
-            _ => ("__nv_bfloat16", "bf16"),
-        }
-    }
-
     pub fn name(&self) -> String {
-        let dv = if self.head_dim_v_pad == self.head_dim_pad { String::new() } else { format!("_dv{}", self.head_dim_v_pad) };
-        let x = if self.extras { "_x" } else { "" };
-        format!("attention_fwd_{}_d{}{dv}{x}", self.ctype().1, self.head_dim_pad)
+        variant_name("attention_fwd", self.dtype, self.head_dim_pad, self.head_dim_v_pad, self.extras)
     }
 
     pub fn kernel(&self) -> KernelSource {
@@ -226,7 +226,7 @@ impl AttentionSpec {
              \x20   attention_fwd<{t}, {d}, {dv}, {bm}, {bn}, {qr}, {x}>(p);\n}}\n",
             threads = self.threads(),
             name = self.name(),
-            t = self.ctype().0,
+            t = ctype(self.dtype),
             d = self.head_dim_pad,
             dv = self.head_dim_v_pad,
             bm = Self::BLOCK_M,
@@ -321,14 +321,8 @@ impl AttentionSm90Spec {
         (q + kv + o + 8 * (1 + 4 * Self::STAGES) + 1024) as u32
     }
 
-    fn ctype(&self) -> (&'static str, &'static str) {
-        AttentionSpec { dtype: self.dtype, head_dim_pad: 0, head_dim_v_pad: 0, extras: false }.ctype()
-    }
-
     pub fn name(&self) -> String {
-        let dv = if self.head_dim_v_pad == self.head_dim_pad { String::new() } else { format!("_dv{}", self.head_dim_v_pad) };
-        let x = if self.extras { "_x" } else { "" };
-        format!("attention_fwd_sm90_{}_d{}{dv}{x}", self.ctype().1, self.head_dim_pad)
+        variant_name("attention_fwd_sm90", self.dtype, self.head_dim_pad, self.head_dim_v_pad, self.extras)
     }
 
     pub fn kernel(&self) -> KernelSource {
@@ -338,7 +332,7 @@ impl AttentionSm90Spec {
              \x20   attention_fwd_sm90<{t}, {d}, {dv}, {bn}, {stages}, {x}>(p);\n}}\n",
             threads = Self::THREADS,
             name = self.name(),
-            t = self.ctype().0,
+            t = ctype(self.dtype),
             d = self.head_dim_pad,
             dv = self.head_dim_v_pad,
             bn = self.block_n(),
@@ -380,6 +374,16 @@ fn shape_err<T>(msg: String) -> Result<T> {
     Err(Error::Shape(msg))
 }
 
+/// Checks the form of an offsets tensor (1-D int32, batch + 1 entries) and returns the batch.
+pub fn expect_cu_seqlens(cu: &TensorView) -> Result<usize> {
+    cu.expect_rank(1, "(batch + 1,)")?;
+    cu.expect_dtype(&[DType::I32])?;
+    if cu.dim(0) == 0 {
+        return shape_err(format!("{} must hold batch + 1 offsets, got an empty tensor", cu.name));
+    }
+    Ok(cu.dim(0) - 1)
+}
+
 /// Reads cu_seqlens from host memory and checks it is a valid offset list for `total` rows.
 pub fn host_seqlens(cu: &TensorView, total: usize, max_len: usize) -> Result<Vec<i32>> {
     let n = cu.dim(0);
@@ -417,14 +421,10 @@ fn check_varlen(a: &AttentionArgs, vl: &Varlen) -> Result<usize> {
         t.expect_rank(3, VARLEN_LAYOUT)?;
     }
     for cu in [vl.cu_seqlens_q, vl.cu_seqlens_k] {
-        cu.expect_rank(1, "(batch + 1,)")?;
-        cu.expect_dtype(&[DType::I32])?;
         cu.expect_same_device(a.q)?;
     }
-    let batch = vl.cu_seqlens_q.dim(0).saturating_sub(1);
-    if vl.cu_seqlens_q.dim(0) == 0 {
-        return shape_err(format!("{} must hold batch + 1 offsets, got an empty tensor", vl.cu_seqlens_q.name));
-    }
+    let batch = expect_cu_seqlens(vl.cu_seqlens_q)?;
+    expect_cu_seqlens(vl.cu_seqlens_k)?;
     vl.cu_seqlens_k.expect_dim(0, batch + 1, "length (must match cu_seqlens_q)")?;
     if a.mask.is_some() {
         return Err(Error::NotImplemented("a dense attn mask is not supported with varlen inputs".into()));
@@ -653,11 +653,11 @@ fn kernel_params(a: &AttentionArgs, d: &Dims) -> AttentionParams {
         alibi: ptr(a.alibi),
         mask: ptr(a.mask),
         mask_tiles: ptr(a.mask_tiles),
-        q_s: bsh_strides(a.q, vl),
-        k_s: bsh_strides(a.k, vl),
-        v_s: bsh_strides(a.v, vl),
-        o_s: bsh_strides(a.out, vl),
-        lse_s: a.lse.map_or([0; 3], |l| lse_strides(l, vl)),
+        q_s: batch_strides(a.q, vl),
+        k_s: batch_strides(a.k, vl),
+        v_s: batch_strides(a.v, vl),
+        o_s: batch_strides(a.out, vl),
+        lse_s: a.lse.map_or([0; 3], |l| batch_strides(l, vl)),
         alibi_sb: a.alibi.map_or(0, |t| if t.ndim() == 2 { t.stride(0) } else { 0 }),
         mask_s: a.mask.map_or([0; 4], broadcast_strides),
         mask_tiles_s: a.mask_tiles.map_or([0; 4], broadcast_strides),
@@ -692,7 +692,7 @@ fn launch_sm80(dev: &driver::Device, a: &AttentionArgs, d: &Dims, mut params: At
 /// The 4-D TMA map (head_dim, heads, rows, batch) of q, k or v, with boxes of 64 columns x
 /// `rows` rows of one head. Varlen tensors are one batch of all packed rows.
 fn tensor_map(t: &TensorView, varlen: bool, head_dim: usize, rows: usize) -> Result<TensorMap> {
-    let [sb, ss, sh] = bsh_strides(t, varlen);
+    let [sb, ss, sh] = batch_strides(t, varlen);
     let (n, heads, batch) = if varlen { (t.dim(0), t.dim(1), 1) } else { (t.dim(1), t.dim(2), t.dim(0)) };
     tma::tiled_4d_16bit(
         t.dtype == DType::BF16,

@@ -76,13 +76,9 @@ fn check_seqlens(cu_seqlens: &Bound<'_, PyAny>, total: usize, max_seqlen: usize,
     let cu = import(cu_seqlens, name, 0, false)?;
     let v = &cu.view;
     let check = || -> crate::error::Result<()> {
-        v.expect_rank(1, "(batch + 1,)")?;
-        v.expect_dtype(&[crate::dlpack::DType::I32])?;
+        attention::expect_cu_seqlens(v)?;
         if v.device != crate::dlpack::Device::Cpu {
             return Err(crate::error::Error::Device(format!("{name} must be in host memory for this check")));
-        }
-        if v.dim(0) == 0 {
-            return Err(crate::error::Error::Shape(format!("{name} must hold batch + 1 offsets, got an empty tensor")));
         }
         attention::host_seqlens(v, total, max_seqlen).map(|_| ())
     };
