@@ -1,10 +1,16 @@
 // Dense attention forward for Hopper (sm_90a): TMA loads on mbarriers, wgmma with operands in
 // shared memory, warp specialisation.
 //
-// A CTA owns 128 query rows of one (batch, head) and has three warpgroups:
+// The grid is persistent: one CTA per SM walks work tiles of 128 query rows of one
+// (batch, head) in the order of TileSched (heads in groups whose K/V fit in L2, longest causal
+// rows first). Where tile costs differ the CTAs take tiles from an atomic counter as they free
+// up (greedy, like the hardware's own block scheduler); otherwise in fixed rounds. The producer
+// fetches the next tile and passes its index to the consumers in shared memory with Q.
+// A CTA has three warpgroups:
 //   warpgroup 0, the producer: one thread issues TMA loads of Q once and of K/V tiles into a
 //     ring of STAGES slots (full/empty mbarriers per slot), skipping tiles no row can see;
-//     it gives most of its registers to the consumers (setmaxnreg).
+//     it gives most of its registers to the consumers (setmaxnreg). It runs ahead into the next
+//     work tile: K/V of tile i + 1 stream in while the consumers finish tile i.
 //   warpgroups 1 and 2, the consumers: 64 query rows each. Per key tile:
 //     S = Q K^T (wgmma, both operands in shared memory), scale/mask/online softmax in registers
 //     (common/attention.cuh, shared with the sm_80 kernel), O += P V (wgmma, P from registers,
@@ -23,10 +29,39 @@
 #include "common/hopper.cuh"
 #include "common/wgmma.cuh"
 
+// Work tiles in order: groups of `group` (batch, head) pairs, and within a group the query
+// blocks from the last (longest under a causal mask) to the first, heads innermost.
+struct TileSched {
+    int m_blocks;  // query blocks per sequence (of the longest sequence, for varlen)
+    int heads;     // query heads
+    int pairs;     // batch * heads
+    int group;     // (batch, head) pairs per group: their K/V fit in L2 together
+};
+
+struct TileCoord {
+    int m0, h, b;
+};
+
+__device__ __forceinline__ TileCoord tile_coord(const TileSched& s, int w, int bm) {
+    const int per_group = s.group * s.m_blocks;
+    const int g = w / per_group, r = w - g * per_group;
+    const int first = g * s.group;
+    const int size = min(s.group, s.pairs - first);
+    const int pair = first + r % size;
+    TileCoord c;
+    c.m0 = (s.m_blocks - 1 - r / size) * bm;
+    c.b = pair / s.heads;
+    c.h = pair - c.b * s.heads;
+    return c;
+}
+
 // Mirrors `Sm90Params` in src/ops/attention.rs: the tensor maps, then the shared parameters.
 struct AttentionSm90Params {
     TmaDesc tq, tk, tv;  // 4-D (head_dim, heads, seqlen, batch), boxes of 64 columns
     AttentionParams p;
+    TileSched sched;
+    int tiles;     // m_blocks * pairs
+    int* counter;  // zeroed before launch: tiles handed out past the first round; null = static
 };
 
 template <int D, int DV, int BN, int STAGES>
@@ -35,15 +70,21 @@ struct Sm90Smem {
     static constexpr int Q_BYTES = BM * D * 2;
     static constexpr int K_BYTES = BN * D * 2;
     static constexpr int V_BYTES = BN * DV * 2;
-    // The output is staged over Q's rows (each consumer over its own) unless it is wider.
-    static constexpr int O_BYTES = DV <= D ? 0 : BM * DV * 2;
+    static constexpr int BAR_BYTES = 8 * (3 + 4 * STAGES);  // + the next tile's index
+    static constexpr int SLACK = 1024;  // to align the base to 1024 bytes
+    static constexpr int TILES = Q_BYTES + STAGES * (K_BYTES + V_BYTES);
+    // The output gets its own staging area where it fits, so the next tile's Q can load while
+    // this one's output is written; otherwise it is staged over Q's rows (each consumer over
+    // its own) and Q is released after the epilogue.
+    static constexpr bool O_OWN = TILES + BM * DV * 2 + BAR_BYTES + SLACK <= 227 * 1024 || DV > D;
+    static constexpr int O_BYTES = O_OWN ? BM * DV * 2 : 0;
     static constexpr int Q = 0;
     static constexpr int K = Q + Q_BYTES;
     static constexpr int V = K + STAGES * K_BYTES;
-    static constexpr int O = DV <= D ? Q : V + STAGES * V_BYTES;
-    static constexpr int BAR = V + STAGES * V_BYTES + O_BYTES;
-    // q_full, k_full[S], k_empty[S], v_full[S], v_empty[S]
-    static constexpr int BYTES = BAR + 8 * (1 + 4 * STAGES) + 1024;  // + alignment slack
+    static constexpr int O = O_OWN ? V + STAGES * V_BYTES : Q;
+    static constexpr int BAR = TILES + O_BYTES;
+    // q_full, q_empty, k_full[S], k_empty[S], v_full[S], v_empty[S], tile index
+    static constexpr int BYTES = BAR + BAR_BYTES + SLACK;
 };
 
 template <typename T, int D, int DV, int BN, int STAGES, bool EXTRAS>
@@ -57,65 +98,93 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
     const u32 sQ = base + L::Q, sK = base + L::K, sV = base + L::V;
     const u32 bar = base + L::BAR;
-    const u32 q_full = bar;
-    auto k_full = [&](int s) { return bar + 8 * (1 + s); };
-    auto k_empty = [&](int s) { return bar + 8 * (1 + STAGES + s); };
-    auto v_full = [&](int s) { return bar + 8 * (1 + 2 * STAGES + s); };
-    auto v_empty = [&](int s) { return bar + 8 * (1 + 3 * STAGES + s); };
-
-    const int h = blockIdx.y, b = blockIdx.z;
-    const SeqInfo seq = seq_info(p, b);
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // longest causal rows first
-    if (m0 >= seq.nq) return;
-    const int hk = h / (p.heads_q / p.heads_kv);
-    const int m1 = min(m0 + BM, seq.nq);
-    const int n_begin = keys_begin(p, seq, m0), n_end = keys_end(p, seq, m1);
-    const int j_end = n_end > n_begin ? (n_end + BN - 1) / BN : 0;
-    auto next_tile = [&](int j) {
-        if constexpr (EXTRAS)
-            while (j < j_end && mask_span(p, b, h, m0, m1, j * BN, min(j * BN + BN, seq.nk)) == TILE_EMPTY) ++j;
-        return j;
-    };
-    const int j_first = next_tile(n_begin / BN);
+    const u32 q_full = bar, q_empty = bar + 8;
+    auto k_full = [&](int s) { return bar + 8 * (2 + s); };
+    auto k_empty = [&](int s) { return bar + 8 * (2 + STAGES + s); };
+    auto v_full = [&](int s) { return bar + 8 * (2 + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar + 8 * (2 + 3 * STAGES + s); };
+    volatile int* tile_slot = reinterpret_cast<volatile int*>(smem + L::BAR + 8 * (2 + 4 * STAGES));
+    // The K/V ring position n (counted over all of this CTA's key tiles) is slot n % STAGES
+    // in phase (n / STAGES) & 1.
+    auto slot_of = [](int n) { return n % STAGES; };
+    auto phase_of = [](int n) { return (u32)(n / STAGES) & 1; };
 
     const int wg = threadIdx.x / 128;
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 8);  // one arrival per consumer warp
+            mbar_init(k_empty(s), 8);
             mbar_init(v_empty(s), 8);
         }
         mbar_init_fence();
     }
     __syncthreads();
 
+    // Every role walks the same work tiles and, per tile, the same key tiles.
+    struct Work {
+        int m0, m1, h, b, hk, j_first, j_end;
+        SeqInfo seq;
+    };
+    auto next_tile = [&](const Work& w, int j) {
+        if constexpr (EXTRAS)
+            while (j < w.j_end && mask_span(p, w.b, w.h, w.m0, w.m1, j * BN, min(j * BN + BN, w.seq.nk)) == TILE_EMPTY) ++j;
+        return j;
+    };
+    auto work = [&](int idx, Work& w) {
+        const TileCoord tc = tile_coord(P.sched, idx, BM);
+        w.m0 = tc.m0, w.h = tc.h, w.b = tc.b;
+        w.seq = seq_info(p, w.b);
+        if (w.m0 >= w.seq.nq) return false;
+        w.hk = w.h / (p.heads_q / p.heads_kv);
+        w.m1 = min(w.m0 + BM, w.seq.nq);
+        const int n_begin = keys_begin(p, w.seq, w.m0), n_end = keys_end(p, w.seq, w.m1);
+        w.j_end = n_end > n_begin ? (n_end + BN - 1) / BN : 0;
+        w.j_first = next_tile(w, n_begin / BN);
+        return true;
+    };
+
     if (wg == 0) {
         // ---- producer ----
         setmaxnreg_dec<24>();
-        if (threadIdx.x == 0) {
-            const int bq = p.cu_seqlens_q != nullptr ? 0 : b;
-            const int q_row = (int)seq.q_row0 + m0, k_row0 = (int)seq.k_row0;
-            mbar_arrive_expect_tx(q_full, L::Q_BYTES);
+        if (threadIdx.x != 0) return;
+        int n = 0, q_uses = 0;
+        Work w;
+        // Hands tile `idx` (or -1: no more) to the consumers once they are done with Q.
+        auto publish = [&](int idx) {
+            mbar_wait(q_empty, (q_uses++ & 1) ^ 1);
+            *tile_slot = idx;
+            if (idx < 0) mbar_arrive(q_full);
+            else mbar_arrive_expect_tx(q_full, L::Q_BYTES);
+        };
+        for (int r = 0;; ++r) {
+            const int idx = r == 0 ? blockIdx.x
+                          : P.counter != nullptr ? gridDim.x + atomicAdd(P.counter, 1)
+                                                 : blockIdx.x + r * gridDim.x;
+            if (idx >= P.tiles) break;
+            if (!work(idx, w)) continue;
+            const int bq = p.cu_seqlens_q != nullptr ? 0 : w.b;
+            const int q_row = (int)w.seq.q_row0 + w.m0, k_row0 = (int)w.seq.k_row0;
+            publish(idx);
 #pragma unroll
-            for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BM * 128, &P.tq, c * 64, h, q_row, bq, q_full);
-            int it = 0;
-            for (int j = j_first; j < j_end; j = next_tile(j + 1), ++it) {
-                const int s = it % STAGES;
-                const u32 ph = (it / STAGES) & 1;
-                mbar_wait(k_empty(s), ph ^ 1);
+            for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BM * 128, &P.tq, c * 64, w.h, q_row, bq, q_full);
+            for (int j = w.j_first; j < w.j_end; j = next_tile(w, j + 1), ++n) {
+                const int s = slot_of(n);
+                mbar_wait(k_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(k_full(s), L::K_BYTES);
 #pragma unroll
                 for (int c = 0; c < D / 64; ++c)
-                    tma_load_4d(sK + s * L::K_BYTES + c * BN * 128, &P.tk, c * 64, hk, k_row0 + j * BN, bq, k_full(s));
-                mbar_wait(v_empty(s), ph ^ 1);
+                    tma_load_4d(sK + s * L::K_BYTES + c * BN * 128, &P.tk, c * 64, w.hk, k_row0 + j * BN, bq, k_full(s));
+                mbar_wait(v_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
 #pragma unroll
                 for (int c = 0; c < DV / 64; ++c)
-                    tma_load_4d(sV + s * L::V_BYTES + c * BN * 128, &P.tv, c * 64, hk, k_row0 + j * BN, bq, v_full(s));
+                    tma_load_4d(sV + s * L::V_BYTES + c * BN * 128, &P.tv, c * 64, w.hk, k_row0 + j * BN, bq, v_full(s));
             }
         }
+        publish(-1);
         return;
     }
 
@@ -125,19 +194,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     const int tid = threadIdx.x - 128 * wg;
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int r0 = m0 + 64 * c + 16 * warp;  // this warp's first row
-    const int row_a = r0 + g;
-    const ScoreMod mod = score_mod(p, b, h);
 
-    float o[DV / 8][4];
-#pragma unroll
-    for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
-
-    // Per tile j the GEMMs are issued so that the softmax of S_j overlaps P_{j-1} V_{j-1} on the
-    // tensor cores: issue S_j, issue PV_{j-1}, wait for S_j only, softmax, then wait for PV_{j-1}
-    // before O is rescaled.
-    const int w0 = m0 + 64 * c;
     auto issue_s = [&](float (&s)[BN / 8][4], int slot) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -147,109 +204,137 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         }
         wgmma_commit();
     };
-    auto issue_pv = [&](u32 (&pf)[BN / 16][4], int slot) {
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 vb = sV + slot * L::V_BYTES + kk * 16 * 128;
-            Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(vb, BN * 128, 1024), 1);
-        }
-        wgmma_commit();
-    };
     auto release = [&](u32 empty_bar) {
         __syncwarp();
         if (lane == 0) mbar_arrive(empty_bar);
     };
-    // Scale and mask S_j, then P_j and the rescale factor of O.
-    auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2]) {
-        const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
-        const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
-        const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
-        const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-        softmax_p<BN>(s, m_row, l_row, alpha, factor);
-    };
-
     // Ping-pong: the consumers take turns to issue their GEMMs (hardware barriers 3 and 4), so
-    // one's GEMMs run on the tensor cores while the other is in its softmax. Each issues
-    // tiles + 1 batches (S_0; S_j with PV_{j-1}; PV_last); consumer 0 goes first and consumer 1
-    // skips its last hand-over, so no arrival is left pending at exit.
+    // one's GEMMs run on the tensor cores while the other is in its softmax. Per work tile each
+    // issues tiles + 1 batches (S_0; S_j with PV_{j-1}; PV_last); consumer 0 goes first and
+    // consumer 1 skips its last hand-over, so no arrival is left pending between work tiles.
     auto wait_turn = [&]() { named_barrier(3 + c, 256); };
     auto pass_turn = [&](bool last) {
         if (!(last && c == 1)) named_barrier_arrive(3 + (1 - c), 256);
     };
 
-    mbar_wait(q_full, 0);
-    int j = j_first;
-    if (j < j_end) {
-        if (c == 1) named_barrier_arrive(3, 256);
-        float s[BN / 8][4];
-        u32 pf[BN / 16][4];
-        float alpha[2];
-        mbar_wait(k_full(0), 0);
-        wait_turn();
-        wgmma_fence();
-        issue_s(s, 0);
-        pass_turn(false);
-        wgmma_wait<0>();
-        fence_regs(s);
-        release(k_empty(0));
-        softmax_tile(s, j * BN, alpha);  // O is still 0: no rescale
-        p_fragments<T, BN>(s, pf);
-        int it = 1;  // tiles issued so far; tile it - 1's V is still to be used
-        for (j = next_tile(j + 1); j < j_end; j = next_tile(j + 1), ++it) {
-            const int slot = it % STAGES, prev = (it - 1) % STAGES;
-            const u32 ph = (it / STAGES) & 1, prev_ph = ((it - 1) / STAGES) & 1;
-            mbar_wait(k_full(slot), ph);
-            mbar_wait(v_full(prev), prev_ph);
+    int n = 0, q_uses = 0;
+    Work w;
+    for (;;) {
+        mbar_wait(q_full, q_uses & 1);
+        const int idx = *tile_slot;
+        if (idx < 0) break;
+        work(idx, w);  // the producer skipped tiles with no rows
+        const int b = w.b, h = w.h, m0 = w.m0, m1 = w.m1;
+        const SeqInfo& seq = w.seq;
+        const int r0 = m0 + 64 * c + 16 * warp;  // this warp's first row
+        const int row_a = r0 + g;
+        const int w0 = m0 + 64 * c;
+        const ScoreMod mod = score_mod(p, b, h);
+
+        float o[DV / 8][4];
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+        float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
+
+        auto issue_pv = [&](u32 (&pf)[BN / 16][4], int slot) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const u32 vb = sV + slot * L::V_BYTES + kk * 16 * 128;
+                Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(vb, BN * 128, 1024), 1);
+            }
+            wgmma_commit();
+        };
+        // Scale and mask S_j, then P_j and the rescale factor of O.
+        auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2]) {
+            const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
+            const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
+            const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
+            const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+            softmax_p<BN>(s, m_row, l_row, alpha, factor);
+        };
+
+        // Per key tile j the GEMMs are issued so that the softmax of S_j overlaps
+        // P_{j-1} V_{j-1} on the tensor cores: issue S_j, issue PV_{j-1}, wait for S_j only,
+        // softmax, then wait for PV_{j-1} before O is rescaled.
+        int j = w.j_first;
+        if (j < w.j_end) {
+            if (c == 1) named_barrier_arrive(3, 256);
+            float s[BN / 8][4];
+            u32 pf[BN / 16][4];
+            float alpha[2];
+            mbar_wait(k_full(slot_of(n)), phase_of(n));
             wait_turn();
             wgmma_fence();
-            issue_s(s, slot);
-            issue_pv(pf, prev);
+            issue_s(s, slot_of(n));
             pass_turn(false);
-            wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
+            wgmma_wait<0>();
             fence_regs(s);
-            release(k_empty(slot));
-            softmax_tile(s, j * BN, alpha);
+            release(k_empty(slot_of(n)));
+            softmax_tile(s, j * BN, alpha);  // O is still 0: no rescale
+            p_fragments<T, BN>(s, pf);
+            // Ring position n holds the tile whose V is still to be used.
+            for (j = next_tile(w, j + 1); j < w.j_end; j = next_tile(w, j + 1), ++n) {
+                const int slot = slot_of(n + 1), prev = slot_of(n);
+                mbar_wait(k_full(slot), phase_of(n + 1));
+                mbar_wait(v_full(prev), phase_of(n));
+                wait_turn();
+                wgmma_fence();
+                issue_s(s, slot);
+                issue_pv(pf, prev);
+                pass_turn(false);
+                wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
+                fence_regs(s);
+                release(k_empty(slot));
+                softmax_tile(s, j * BN, alpha);
+                wgmma_wait<0>();
+                fence_regs(o);
+                fence_regs(pf);
+                release(v_empty(prev));
+                rescale_o<DV>(o, alpha);
+                p_fragments<T, BN>(s, pf);
+            }
+            mbar_wait(v_full(slot_of(n)), phase_of(n));
+            wait_turn();
+            wgmma_fence();
+            issue_pv(pf, slot_of(n));
+            pass_turn(true);
             wgmma_wait<0>();
             fence_regs(o);
             fence_regs(pf);
-            release(v_empty(prev));
-            rescale_o<DV>(o, alpha);
-            p_fragments<T, BN>(s, pf);
+            release(v_empty(slot_of(n)));
+            ++n;
         }
-        const int prev = (it - 1) % STAGES;
-        const u32 prev_ph = ((it - 1) / STAGES) & 1;
-        mbar_wait(v_full(prev), prev_ph);
-        wait_turn();
-        wgmma_fence();
-        issue_pv(pf, prev);
-        pass_turn(true);
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_regs(pf);
-        release(v_empty(prev));
-    }
+        // Every S GEMM of this consumer has read its Q rows.
+        if constexpr (L::O_OWN) release(q_empty);
+        ++q_uses;
 
-    // Normalise, stage this consumer's 64 rows in shared memory (swizzled, over its own Q rows
-    // once every S GEMM is done), then store 16 bytes per thread, coalesced.
-    float inv[2];
-    softmax_finish(l_row, inv);
-    named_barrier(1 + c, 128);  // the consumer's last S GEMM has read its Q rows
-    unsigned char* sO = smem + L::O;
+        // Normalise, stage this consumer's 64 rows in shared memory (swizzled), then store 16
+        // bytes per thread, coalesced.
+        float inv[2];
+        softmax_finish(l_row, inv);
+        named_barrier(1 + c, 128);  // the last tile's stores (and S GEMMs) are done with sO
+        unsigned char* sO = smem + L::O;
 #pragma unroll
-    for (int i = 0; i < DV / 8; ++i) {
-        const int col = i * 8 + 2 * t, lr = 64 * c + 16 * warp + g;
-        *reinterpret_cast<u32*>(sO + sw128_offset(lr, col, BM)) = pack2<T>(o[i][0] * inv[0], o[i][1] * inv[0]);
-        *reinterpret_cast<u32*>(sO + sw128_offset(lr + 8, col, BM)) = pack2<T>(o[i][2] * inv[1], o[i][3] * inv[1]);
+        for (int i = 0; i < DV / 8; ++i) {
+            const int col = i * 8 + 2 * t, lr = 64 * c + 16 * warp + g;
+            *reinterpret_cast<u32*>(sO + sw128_offset(lr, col, BM)) = pack2<T>(o[i][0] * inv[0], o[i][1] * inv[0]);
+            *reinterpret_cast<u32*>(sO + sw128_offset(lr + 8, col, BM)) = pack2<T>(o[i][2] * inv[1], o[i][3] * inv[1]);
+        }
+        named_barrier(1 + c, 128);
+        T* og = static_cast<T*>(p.o) + b * p.o_sb + seq.q_row0 * p.o_ss + h * p.o_sh;
+        constexpr int CHV = DV / 8;
+        for (int idx2 = tid; idx2 < 64 * CHV; idx2 += 128) {
+            const int lr = idx2 / CHV, col = (idx2 % CHV) * 8;
+            const int row = m0 + 64 * c + lr;
+            if (row < seq.nq && col < p.head_dim_v)
+                *reinterpret_cast<uint4*>(og + (i64)row * p.o_ss + col) =
+                    *reinterpret_cast<const uint4*>(sO + sw128_offset(64 * c + lr, col, BM));
+        }
+        if constexpr (!L::O_OWN) {
+            // The next Q lands (through TMA, the async proxy) where the output was staged.
+            fence_proxy_async();
+            release(q_empty);
+        }
+        store_lse(p, seq, b, h, row_a, t, m_row, l_row);
     }
-    named_barrier(1 + c, 128);
-    T* og = static_cast<T*>(p.o) + b * p.o_sb + seq.q_row0 * p.o_ss + h * p.o_sh;
-    constexpr int CHV = DV / 8;
-    for (int idx = tid; idx < 64 * CHV; idx += 128) {
-        const int lr = idx / CHV, col = (idx % CHV) * 8;
-        const int row = m0 + 64 * c + lr;
-        if (row < seq.nq && col < p.head_dim_v)
-            *reinterpret_cast<uint4*>(og + (i64)row * p.o_ss + col) =
-                *reinterpret_cast<const uint4*>(sO + sw128_offset(64 * c + lr, col, BM));
-    }
-    store_lse(p, seq, b, h, row_a, t, m_row, l_row);
 }

@@ -55,3 +55,26 @@ def test_bad_path_name(monkeypatch):
     q, k, v = make((1, 8, 8, 1, 1, 64), torch.float16, "cuda", seed=1)
     with pytest.raises(ValueError, match="must be auto, sm80 or sm90"):
         fk.attention(q, k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_schedule_matches_one_cta_per_tile(causal, monkeypatch):
+    """The sm90 kernel's persistent CTAs walk more tiles than there are SMs, in rounds: without
+    a mask in L2-sized head groups (8 MB of K/V per head here: groups of 3, 3 and 1 of the 7
+    heads), causal in longest-first order over all heads. Every tile's arithmetic is the same
+    as with one CTA per tile, so the outputs must be bit-identical, and right against float64."""
+    if not is_hopper():
+        pytest.skip("the persistent scheduler is in the sm90 kernel")
+    shape = (1, 4000, 16384, 7, 7, 128)
+    for i, dtype in enumerate([torch.bfloat16, torch.float16]):
+        q, k, v = make(shape, dtype, "cuda", seed=900 + i + 2 * causal)
+        runs = []
+        for persistent in ["1", "0"]:
+            monkeypatch.setenv("FERROKERNELS_ATTENTION_PERSISTENT", persistent)
+            out = torch.full_like(q, float("nan"))
+            _, lse = fk.attention(q, k, v, causal=causal, return_lse=True, out=out)
+            runs.append((out, lse))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        if i == 0:
+            rows = slice(-1000, None)
+            check_against_reference(q[:, rows], k, v, runs[0][0][:, rows], runs[0][1][..., rows], causal=causal)

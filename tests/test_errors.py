@@ -166,3 +166,14 @@ def test_varlen_offsets(device):
         fk.attention_varlen(q, k, v, cu, cu[:2], 8, 8)
     with pytest.raises(fk.ShapeError, match=r"q must be 3-D \(total_tokens, heads, head_dim\)"):
         fk.attention_varlen(q[None], k, v, cu, cu, 8, 8)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_native_workspace(device):
+    """The tile-counter workspace that the Python layer allocates is checked like any input."""
+    q, k, v = qkv(device)
+    out = torch.empty_like(q)
+    with pytest.raises(fk.DTypeError, match="workspace must have dtype int32, got float32"):
+        fk._native.attention_fwd(q, k, v, out, workspace=torch.zeros(1, device=device))
+    with pytest.raises(fk.ShapeError, match="workspace must be a contiguous 1-D int32 tensor"):
+        fk._native.attention_fwd(q, k, v, out, workspace=torch.zeros(0, dtype=torch.int32, device=device))

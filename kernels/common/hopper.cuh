@@ -99,6 +99,12 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Orders this thread's generic-proxy shared-memory accesses before later async-proxy (TMA)
+// accesses that another thread's mbarrier arrival releases.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // --- shared-memory matrix descriptors --------------------------------------------------------
 // Tiles are stored as 64-element (128-byte) wide column blocks, each a run of 128-byte rows
 // swizzled the way TMA's SWIZZLE_128B writes them (16-byte chunk c of row r lands at c ^ (r % 8));

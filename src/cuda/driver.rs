@@ -145,6 +145,14 @@ impl Device {
         Ok(f)
     }
 
+    /// Zeroes `bytes` bytes at device address `ptr`, ordered on `stream` (captured into a CUDA
+    /// graph like a launch).
+    pub fn memset_zero(&self, ptr: u64, bytes: usize, stream: usize) -> Result<()> {
+        self.make_current()?;
+        unsafe { result::memset_d8_async(ptr as sys::CUdeviceptr, 0, bytes, stream as sys::CUstream)? };
+        Ok(())
+    }
+
     /// Launches on `stream` (a raw `CUstream`, e.g. `torch.cuda.current_stream().cuda_stream`).
     /// `params` points at each kernel argument, in order.
     pub fn launch(&self, f: Function, cfg: LaunchConfig, stream: usize, params: &mut [*mut c_void]) -> Result<()> {

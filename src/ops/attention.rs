@@ -66,6 +66,10 @@ pub struct AttentionArgs<'a> {
     pub window: (i64, i64),
     /// Scores become softcap * tanh(score / softcap); 0 = off.
     pub softcap: f64,
+    /// int32, at least one element, on the GPU: the persistent Hopper kernel's tile counter,
+    /// zeroed on the stream before the launch. Without it tiles are handed out in fixed
+    /// rounds, which balances causal work less well.
+    pub workspace: Option<&'a TensorView>,
 }
 
 impl<'a> AttentionArgs<'a> {
@@ -86,6 +90,7 @@ impl<'a> AttentionArgs<'a> {
             scale: None,
             window: (-1, -1),
             softcap: 0.0,
+            workspace: None,
         }
     }
 }
@@ -122,6 +127,11 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// Query blocks see different numbers of keys (causal, windows, varlen).
+    pub fn uneven_tiles(&self) -> bool {
+        self.varlen || self.window_left < WINDOW_NONE || self.window_right < WINDOW_NONE
+    }
+
     /// Softcap, ALiBi or a dense mask: the kernel variant compiled with them is needed.
     pub fn extras(&self, a: &AttentionArgs) -> bool {
         self.softcap > 0.0 || a.alibi.is_some() || self.mask_kind != MaskKind::None
@@ -288,6 +298,11 @@ impl AttentionSm90Spec {
     pub const BLOCK_M: usize = 128;
     pub const STAGES: usize = 2;
     pub const THREADS: u32 = 384;
+    /// Shared memory one CTA may opt into on sm_90 (227 KiB).
+    const SMEM_LIMIT: usize = 227 * 1024;
+    /// K/V bytes that a group of concurrently scheduled heads should keep within (half the
+    /// H100's 50 MB L2), so that every query block of those heads reads them from L2.
+    const L2_BUDGET: usize = 24 << 20;
 
     pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize, extras: bool) -> AttentionSm90Spec {
         AttentionSm90Spec { dtype, head_dim_pad: head_dim.div_ceil(64) * 64, head_dim_v_pad: head_dim_v.div_ceil(64) * 64, extras }
@@ -311,14 +326,15 @@ impl AttentionSm90Spec {
         if self.head_dim_pad.max(self.head_dim_v_pad) <= 128 { 128 } else { 64 }
     }
 
-    /// Mirrors Sm90Smem in the kernel: Q, the K and V rings, an output stage if v is wider
-    /// than q, the mbarriers, and slack to align the base to 1024 bytes.
+    /// Mirrors Sm90Smem in the kernel: Q, the K and V rings, an output stage where it fits
+    /// (else the output is staged over Q), the mbarriers, and slack to align the base to 1024.
     pub fn smem_bytes(&self) -> u32 {
         let (d, dv, bn) = (self.head_dim_pad, self.head_dim_v_pad, self.block_n());
-        let q = Self::BLOCK_M * d * 2;
-        let kv = Self::STAGES * bn * (d + dv) * 2;
-        let o = if dv <= d { 0 } else { Self::BLOCK_M * dv * 2 };
-        (q + kv + o + 8 * (1 + 4 * Self::STAGES) + 1024) as u32
+        let tiles = Self::BLOCK_M * d * 2 + Self::STAGES * bn * (d + dv) * 2;
+        let fixed = 8 * (3 + 4 * Self::STAGES) + 1024;
+        let o = Self::BLOCK_M * dv * 2;
+        let o = if tiles + o + fixed <= Self::SMEM_LIMIT || dv > d { o } else { 0 };
+        (tiles + o + fixed) as u32
     }
 
     pub fn name(&self) -> String {
@@ -343,6 +359,45 @@ impl AttentionSm90Spec {
     }
 }
 
+/// Mirrors `struct TileSched` in kernels/attention_sm90.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TileSched {
+    m_blocks: i32,
+    heads: i32,
+    pairs: i32,
+    group: i32,
+}
+
+impl TileSched {
+    /// Work tiles of the persistent kernel: every query block of every (batch, head), heads in
+    /// groups whose K/V fit in L2 together, so the group's query blocks (run at the same time,
+    /// longest first) read each K/V tile from HBM once. Without a tile counter (`dynamic`) the
+    /// CTAs take the tiles in fixed rounds, and where tile costs differ (causal, windows,
+    /// varlen) a group must then span several rounds, or the same CTAs would draw the long
+    /// tiles of every group (D=256, N=16K causal: one head of 128 blocks per group against 132
+    /// CTAs ran at 2/3 speed).
+    fn new(d: &Dims, ctas: usize, dynamic: bool) -> TileSched {
+        let pairs = d.batch * d.heads_q;
+        let m_blocks = d.seqlen_q.div_ceil(AttentionSm90Spec::BLOCK_M);
+        let per_head = d.seqlen_k * (d.head_dim + d.head_dim_v) * 2 * d.heads_kv / d.heads_q;
+        let mut group = AttentionSm90Spec::L2_BUDGET / per_head.max(1);
+        if d.uneven_tiles() && !dynamic {
+            group = group.max((4 * ctas).div_ceil(m_blocks.max(1)));
+        }
+        TileSched {
+            m_blocks: m_blocks as i32,
+            heads: d.heads_q as i32,
+            pairs: pairs as i32,
+            group: group.clamp(1, pairs.max(1)) as i32,
+        }
+    }
+
+    fn tiles(&self) -> usize {
+        self.m_blocks as usize * self.pairs as usize
+    }
+}
+
 /// Mirrors `struct AttentionSm90Params` in kernels/attention_sm90.cu.
 #[repr(C, align(64))]
 struct AttentionSm90Params {
@@ -350,6 +405,9 @@ struct AttentionSm90Params {
     tk: TensorMap,
     tv: TensorMap,
     p: AttentionParams,
+    sched: TileSched,
+    tiles: i32,
+    counter: u64,
 }
 
 /// Which kernel family runs on the GPU: FERROKERNELS_ATTENTION_PATH=sm80|sm90|auto (default
@@ -553,6 +611,13 @@ fn check(a: &AttentionArgs) -> Result<Dims> {
         }
         lse.expect_writable_layout()?;
     }
+    if let Some(ws) = a.workspace {
+        ws.expect_same_device(q)?;
+        ws.expect_dtype(&[DType::I32])?;
+        if ws.numel() < 1 || ws.ndim() != 1 || ws.stride(0) != 1 {
+            return shape_err(format!("{} must be a contiguous 1-D int32 tensor of at least 1 element", ws.name));
+        }
+    }
     for t in [q, k, v, out] {
         t.expect_last_contiguous()?;
     }
@@ -710,15 +775,32 @@ fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: Attent
         return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", spec.name())));
     }
     let bn = spec.block_n();
+    // One CTA per SM (its shared memory and registers fill one) walks the tiles, from a counter
+    // where their costs differ; FERROKERNELS_ATTENTION_PERSISTENT=0 gives every tile its own CTA
+    // instead, for comparison.
+    let persistent = std::env::var("FERROKERNELS_ATTENTION_PERSISTENT").map_or(true, |v| v != "0");
+    let counter = a.workspace.filter(|_| persistent && d.uneven_tiles());
+    let sched = TileSched::new(d, dev.sm_count as usize, counter.is_some());
+    let tiles = sched.tiles();
+    if tiles > i32::MAX as usize {
+        return shape_err(format!("q has {tiles} blocks of 128 rows x heads; the CUDA kernel supports at most 2^31"));
+    }
     let mut p = AttentionSm90Params {
         tq: tensor_map(a.q, d.varlen, d.head_dim, AttentionSm90Spec::BLOCK_M)?,
         tk: tensor_map(a.k, d.varlen, d.head_dim, bn)?,
         tv: tensor_map(a.v, d.varlen, d.head_dim_v, bn)?,
         p: params,
+        sched,
+        tiles: tiles as i32,
+        counter: ptr(counter),
     };
     let f = dev.function(&spec.kernel(), smem)?;
+    if let Some(c) = counter {
+        dev.memset_zero(c.ptr as u64, 4, stream)?;
+    }
+    let ctas = if persistent { tiles.min(dev.sm_count as usize) } else { tiles };
     let cfg = LaunchConfig {
-        grid: (d.seqlen_q.div_ceil(AttentionSm90Spec::BLOCK_M) as u32, d.heads_q as u32, d.batch as u32),
+        grid: (ctas as u32, 1, 1),
         block: (AttentionSm90Spec::THREADS, 1, 1),
         smem_bytes: smem,
     };
@@ -750,10 +832,41 @@ mod tests {
     }
 
     #[test]
+    fn tile_groups_fit_l2_and_span_rounds_when_costs_differ() {
+        let dims = |n: usize, heads: usize, d: usize, causal: bool| Dims {
+            batch: 32768 / n,
+            seqlen_q: n,
+            seqlen_k: n,
+            heads_q: heads,
+            heads_kv: heads,
+            head_dim: d,
+            head_dim_v: d,
+            window_left: WINDOW_NONE,
+            window_right: if causal { 0 } else { WINDOW_NONE },
+            bottom_right: true,
+            scale: 1.0,
+            softcap: 0.0,
+            mask_kind: MaskKind::None,
+            varlen: false,
+        };
+        // 8 MB of K/V per head: 3 heads in 24 MB.
+        let s = TileSched::new(&dims(16384, 16, 128, false), 132, false);
+        assert_eq!((s.m_blocks, s.pairs, s.group), (128, 32, 3));
+        // Causal, 16 MB per head: in fixed rounds one head would be under one round of 132
+        // CTAs, so 5 span 4; with the counter one head per group.
+        let s = TileSched::new(&dims(16384, 8, 256, true), 132, false);
+        assert_eq!((s.group, s.tiles()), (5, 2048));
+        assert_eq!(TileSched::new(&dims(16384, 8, 256, true), 132, true).group, 1);
+        // Small heads: the group is capped by the number of (batch, head) pairs.
+        assert_eq!(TileSched::new(&dims(1024, 2, 64, true), 132, false).group, 64);
+    }
+
+    #[test]
     fn sm90_params_layout() {
         // Three 128-byte tensor maps, then the shared block at offset 384, padded to 64 bytes.
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, p), 384);
-        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 704);
+        assert_eq!(std::mem::offset_of!(AttentionSm90Params, sched), 704);
+        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 768);
         let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96, true);
         assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128_x", 128));
         assert!(s.kernel().source.contains("attention_fwd_sm90<__nv_bfloat16, 128, 128, 128, 2, true>"));

@@ -8,13 +8,15 @@ use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
-/// alibi, mask, mask_tiles, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, stream)
+/// alibi, mask, mask_tiles, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, workspace,
+/// stream)
 ///
 /// Dense views are 4-D; with cu_seqlens they are packed 3-D (see ops::attention).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse=None, *, causal=false, bottom_right=true, scale=None,
                     window=(-1, -1), softcap=0.0, alibi=None, mask=None, mask_tiles=None,
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, stream=0))]
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, workspace=None,
+                    stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn attention_fwd(
     py: Python<'_>,
@@ -35,6 +37,7 @@ fn attention_fwd(
     cu_seqlens_k: Option<&Bound<'_, PyAny>>,
     max_seqlen_q: usize,
     max_seqlen_k: usize,
+    workspace: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
     let (q, k, v) = (import(q, "q", stream, false)?, import(k, "k", stream, false)?, import(v, "v", stream, false)?);
@@ -45,6 +48,7 @@ fn attention_fwd(
     let mask_tiles = import_opt(mask_tiles, "mask_tiles", stream, false)?;
     let cu_q = import_opt(cu_seqlens_q, "cu_seqlens_q", stream, false)?;
     let cu_k = import_opt(cu_seqlens_k, "cu_seqlens_k", stream, false)?;
+    let workspace = import_opt(workspace, "workspace", stream, true)?;
     let varlen = match (&cu_q, &cu_k) {
         (Some(cq), Some(ck)) => Some(Varlen { cu_seqlens_q: &cq.view, cu_seqlens_k: &ck.view, max_seqlen_q, max_seqlen_k }),
         (None, None) => None,
@@ -61,6 +65,7 @@ fn attention_fwd(
     args.scale = scale;
     args.window = window;
     args.softcap = softcap;
+    args.workspace = view(&workspace);
     py.detach(|| attention::forward(&args, stream)).map_err(to_py)
 }
 
