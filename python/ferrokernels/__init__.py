@@ -11,6 +11,7 @@ from ._native import (
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
 from .attention import attention, attention_varlen, sdpa
+from .decode import decode_attention
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
@@ -19,6 +20,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "sdpa",
+    "decode_attention",
     "info",
     "compile_all",
     "kernel_names",

@@ -2,7 +2,9 @@
 //! and GPU-less users run: f32 accumulation whatever the input dtype.
 
 pub mod attention;
+pub mod decode;
 
+use crate::dlpack::TensorView;
 use half::{bf16, f16};
 
 /// Storage types the CPU kernels read and write.
@@ -36,6 +38,25 @@ impl Element for bf16 {
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
     }
+}
+
+/// An int32 tensor in host memory (any strides), flattened row-major.
+pub(crate) fn host_i32(t: &TensorView) -> Vec<i32> {
+    let n = t.numel() as usize;
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; t.ndim()];
+    for _ in 0..n {
+        let off: i64 = idx.iter().zip(&t.strides).map(|(&i, &s)| i as i64 * s).sum();
+        out.push(unsafe { *(t.ptr as *const i32).offset(off as isize) });
+        for ax in (0..t.ndim()).rev() {
+            idx[ax] += 1;
+            if idx[ax] < t.dim(ax) {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    out
 }
 
 /// A raw pointer that rayon tasks may share: each task touches a disjoint region.

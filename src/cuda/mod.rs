@@ -43,6 +43,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/wgmma.cuh", include_str!("../../kernels/common/wgmma.cuh")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
+    ("decode.cu", include_str!("../../kernels/decode.cu")),
 ];
 
 /// What ptxas reported for one kernel.

@@ -155,7 +155,7 @@ pub fn broadcast_strides(t: &TensorView) -> [i64; 4] {
 }
 
 /// The CUDA type of a 16-bit dtype.
-fn ctype(dtype: DType) -> &'static str {
+pub(crate) fn ctype(dtype: DType) -> &'static str {
     if dtype == DType::F16 { "__half" } else { "__nv_bfloat16" }
 }
 
@@ -428,7 +428,7 @@ fn kernel_path() -> Result<KernelPath> {
     }
 }
 
-fn shape_err<T>(msg: String) -> Result<T> {
+pub(crate) fn shape_err<T>(msg: String) -> Result<T> {
     Err(Error::Shape(msg))
 }
 
@@ -547,7 +547,7 @@ fn check_alibi(a: &AttentionArgs, batch: usize, heads_q: usize) -> Result<()> {
 }
 
 /// flash-attn's convention: -1 is unbounded; other negatives are errors.
-fn window_side(x: i64, which: &str) -> Result<i64> {
+pub(crate) fn window_side(x: i64, which: &str) -> Result<i64> {
     match x {
         -1 => Ok(WINDOW_NONE),
         x if x < -1 => Err(Error::Value(format!("window {which} must be >= 0 (or -1 for unbounded), got {x}"))),
@@ -670,7 +670,7 @@ pub fn forward(a: &AttentionArgs, stream: usize) -> Result<()> {
     }
 }
 
-fn ptr(t: Option<&TensorView>) -> u64 {
+pub(crate) fn ptr(t: Option<&TensorView>) -> u64 {
     t.map_or(0, |t| t.ptr as u64)
 }
 

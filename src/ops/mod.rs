@@ -1,6 +1,7 @@
 //! One file per op family: argument checks, kernel choice, launch (GPU) or CPU call.
 
 pub mod attention;
+pub mod decode;
 
 use crate::cuda::KernelSource;
 
@@ -8,5 +9,6 @@ use crate::cuda::KernelSource;
 pub fn all_kernels() -> Vec<KernelSource> {
     let mut v: Vec<KernelSource> = attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect();
     v.extend(attention::AttentionSm90Spec::all().iter().map(|s| s.kernel()));
+    v.extend(decode::all_kernels());
     v
 }

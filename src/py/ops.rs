@@ -4,7 +4,10 @@
 use super::errors::to_py;
 use super::tensor::{Imported, import, import_opt};
 use crate::dlpack::TensorView;
+use crate::dlpack::{DType, Device};
+use crate::error::Error;
 use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
+use crate::ops::decode::{self, DecodeArgs, DecodeDims};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -90,7 +93,135 @@ fn check_seqlens(cu_seqlens: &Bound<'_, PyAny>, total: usize, max_seqlen: usize,
     check().map_err(to_py)
 }
 
+/// decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table, causal_q,
+/// scale, softcap, window, workspace, splits, stream): see ops::decode.
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table=None, causal_q=true,
+                    scale=None, softcap=0.0, window=(-1, -1), workspace=None, splits=1, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn decode_fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    causal_q: bool,
+    scale: Option<f64>,
+    softcap: f64,
+    window: (i64, i64),
+    workspace: Option<&Bound<'_, PyAny>>,
+    splits: usize,
+    stream: usize,
+) -> PyResult<()> {
+    let q = import(q, "q", stream, false)?;
+    let k = import(k_cache, "k_cache", stream, false)?;
+    let v = import(v_cache, "v_cache", stream, false)?;
+    let sl = import(cache_seqlens, "cache_seqlens", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let lse = import_opt(lse, "lse", stream, true)?;
+    let bt = import_opt(block_table, "block_table", stream, false)?;
+    let ws = import_opt(workspace, "workspace", stream, true)?;
+    let args = DecodeArgs {
+        q: &q.view,
+        k_cache: &k.view,
+        v_cache: &v.view,
+        cache_seqlens: &sl.view,
+        block_table: view(&bt),
+        out: &out.view,
+        lse: view(&lse),
+        workspace: view(&ws),
+        causal_q,
+        scale,
+        softcap,
+        window,
+        splits,
+    };
+    py.detach(|| decode::forward(&args, stream)).map_err(to_py)
+}
+
+/// decode_plan(device, dtype, batch, q_len, heads_q, heads_kv, head_dim, capacity) ->
+/// (splits, workspace_floats) on CUDA device `device` (a CPU call plans one split).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn decode_plan(
+    device: i32,
+    dtype: &str,
+    batch: usize,
+    q_len: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    capacity: usize,
+) -> PyResult<(usize, usize)> {
+    let dtype = if dtype == "float16" { DType::F16 } else { DType::BF16 };
+    let d = DecodeDims {
+        batch,
+        q_len,
+        heads_q,
+        heads_kv: heads_kv.max(1),
+        head_dim,
+        page_size: 0,
+        num_pages: 0,
+        capacity,
+        window_left: attention::WINDOW_NONE,
+        window_right: 0,
+        scale: 1.0,
+        softcap: 0.0,
+    };
+    let p = decode::plan_for_device(device, &d, dtype).map_err(to_py)?;
+    Ok((p.splits, p.workspace_floats))
+}
+
+/// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages): raises
+/// unless every length fits the capacity and every page in use is inside the pool. Host
+/// tensors; Python copies device tables here before a launch, outside graph capture.
+#[pyfunction]
+#[pyo3(signature = (cache_seqlens, block_table, capacity, page_size, num_pages))]
+fn decode_check_tables(
+    cache_seqlens: &Bound<'_, PyAny>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    capacity: usize,
+    page_size: usize,
+    num_pages: usize,
+) -> PyResult<()> {
+    let sl = import(cache_seqlens, "cache_seqlens", 0, false)?;
+    let bt = import_opt(block_table, "block_table", 0, false)?;
+    let check = || -> crate::error::Result<()> {
+        for t in [Some(&sl), bt.as_ref()].into_iter().flatten() {
+            t.view.expect_dtype(&[DType::I32])?;
+            if t.view.device != Device::Cpu {
+                return Err(Error::Device(format!("{} must be in host memory for this check", t.view.name)));
+            }
+        }
+        let d = DecodeDims {
+            batch: sl.view.numel() as usize,
+            q_len: 1,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: 8,
+            page_size,
+            num_pages,
+            capacity,
+            window_left: 0,
+            window_right: 0,
+            scale: 1.0,
+            softcap: 0.0,
+        };
+        let seqlens = crate::cpu::host_i32(&sl.view);
+        let table = bt.as_ref().map(|t| crate::cpu::host_i32(&t.view));
+        let stride = bt.as_ref().map_or(0, |t| t.view.dim(1));
+        decode::check_tables(&d, &seqlens, table.as_deref().map(|t| (t, stride)))
+    };
+    check().map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
-    m.add_function(wrap_pyfunction!(check_seqlens, m)?)
+    m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_check_tables, m)?)
 }

@@ -1,0 +1,327 @@
+// Decode attention: a few new query tokens per sequence against a long KV cache, contiguous
+// (batch, capacity, heads_kv, D) or paged (pages, page_size, heads_kv, D) through a block table.
+// Memory-bound: the kernel's job is to stream K and V once at full bandwidth.
+//
+// GQA packing: a CTA serves one kv head, and its query rows are every (new token, q head of
+// that kv head) pair -- row r = token r / group, q head hk * group + r % group -- so the cache
+// is read once for the whole group. Rows fill m16n8k16 MMAs (tensor cores do the little math
+// there is); WR warps split the rows in 16s, and the other 4 / WR warps split each 64-key
+// tile, so a lone 16-row group still has four warps on the bandwidth.
+//
+// Split-KV (FlashDecoding): blockIdx.x takes one of `splits` equal shares of the sequence's
+// visible keys, so a single long sequence fills the GPU; each split writes its normalised
+// output and LSE, and decode_merge combines them. With one split the CTA writes the result.
+//
+// Visibility: new token i sits at position pos = len - q_len + i and sees keys in
+// [pos - window_left, pos + window_right] intersected with [0, len); causal_q is
+// window_right = 0; WINDOW_NONE is unbounded.
+#pragma once
+#include "common/types.cuh"
+#include "common/mma.cuh"
+#include "common/softmax.cuh"
+#include "common/attention.cuh"
+
+// Mirrors `DecodeParams` in src/ops/decode.rs field for field. Strides in elements.
+struct DecodeParams {
+    const void* q;            // (batch, q_len, heads_q, D)
+    const void* k;            // cache
+    const void* v;
+    void* o;                  // like q
+    float* lse;               // (batch, heads_q, q_len) natural log, or null
+    const i32* seqlens;       // (batch,) keys in the cache, new tokens included
+    const i32* block_table;   // (batch, max_pages), or null: contiguous
+    float* part_o;            // splits > 1: (splits, batch, heads_q, q_len, D)
+    float* part_lse;          // splits > 1: (splits, batch, heads_q, q_len), log2 units
+    i64 q_sb, q_ss, q_sh;
+    i64 k_sb, k_ss, k_sh;     // k_sb: per page (paged) or per sequence (contiguous)
+    i64 v_sb, v_ss, v_sh;
+    i64 o_sb, o_ss, o_sh;
+    i64 lse_sb, lse_sh, lse_ss;
+    i64 bt_sb;
+    i32 batch, q_len, heads_q, heads_kv, group, head_dim;
+    i32 page_shift;           // log2(page size); unused when contiguous
+    i32 capacity;             // keys one sequence can hold
+    i32 num_pages;            // paged: pages in the pool (entries outside are skipped)
+    i32 splits;
+    i32 window_left, window_right;
+    float scale_log2;         // softmax scale * log2(e)
+    float softcap;            // tanh cap on scaled scores, 0 = none
+};
+
+template <int D>
+struct DecodeSmem {
+    static constexpr int BN = 64;             // keys per pipeline stage
+    static constexpr int STAGES = D > 128 ? 2 : 3;
+    static constexpr int SROW = D + 8;        // padded rows: ldmatrix rows hit distinct banks
+    static constexpr int STAGE_ELEMS = 2 * BN * SROW;  // K then V
+};
+
+// Visible keys [lo, hi] of new token i of a sequence of `len` keys (may be empty: lo > hi).
+__device__ __forceinline__ void decode_bounds(const DecodeParams& p, int len, int i, int& lo, int& hi) {
+    const int pos = len - p.q_len + i;
+    lo = max(0, pos - p.window_left);
+    hi = min(len - 1, (int)min((i64)pos + p.window_right, (i64)WINDOW_NONE));
+}
+
+// Element offsets of key `key` of kv head `hk` in K and V; false where the block table points
+// outside the pool (such rows load as zeros; the Python layer rejects those tables up front).
+__device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk, int key, i64& ko, i64& vo) {
+    i64 page, slot;
+    if (p.block_table != nullptr) {
+        page = p.block_table[b * p.bt_sb + (key >> p.page_shift)];
+        slot = key & ((1 << p.page_shift) - 1);
+        if (page < 0 || page >= p.num_pages) return false;
+    } else {
+        page = b, slot = key;
+    }
+    ko = page * p.k_sb + slot * p.k_ss + hk * p.k_sh;
+    vo = page * p.v_sb + slot * p.v_ss + hk * p.v_sh;
+    return true;
+}
+
+template <typename T, int D, int WR>
+__device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
+    using L = DecodeSmem<D>;
+    constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW;
+    constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
+    constexpr int KT = BN / WK;      // keys per warp per tile
+    constexpr int ROWS = 16 * WR;    // query rows per CTA
+    constexpr int CH = D / 8;        // 16-byte chunks per row
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sKV = sQ + ROWS * SROW;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wr = warp / WK, wk = warp % WK;
+    const int b = blockIdx.z, split = blockIdx.x;
+    const int hk = blockIdx.y % p.heads_kv, row0 = (blockIdx.y / p.heads_kv) * ROWS;
+    const int rows = p.q_len * p.group;
+    const int len = min(p.seqlens[b], p.capacity);
+
+    // Keys some row of this CTA sees: tokens i_first..i_last.
+    const int i_first = row0 / p.group, i_last = (min(row0 + ROWS, rows) - 1) / p.group;
+    int lo_first, hi_first, lo_last, hi_last;
+    decode_bounds(p, len, i_first, lo_first, hi_first);
+    decode_bounds(p, len, i_last, lo_last, hi_last);
+    const int k_begin = lo_first, k_end = hi_last + 1;  // bounds grow with the token
+    // This split's tiles (64-key aligned) of [k_begin, k_end).
+    const int tile0 = k_begin / BN;
+    const int tiles = k_end > k_begin ? (k_end + BN - 1) / BN - tile0 : 0;
+    const int per_split = (tiles + p.splits - 1) / p.splits;
+    const int j_begin = tile0 + split * per_split;
+    const int j_end = tile0 + min(tiles, (split + 1) * per_split);
+
+    const T* kg = static_cast<const T*>(p.k);
+    const T* vg = static_cast<const T*>(p.v);
+    auto load_tile = [&](int j, int stage) {
+        T* sK = sKV + stage * L::STAGE_ELEMS;
+        T* sV = sK + BN * SROW;
+#pragma unroll
+        for (int c = threadIdx.x; c < BN * CH; c += 128) {
+            const int r = c / CH, col = (c % CH) * 8;
+            const int key = j * BN + r;
+            i64 ko = 0, vo = 0;
+            const bool ok = key >= k_begin && key < k_end && col < p.head_dim && decode_row(p, b, hk, key, ko, vo);
+            cp_async_16(smem_addr(sK + r * SROW + col), ok ? kg + ko + col : kg, ok);
+            cp_async_16(smem_addr(sV + r * SROW + col), ok ? vg + vo + col : vg, ok);
+        }
+    };
+
+    // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb;
+    for (int c = threadIdx.x; c < ROWS * CH; c += 128) {
+        const int r = c / CH, col = (c % CH) * 8, row = row0 + r;
+        const bool ok = row < rows && col < p.head_dim;
+        const T* src = ok ? qg + (row / p.group) * p.q_ss + (hk * p.group + row % p.group) * p.q_sh + col : qg;
+        cp_async_16(smem_addr(sQ + r * SROW + col), src, ok);
+    }
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (j_begin + s < j_end) load_tile(j_begin + s, s);
+        cp_async_commit();
+    }
+
+    // This warp's rows row_a, row_a + 8 and their visible keys.
+    const int row_a = row0 + 16 * wr + g;
+    int lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row_a + 8 * r;
+        if (row < rows) decode_bounds(p, len, row / p.group, lo[r], hi[r]);
+        else lo[r] = 1, hi[r] = 0;
+    }
+    // Whether a tile is skipped must be decided per warp (the MMAs and shuffles need every
+    // lane); whether it needs masking may differ per lane.
+    const int w_lo = __reduce_min_sync(0xffffffffu, min(lo[0], lo[1]));
+    const int w_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
+    const int lo_max = max(lo[0], lo[1]), hi_min = min(hi[0], hi[1]);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
+    const T* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
+
+    for (int j = j_begin; j < j_end; ++j) {
+        const int stage = (j - j_begin) % STAGES;
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile j landed for all; every warp is done with the stage refilled next
+        if (j + STAGES - 1 < j_end) load_tile(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        const T* sK = sKV + stage * L::STAGE_ELEMS + wk * KT * SROW;
+        const T* sV = sK + BN * SROW;
+        const int n0 = j * BN + wk * KT;  // this warp's first key
+        if (n0 > w_hi || n0 + KT <= w_lo) continue;
+
+        float s[KT / 8][4];
+#pragma unroll
+        for (int i = 0; i < KT / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 a[4];
+            ldmatrix_x4(a, smem_addr(sQw + kk * 16));
+#pragma unroll
+            for (int np = 0; np < KT / 16; ++np) {
+                u32 bk[4];
+                ldmatrix_x4(bk, smem_addr(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8));
+                mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+                mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        float factor = p.scale_log2;
+        if (p.softcap > 0.f) {
+            // softcap * tanh(scale * s / softcap), in log2 units.
+            const float cin = p.scale_log2 * 0.69314718055994531f / p.softcap;
+            const float cout = p.softcap * 1.4426950408889634f;
+#pragma unroll
+            for (int i = 0; i < KT / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[i][e] = cout * tanh_approx(s[i][e] * cin);
+            factor = 1.f;
+        }
+        if (n0 < lo_max || n0 + KT - 1 > hi_min) {
+#pragma unroll
+            for (int i = 0; i < KT / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = n0 + 8 * i + 2 * t + (e & 1), r = e >> 1;
+                    if (key < lo[r] || key > hi[r]) s[i][e] = neg_inf();
+                }
+        }
+        float alpha[2];
+        softmax_p<KT>(s, m_row, l_row, alpha, factor);
+        rescale_o<D>(o, alpha);
+
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+            u32 a[4];
+            p_fragment<T, KT>(s, kk, a);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 bv[4];
+                ldmatrix_x4_trans(bv, smem_addr(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + dp * 16 + (lane >> 4) * 8));
+                mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+                mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages are free: reuse them to merge the WK warps of each row group
+
+    // Per warp: m (log2 units) and l per row, and O (unnormalised) in f32.
+    float* sM = reinterpret_cast<float*>(sKV);
+    float* sL = sM + 4 * 16;
+    float* sO = sL + 4 * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_row[r] = quad_sum(l_row[r]);
+        if (t == 0) {
+            sM[warp * 16 + g + 8 * r] = m_row[r];
+            sL[warp * 16 + g + 8 * r] = l_row[r];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        const int col = 8 * i + 2 * t;
+        float* o0 = sO + (warp * 16 + g) * D + col;
+        o0[0] = o[i][0], o0[1] = o[i][1];
+        o0[8 * D] = o[i][2], o0[8 * D + 1] = o[i][3];
+    }
+    __syncthreads();
+
+    // Combine: thread handles (row, 4-column group) pairs of the CTA's ROWS rows.
+    const bool final = p.splits == 1;
+    for (int idx = threadIdx.x; idx < ROWS * (D / 4); idx += 128) {
+        const int lr = idx / (D / 4), col = (idx % (D / 4)) * 4;
+        const int row = row0 + lr;
+        if (row >= rows) continue;
+        const int grp = lr / 16, rr = lr % 16;
+        float m = neg_inf();
+#pragma unroll
+        for (int w = 0; w < WK; ++w) m = fmaxf(m, sM[(grp * WK + w) * 16 + rr]);
+        const float base = m == neg_inf() ? 0.f : m;
+        float l = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < WK; ++w) {
+            const int ww = grp * WK + w;
+            const float f = fast_exp2(sM[ww * 16 + rr] - base);
+            l += sL[ww * 16 + rr] * f;
+            const float* src = sO + (ww * 16 + rr) * D + col;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += src[e] * f;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse2 = l > 0.f ? m + log2f(l) : neg_inf();
+        const int i = row / p.group, hq = hk * p.group + row % p.group;
+        if (final) {
+            if (col < p.head_dim) {
+                T* og = static_cast<T*>(p.o) + b * p.o_sb + i * p.o_ss + hq * p.o_sh + col;
+                *reinterpret_cast<uint2*>(og) = make_uint2(pack2<T>(acc[0] * inv, acc[1] * inv), pack2<T>(acc[2] * inv, acc[3] * inv));
+            }
+            if (col == 0 && p.lse != nullptr)
+                p.lse[b * p.lse_sb + hq * p.lse_sh + i * p.lse_ss] = lse2 * 0.69314718055994531f;
+        } else {
+            const i64 prow = (((i64)split * p.batch + b) * p.heads_q + hq) * p.q_len + i;
+            *reinterpret_cast<float4*>(p.part_o + prow * D + col) = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+            if (col == 0) p.part_lse[prow] = lse2;
+        }
+    }
+}
+
+// Combines the splits of every (batch, q head, token) row: one warp per row, lanes over
+// columns. LSE-weighted: out = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s.
+template <typename T, int D>
+__device__ __forceinline__ void decode_merge(const DecodeParams& p) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+    const i64 rows = (i64)p.batch * p.heads_q * p.q_len;
+    if (row >= rows) return;
+    const i64 stride = rows;  // between splits
+    float m = neg_inf();
+    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.part_lse[s * stride + row]);
+    const float base = m == neg_inf() ? 0.f : m;
+    constexpr int PER = D / 32;
+    float acc[PER] = {};
+    float l = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+        const float f = fast_exp2(p.part_lse[s * stride + row] - base);
+        if (f == 0.f) continue;  // empty splits carry -inf and, for safety, unwritten zeros
+        l += f;
+        const float* src = p.part_o + (s * stride + row) * D + lane * PER;
+#pragma unroll
+        for (int e = 0; e < PER; ++e) acc[e] += src[e] * f;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = row % p.q_len, hq = (row / p.q_len) % p.heads_q, b = row / ((i64)p.q_len * p.heads_q);
+    T* og = static_cast<T*>(p.o) + b * p.o_sb + i * p.o_ss + hq * p.o_sh;
+#pragma unroll
+    for (int e = 0; e < PER; e += 2) {
+        const int col = lane * PER + e;
+        if (col < p.head_dim) *reinterpret_cast<u32*>(og + col) = pack2<T>(acc[e] * inv, acc[e + 1] * inv);
+    }
+    if (lane == 0 && p.lse != nullptr)
+        p.lse[b * p.lse_sb + hq * p.lse_sh + i * p.lse_ss] = l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : neg_inf();
+}

@@ -1,0 +1,95 @@
+"""Decode attention: a few new tokens per sequence against a KV cache.
+
+The cache is contiguous ``(batch, capacity, heads_kv, head_dim)`` or paged
+``(num_pages, page_size, heads_kv, head_dim)`` with an int32 ``block_table (batch, max_pages)``
+(page sizes: powers of two up to 256). ``cache_seqlens[b]`` (int32) counts sequence b's keys
+with the new tokens already written (``append_kv``); new token i sits at position
+``cache_seqlens[b] - q_len + i``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import _native
+from ._runtime import empty, expect_rank, float32_of, is_torch, stream_of, torch
+from .attention import _softcap, _window
+
+Q_LAYOUT = "(batch, q_len, heads_q, head_dim)"
+CACHE_LAYOUT = "(batch, capacity, heads_kv, head_dim) or (num_pages, page_size, heads_kv, head_dim)"
+
+
+def _decode_window(window):
+    """An int is the left side (keys before the token's position); a pair is (left, right)."""
+    if isinstance(window, int) and not isinstance(window, bool):
+        return (window, -1)
+    return _window(window)
+
+
+def _host(t):
+    return t.detach().cpu() if is_torch(t) and t.is_cuda else t
+
+
+def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int) -> None:
+    """Lengths within the capacity and every page in use inside the pool, checked on the host
+    before the launch (a device-to-host copy for GPU tables; skipped while a CUDA graph is being
+    captured, where the kernel still skips out-of-pool pages instead of reading them)."""
+    if is_torch(cache_seqlens) and cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    _native.decode_check_tables(_host(cache_seqlens), None if block_table is None else _host(block_table),
+                                capacity, page_size, num_pages)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal_q: bool = True,
+                     scale: Optional[float] = None, softcap: Optional[float] = None, window=None,
+                     return_lse: bool = False, out=None, validate: bool = True):
+    """Attention of ``q`` (batch, q_len, heads_q, head_dim) over a KV cache.
+
+    Parameters
+    ----------
+    q : (batch, q_len, heads_q, head_dim) float16/bfloat16 (float32 on the CPU); q_len is
+        typically 1, or a handful of tokens being verified (speculative decoding).
+    k_cache, v_cache : contiguous ``(batch, capacity, heads_kv, head_dim)``, or paged
+        ``(num_pages, page_size, heads_kv, head_dim)`` when ``block_table`` is given. heads_q
+        must be a multiple of heads_kv (GQA/MQA: every q head of a kv head shares one pass).
+    cache_seqlens : int32 (batch,), keys per sequence including the q_len new tokens.
+    block_table : int32 (batch, max_pages): page j of sequence b is ``block_table[b, j]``.
+    causal_q : new token i sees keys up to its own position (else every key in the cache).
+    scale : softmax scale, default 1/sqrt(head_dim).
+    softcap : scores become ``softcap * tanh(score / softcap)`` (Gemma 2).
+    window : int (keys before the position, Mistral-style sliding window) or (left, right).
+    return_lse : also return the float32 natural-log LSE, (batch, heads_q, q_len).
+    out : optional preallocated output like q.
+    validate : check lengths and block table entries on the host first (for GPU tables a
+        device-to-host copy; skipped under CUDA graph capture). Turn off in a tight loop whose
+        tables are known good, e.g. those of ``PagedKVCache``.
+
+    Returns out, or (out, lse). Rows that see no key (an empty sequence) give 0 and LSE -inf.
+    """
+    expect_rank(q, 4, "q", Q_LAYOUT)
+    expect_rank(k_cache, 4, "k_cache", CACHE_LAYOUT)
+    batch, q_len, heads_q, head_dim = (int(x) for x in q.shape)
+    heads_kv = int(k_cache.shape[2])
+    if block_table is not None:
+        expect_rank(block_table, 2, "block_table", "(batch, max_pages)")
+        page_size, num_pages = int(k_cache.shape[1]), int(k_cache.shape[0])
+        capacity = int(block_table.shape[1]) * page_size
+    else:
+        page_size, num_pages, capacity = 0, 0, int(k_cache.shape[1])
+    if out is None:
+        out = empty(q, tuple(q.shape))
+    lse = empty(q, (batch, heads_q, q_len), float32_of(q)) if return_lse else None
+    if validate:
+        _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages)
+    splits, workspace = 1, None
+    if is_torch(q) and q.is_cuda and heads_kv > 0 and heads_q % max(heads_kv, 1) == 0 and q.dtype in (torch.float16, torch.bfloat16):
+        splits, floats = _native.decode_plan(q.device.index if q.device.index is not None else torch.cuda.current_device(),
+                                             str(q.dtype).removeprefix("torch."), batch, q_len, heads_q, heads_kv,
+                                             head_dim, capacity)
+        if floats:
+            # From torch's allocator, so a captured CUDA graph owns its copy.
+            workspace = torch.empty(floats, dtype=torch.float32, device=q.device)
+    _native.decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse, block_table=block_table, causal_q=causal_q,
+                       scale=None if scale is None else float(scale), softcap=_softcap(softcap),
+                       window=_decode_window(window), workspace=workspace, splits=splits, stream=stream_of(q))
+    return (out, lse) if return_lse else out

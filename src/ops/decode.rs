@@ -1,0 +1,521 @@
+//! Decode attention: `q_len` new tokens per sequence (already appended to the cache) against a
+//! KV cache that is either contiguous (batch, capacity, heads_kv, D) or paged
+//! (num_pages, page_size, heads_kv, D) with an int32 block table (batch, max_pages).
+//! `cache_seqlens[b]` counts sequence b's keys, new tokens included; new token i sits at position
+//! `len - q_len + i` and, with `causal_q`, sees keys up to it (speculative verification).
+//!
+//! The GPU kernel (kernels/decode.cu) packs the q heads of one kv head into the rows of one CTA
+//! and splits long sequences over several CTAs (FlashDecoding); the split count depends on the
+//! shapes only (`plan`), so the Python layer allocates the split workspace through torch and a
+//! CUDA graph captures a fixed launch.
+
+use crate::cpu;
+use crate::cuda::KernelSource;
+use crate::cuda::driver::{self, LaunchConfig};
+use crate::dlpack::{DType, Device, TensorView};
+use crate::error::{Error, Result};
+use crate::ops::attention::{WINDOW_NONE, ctype, ptr, shape_err, window_side};
+use std::ffi::c_void;
+
+pub const Q_LAYOUT: &str = "(batch, q_len, heads_q, head_dim)";
+pub const CACHE_LAYOUT: &str = "(batch, capacity, heads_kv, head_dim) or, with block_table, (num_pages, page_size, heads_kv, head_dim)";
+pub const MAX_PAGE_SIZE: usize = 256;
+/// Fewest keys a split should own: below this the merge costs more than the parallelism gains.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+const MAX_SPLITS: usize = 128;
+
+/// One decode call: borrowed tensors plus options.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeArgs<'a> {
+    pub q: &'a TensorView,
+    pub k_cache: &'a TensorView,
+    pub v_cache: &'a TensorView,
+    /// int32 (batch,): keys per sequence, new tokens included.
+    pub cache_seqlens: &'a TensorView,
+    /// int32 (batch, max_pages), or None for a contiguous cache.
+    pub block_table: Option<&'a TensorView>,
+    pub out: &'a TensorView,
+    /// float32 (batch, heads_q, q_len), natural log.
+    pub lse: Option<&'a TensorView>,
+    /// float32, at least `plan(..).workspace_floats` elements, on the GPU (splits > 1).
+    pub workspace: Option<&'a TensorView>,
+    pub causal_q: bool,
+    pub scale: Option<f64>,
+    pub softcap: f64,
+    /// Keys (left, right) of each new token's position that stay visible; -1 = unbounded.
+    pub window: (i64, i64),
+    /// From `plan` (GPU); the CPU path ignores it.
+    pub splits: usize,
+}
+
+/// Shapes and normalised options of a checked call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeDims {
+    pub batch: usize,
+    pub q_len: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    /// 0 for a contiguous cache.
+    pub page_size: usize,
+    pub num_pages: usize,
+    /// Keys one sequence can hold.
+    pub capacity: usize,
+    pub window_left: i64,
+    pub window_right: i64,
+    pub scale: f32,
+    pub softcap: f32,
+}
+
+impl DecodeDims {
+    /// Visible keys [lo, hi] of new token i of a sequence of `len` keys (empty when lo > hi).
+    pub fn bounds(&self, len: usize, i: usize) -> (i64, i64) {
+        let pos = len as i64 - self.q_len as i64 + i as i64;
+        let lo = (pos - self.window_left).max(0);
+        let hi = (pos + self.window_right).min(len as i64 - 1);
+        (lo, hi)
+    }
+}
+
+pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
+    let (q, k, v, out) = (a.q, a.k_cache, a.v_cache, a.out);
+    for t in [k, v, out, a.cache_seqlens] {
+        t.expect_same_device(q)?;
+    }
+    q.expect_dtype(&[DType::F16, DType::BF16, DType::F32])?;
+    for t in [k, v, out] {
+        t.expect_same_dtype(q)?;
+    }
+    q.expect_rank(4, Q_LAYOUT)?;
+    out.expect_rank(4, Q_LAYOUT)?;
+    k.expect_rank(4, CACHE_LAYOUT)?;
+    v.expect_rank(4, CACHE_LAYOUT)?;
+    let (batch, q_len, heads_q, head_dim) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let heads_kv = k.dim(2);
+    if q_len == 0 {
+        return shape_err("q has q_len 0; decode needs at least one new token".into());
+    }
+    if head_dim == 0 || head_dim % 8 != 0 || head_dim > 256 {
+        return shape_err(format!("q has head_dim {head_dim}; supported head dims are multiples of 8 up to 256"));
+    }
+    k.expect_dim(3, head_dim, "head_dim (must match q)")?;
+    v.expect_shape(&k.shape)?;
+    if heads_kv == 0 || heads_q % heads_kv != 0 {
+        return shape_err(format!("q has {heads_q} heads, which must be a multiple of k_cache's {heads_kv} heads (GQA/MQA)"));
+    }
+    out.expect_shape(&q.shape)?;
+    out.expect_writable_layout()?;
+    for t in [q, k, v, out] {
+        t.expect_last_contiguous()?;
+    }
+    let sl = a.cache_seqlens;
+    sl.expect_dtype(&[DType::I32])?;
+    sl.expect_shape(&[batch as i64])?;
+    let (page_size, num_pages, capacity) = match a.block_table {
+        Some(bt) => {
+            bt.expect_same_device(q)?;
+            bt.expect_dtype(&[DType::I32])?;
+            bt.expect_rank(2, "(batch, max_pages)")?;
+            bt.expect_dim(0, batch, "batch")?;
+            if bt.stride(1) != 1 && bt.dim(1) > 1 {
+                return Err(Error::Layout(format!("{} must be contiguous along max_pages", bt.name)));
+            }
+            let ps = k.dim(1);
+            if ps == 0 || !ps.is_power_of_two() || ps > MAX_PAGE_SIZE {
+                return shape_err(format!(
+                    "{} has page size {ps} (axis 1); supported page sizes are powers of two from 1 to {MAX_PAGE_SIZE}",
+                    k.name
+                ));
+            }
+            (ps, k.dim(0), bt.dim(1) * ps)
+        }
+        None => {
+            k.expect_dim(0, batch, "batch")?;
+            (0, 0, k.dim(1))
+        }
+    };
+    if capacity as i64 >= WINDOW_NONE {
+        return shape_err(format!("the cache holds {capacity} keys per sequence; at most 2^30 are supported"));
+    }
+    if let Some(lse) = a.lse {
+        lse.expect_same_device(q)?;
+        lse.expect_dtype(&[DType::F32])?;
+        lse.expect_shape(&[batch as i64, heads_q as i64, q_len as i64])?;
+        lse.expect_writable_layout()?;
+    }
+    if let Some(ws) = a.workspace {
+        ws.expect_same_device(q)?;
+        ws.expect_dtype(&[DType::F32])?;
+        if ws.ndim() != 1 || ws.stride(0) != 1 {
+            return shape_err(format!("{} must be a contiguous 1-D float32 tensor", ws.name));
+        }
+    }
+    let scale = a.scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::Value(format!("scale must be finite, got {scale}")));
+    }
+    if a.softcap < 0.0 || !a.softcap.is_finite() {
+        return Err(Error::Value(format!("softcap must be >= 0 (0 or None: off), got {}", a.softcap)));
+    }
+    let window_left = window_side(a.window.0, "left")?;
+    let mut window_right = window_side(a.window.1, "right")?;
+    if a.causal_q {
+        window_right = 0;
+    }
+    Ok(DecodeDims {
+        batch,
+        q_len,
+        heads_q,
+        heads_kv,
+        head_dim,
+        page_size,
+        num_pages,
+        capacity,
+        window_left,
+        window_right,
+        scale: scale as f32,
+        softcap: a.softcap as f32,
+    })
+}
+
+/// Host-side check of the lengths and the block table: every length within the capacity, and
+/// every page a sequence uses inside the pool. `block_table` is row-major with `bt_stride`.
+pub fn check_tables(d: &DecodeDims, seqlens: &[i32], block_table: Option<(&[i32], usize)>) -> Result<()> {
+    if block_table.is_some() && d.page_size == 0 {
+        return shape_err("the paged cache has page size 0 (axis 1)".into());
+    }
+    for (b, &len) in seqlens.iter().enumerate() {
+        if len < 0 || len as usize > d.capacity {
+            return Err(Error::Value(format!(
+                "cache_seqlens[{b}] is {len}; it must be in [0, {}] (the cache's capacity per sequence)",
+                d.capacity
+            )));
+        }
+        if let Some((bt, stride)) = block_table {
+            let used = (len as usize).div_ceil(d.page_size);
+            for p in 0..used {
+                let page = bt[b * stride + p];
+                if page < 0 || page as usize >= d.num_pages {
+                    return Err(Error::Value(format!(
+                        "block_table[{b}, {p}] is {page}, outside the cache's {} pages (sequence {b} has {len} keys)",
+                        d.num_pages
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Launch shape of a GPU call: fixed by the shapes, so the caller can size the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub warps_on_rows: usize,
+    pub row_groups: usize,
+    pub splits: usize,
+    /// float32 elements of split outputs and LSEs (0 with one split).
+    pub workspace_floats: usize,
+}
+
+/// Splits chosen like FlashDecoding's: enough CTAs to fill every SM slot, picking the fewest
+/// splits whose last wave is at least 85% as full as the best count's.
+pub fn plan(d: &DecodeDims, dtype: DType, sm_count: usize, smem_per_sm: usize) -> Plan {
+    let rows = d.q_len * (d.heads_q / d.heads_kv);
+    let wr = if rows <= 16 { 1 } else if rows <= 32 { 2 } else { 4 };
+    let row_groups = rows.div_ceil(16 * wr);
+    let spec = DecodeSpec::for_problem(dtype, d.head_dim, wr);
+    let per_sm = (smem_per_sm / (spec.smem_bytes() as usize + 1024)).clamp(1, 4);
+    let slots = (sm_count * per_sm) as f64;
+    let units = d.batch * d.heads_kv * row_groups;
+    let max_splits = d.capacity.div_ceil(MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
+    let mut splits = 1;
+    if (units as f64) < 0.8 * slots && max_splits > 1 {
+        let eff = |s: usize| {
+            let waves = (units * s) as f64 / slots;
+            waves / waves.ceil()
+        };
+        let best = (1..=max_splits).map(eff).fold(0.0, f64::max);
+        splits = (1..=max_splits).find(|&s| eff(s) >= 0.85 * best).unwrap_or(1);
+    }
+    let partials = splits * d.batch * d.heads_q * d.q_len;
+    // The split LSEs, padded to 16 bytes, then the split outputs (float4 stores).
+    let workspace_floats = if splits > 1 { partials.div_ceil(4) * 4 + partials * spec.head_dim_pad } else { 0 };
+    Plan { warps_on_rows: wr, row_groups, splits, workspace_floats }
+}
+
+/// A compiled decode kernel: dtype, head dim rounded up to 64, warps on rows (1, 2, 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeSpec {
+    pub dtype: DType,
+    pub head_dim_pad: usize,
+    pub warps_on_rows: usize,
+}
+
+impl DecodeSpec {
+    const BLOCK_N: usize = 64;
+
+    pub fn for_problem(dtype: DType, head_dim: usize, warps_on_rows: usize) -> DecodeSpec {
+        let head_dim_pad = match head_dim {
+            0..=64 => 64,
+            65..=128 => 128,
+            _ => 256,
+        };
+        DecodeSpec { dtype, head_dim_pad, warps_on_rows }
+    }
+
+    pub fn all() -> Vec<DecodeSpec> {
+        let mut v = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for d in [64, 128, 256] {
+                for wr in [1, 2, 4] {
+                    v.push(DecodeSpec { dtype, head_dim_pad: d, warps_on_rows: wr });
+                }
+            }
+        }
+        v
+    }
+
+    fn stages(&self) -> usize {
+        if self.head_dim_pad > 128 { 2 } else { 3 }
+    }
+
+    /// Mirrors decode_fwd: Q rows, then `stages` K+V tiles of 64 padded rows.
+    pub fn smem_bytes(&self) -> u32 {
+        let srow = self.head_dim_pad + 8;
+        ((16 * self.warps_on_rows * srow + self.stages() * 2 * Self::BLOCK_N * srow) * 2) as u32
+    }
+
+    fn tname(&self) -> &'static str {
+        if self.dtype == DType::F16 { "f16" } else { "bf16" }
+    }
+
+    pub fn name(&self) -> String {
+        format!("decode_fwd_{}_d{}_r{}", self.tname(), self.head_dim_pad, self.warps_on_rows)
+    }
+
+    pub fn merge_name(&self) -> String {
+        format!("decode_merge_{}_d{}", self.tname(), self.head_dim_pad)
+    }
+
+    pub fn kernel(&self) -> KernelSource {
+        let source = format!(
+            "#include \"decode.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ DecodeParams p) {{\n\
+             \x20   decode_fwd<{t}, {d}, {wr}>(p);\n}}\n",
+            name = self.name(),
+            t = ctype(self.dtype),
+            d = self.head_dim_pad,
+            wr = self.warps_on_rows,
+        );
+        KernelSource::portable(self.name(), source)
+    }
+
+    pub fn merge_kernel(&self) -> KernelSource {
+        let source = format!(
+            "#include \"decode.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ DecodeParams p) {{\n\
+             \x20   decode_merge<{t}, {d}>(p);\n}}\n",
+            name = self.merge_name(),
+            t = ctype(self.dtype),
+            d = self.head_dim_pad,
+        );
+        KernelSource::portable(self.merge_name(), source)
+    }
+}
+
+/// Every decode kernel (the merge kernels once per dtype and head dim).
+pub fn all_kernels() -> Vec<KernelSource> {
+    let mut v: Vec<KernelSource> = DecodeSpec::all().iter().map(|s| s.kernel()).collect();
+    v.extend(DecodeSpec::all().iter().filter(|s| s.warps_on_rows == 1).map(|s| s.merge_kernel()));
+    v
+}
+
+/// Mirrors `struct DecodeParams` in kernels/decode.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    seqlens: u64,
+    block_table: u64,
+    part_o: u64,
+    part_lse: u64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    v_s: [i64; 3],
+    o_s: [i64; 3],
+    lse_s: [i64; 3],
+    bt_sb: i64,
+    batch: i32,
+    q_len: i32,
+    heads_q: i32,
+    heads_kv: i32,
+    group: i32,
+    head_dim: i32,
+    page_shift: i32,
+    capacity: i32,
+    num_pages: i32,
+    splits: i32,
+    window_left: i32,
+    window_right: i32,
+    scale_log2: f32,
+    softcap: f32,
+}
+
+pub fn forward(a: &DecodeArgs, stream: usize) -> Result<()> {
+    let d = check(a)?;
+    if d.batch == 0 || d.heads_q == 0 {
+        return Ok(());
+    }
+    match a.q.device {
+        Device::Cpu => cpu::decode::forward(a, &d),
+        Device::Cuda(ordinal) => forward_cuda(ordinal, a, &d, stream),
+    }
+}
+
+/// The launch plan on GPU `ordinal` (splits and workspace size), for the Python layer.
+pub fn plan_for_device(ordinal: i32, d: &DecodeDims, dtype: DType) -> Result<Plan> {
+    let dev = driver::device(ordinal)?;
+    Ok(plan(d, dtype, dev.sm_count as usize, dev.max_smem_optin as usize + 1024))
+}
+
+fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> Result<()> {
+    if a.q.dtype == DType::F32 {
+        return Err(Error::DType(
+            "q is float32; the CUDA decode kernel takes float16 or bfloat16 (float32 runs on the CPU path)".into(),
+        ));
+    }
+    for t in [a.q, a.k_cache, a.v_cache, a.out] {
+        t.expect_aligned(16)?;
+    }
+    if d.batch > 65535 || d.heads_kv * 64 > 65535 {
+        return shape_err(format!("batch {} / {} kv heads exceed the CUDA grid", d.batch, d.heads_kv));
+    }
+    let dev = driver::device(ordinal)?;
+    let plan = plan(d, a.q.dtype, dev.sm_count as usize, dev.max_smem_optin as usize + 1024);
+    if a.splits != plan.splits {
+        return Err(Error::Value(format!(
+            "splits is {} but this GPU's plan for these shapes has {} (call decode_plan)",
+            a.splits, plan.splits
+        )));
+    }
+    let (part_o, part_lse) = if plan.splits > 1 {
+        let ws = a.workspace.ok_or_else(|| Error::Value("workspace is required when splits > 1".into()))?;
+        if (ws.numel() as usize) < plan.workspace_floats {
+            return shape_err(format!("{} has {} elements; this call needs {}", ws.name, ws.numel(), plan.workspace_floats));
+        }
+        ws.expect_aligned(16)?;
+        let partials = plan.splits * d.batch * d.heads_q * d.q_len;
+        (ws.ptr as u64 + (partials.div_ceil(4) * 16) as u64, ws.ptr as u64)
+    } else {
+        (0, 0)
+    };
+    let spec = DecodeSpec::for_problem(a.q.dtype, d.head_dim, plan.warps_on_rows);
+    let st = |t: &TensorView| [t.stride(0), t.stride(1), t.stride(2)];
+    let mut p = DecodeParams {
+        q: a.q.ptr as u64,
+        k: a.k_cache.ptr as u64,
+        v: a.v_cache.ptr as u64,
+        o: a.out.ptr as u64,
+        lse: ptr(a.lse),
+        seqlens: a.cache_seqlens.ptr as u64,
+        block_table: ptr(a.block_table),
+        part_o,
+        part_lse,
+        q_s: st(a.q),
+        k_s: st(a.k_cache),
+        v_s: st(a.v_cache),
+        o_s: st(a.out),
+        lse_s: a.lse.map_or([0; 3], |l| [l.stride(0), l.stride(1), l.stride(2)]),
+        bt_sb: a.block_table.map_or(0, |t| t.stride(0)),
+        batch: d.batch as i32,
+        q_len: d.q_len as i32,
+        heads_q: d.heads_q as i32,
+        heads_kv: d.heads_kv as i32,
+        group: (d.heads_q / d.heads_kv) as i32,
+        head_dim: d.head_dim as i32,
+        page_shift: if d.page_size > 0 { d.page_size.trailing_zeros() as i32 } else { 0 },
+        capacity: d.capacity as i32,
+        num_pages: d.num_pages as i32,
+        splits: plan.splits as i32,
+        window_left: d.window_left as i32,
+        window_right: d.window_right as i32,
+        scale_log2: d.scale * std::f32::consts::LOG2_E,
+        softcap: d.softcap,
+    };
+    let smem = spec.smem_bytes();
+    let f = dev.function(&spec.kernel(), smem)?;
+    let cfg = LaunchConfig {
+        grid: (plan.splits as u32, (d.heads_kv * plan.row_groups) as u32, d.batch as u32),
+        block: (128, 1, 1),
+        smem_bytes: smem,
+    };
+    let mut args = [&mut p as *mut DecodeParams as *mut c_void];
+    dev.launch(f, cfg, stream, &mut args)?;
+    if plan.splits > 1 {
+        let merge = dev.function(&spec.merge_kernel(), 0)?;
+        let rows = d.batch * d.heads_q * d.q_len;
+        let cfg = LaunchConfig { grid: (rows.div_ceil(4) as u32, 1, 1), block: (128, 1, 1), smem_bytes: 0 };
+        dev.launch(merge, cfg, stream, &mut args)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(batch: usize, len: usize, heads_q: usize, heads_kv: usize) -> DecodeDims {
+        DecodeDims {
+            batch,
+            q_len: 1,
+            heads_q,
+            heads_kv,
+            head_dim: 128,
+            page_size: 0,
+            num_pages: 0,
+            capacity: len,
+            window_left: WINDOW_NONE,
+            window_right: 0,
+            scale: 1.0,
+            softcap: 0.0,
+        }
+    }
+
+    #[test]
+    fn params_layout_matches_the_kernel_struct() {
+        // 9 pointers, 16 i64 strides, 12 i32, 2 f32.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 16 * 8 + 12 * 4 + 2 * 4);
+    }
+
+    #[test]
+    fn one_long_sequence_is_split_and_large_batches_are_not() {
+        let smem = 228 * 1024;
+        let p = plan(&dims(1, 32768, 32, 8), DType::BF16, 132, smem);
+        assert_eq!((p.warps_on_rows, p.row_groups), (1, 1));
+        assert!(p.splits >= 16 && p.splits <= 33, "{p:?}");
+        assert_eq!(p.workspace_floats, (p.splits * 32).div_ceil(4) * 4 + p.splits * 32 * 128);
+        assert_eq!(plan(&dims(256, 1024, 32, 8), DType::BF16, 132, smem).splits, 1);
+        // A short cache never splits below MIN_KEYS_PER_SPLIT keys per split.
+        assert_eq!(plan(&dims(1, 300, 32, 8), DType::BF16, 132, smem).splits, 2);
+        // 64 q heads per kv head with 16 new tokens: 1024 rows in 16 groups of 64.
+        let mut d = dims(1, 4096, 64, 1);
+        d.q_len = 16;
+        let p = plan(&d, DType::BF16, 132, smem);
+        assert_eq!((p.warps_on_rows, p.row_groups), (4, 16));
+    }
+
+    #[test]
+    fn merge_area_fits_in_the_pipeline_stages() {
+        for s in DecodeSpec::all() {
+            let d = s.head_dim_pad;
+            let merge = (4 * 16 * d + 2 * 4 * 16) * 4;
+            let stages = s.stages() * 2 * 64 * (d + 8) * 2;
+            assert!(merge <= stages, "{}", s.name());
+            assert!(s.smem_bytes() <= 227 * 1024, "{}", s.name());
+        }
+    }
+}
