@@ -11,7 +11,7 @@ from ._native import (
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
 from .attention import attention, attention_varlen, sdpa
-from .decode import decode_attention
+from .decode import append_kv, decode_attention
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
@@ -21,6 +21,7 @@ __all__ = [
     "attention_varlen",
     "sdpa",
     "decode_attention",
+    "append_kv",
     "info",
     "compile_all",
     "kernel_names",

@@ -30,14 +30,31 @@ def _host(t):
     return t.detach().cpu() if is_torch(t) and t.is_cuda else t
 
 
-def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int) -> None:
-    """Lengths within the capacity and every page in use inside the pool, checked on the host
-    before the launch (a device-to-host copy for GPU tables; skipped while a CUDA graph is being
-    captured, where the kernel still skips out-of-pool pages instead of reading them)."""
-    if is_torch(cache_seqlens) and cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    _native.decode_check_tables(_host(cache_seqlens), None if block_table is None else _host(block_table),
-                                capacity, page_size, num_pages)
+def _capturing(t) -> bool:
+    return is_torch(t) and t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int, extra: int = 0):
+    """Lengths (plus `extra` tokens being appended) within the capacity and every page in use
+    inside the pool, checked on the host before the launch (a device-to-host copy for GPU
+    tables; skipped while a CUDA graph is being captured, where the kernels still skip
+    out-of-pool pages instead of touching them). Returns the host lengths (None if skipped)."""
+    if _capturing(cache_seqlens):
+        return None
+    lens = _host(cache_seqlens)
+    _native.decode_check_tables(lens, None if block_table is None else _host(block_table),
+                                capacity, page_size, num_pages, extra)
+    return lens
+
+
+def _cache_geometry(k_cache, block_table):
+    """(page_size or 0, num_pages, capacity per sequence) of a contiguous or paged cache."""
+    expect_rank(k_cache, 4, "k_cache", CACHE_LAYOUT)
+    if block_table is None:
+        return 0, 0, int(k_cache.shape[1])
+    expect_rank(block_table, 2, "block_table", "(batch, max_pages)")
+    page_size = int(k_cache.shape[1])
+    return page_size, int(k_cache.shape[0]), int(block_table.shape[1]) * page_size
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal_q: bool = True,
@@ -67,15 +84,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
     Returns out, or (out, lse). Rows that see no key (an empty sequence) give 0 and LSE -inf.
     """
     expect_rank(q, 4, "q", Q_LAYOUT)
-    expect_rank(k_cache, 4, "k_cache", CACHE_LAYOUT)
+    page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     batch, q_len, heads_q, head_dim = (int(x) for x in q.shape)
     heads_kv = int(k_cache.shape[2])
-    if block_table is not None:
-        expect_rank(block_table, 2, "block_table", "(batch, max_pages)")
-        page_size, num_pages = int(k_cache.shape[1]), int(k_cache.shape[0])
-        capacity = int(block_table.shape[1]) * page_size
-    else:
-        page_size, num_pages, capacity = 0, 0, int(k_cache.shape[1])
     if out is None:
         out = empty(q, tuple(q.shape))
     lse = empty(q, (batch, heads_q, q_len), float32_of(q)) if return_lse else None
@@ -93,3 +104,35 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
                        scale=None if scale is None else float(scale), softcap=_softcap(softcap),
                        window=_decode_window(window), workspace=workspace, splits=splits, stream=stream_of(q))
     return (out, lse) if return_lse else out
+
+
+def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *, rotary=None,
+              rotary_interleaved: bool = False, validate: bool = True) -> None:
+    """Writes ``k_new``/``v_new`` (batch, n_new, heads_kv, head_dim) into the cache at positions
+    ``cache_seqlens[b] + t`` (contiguous or paged layout, as ``decode_attention``), in place.
+
+    rotary : optional ``(cos, sin)``, each (positions, rotary_dim / 2), float32 or the cache
+        dtype: K is rotated by the token's position on the way in (the first rotary_dim
+        columns; GPT-NeoX halves, or GPT-J pairs with ``rotary_interleaved=True``).
+    validate : check on the host that the new tokens fit the capacity, their pages are inside
+        the pool and the rotary table covers their positions (skipped under graph capture).
+
+    ``cache_seqlens`` is not advanced: add n_new once every layer has appended.
+    """
+    expect_rank(k_new, 4, "k_new", "(batch, n_new, heads_kv, head_dim)")
+    page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
+    cos = sin = None
+    if rotary is not None:
+        if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+            raise ValueError("rotary must be a (cos, sin) pair of (positions, rotary_dim / 2) tensors")
+        cos, sin = rotary
+    n_new = int(k_new.shape[1])
+    if validate:
+        lens = _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=n_new)
+        if lens is not None and cos is not None and len(lens) and n_new:
+            last = int(lens.max()) + n_new - 1
+            if last >= int(cos.shape[0]):
+                raise ValueError(f"rotary cos/sin have {int(cos.shape[0])} positions but the new tokens reach "
+                                 f"position {last}")
+    _native.append_kv_fwd(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos=cos, sin=sin,
+                          interleaved=bool(rotary_interleaved), stream=stream_of(k_new))

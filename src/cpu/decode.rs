@@ -14,7 +14,7 @@ pub fn forward(a: &DecodeArgs, d: &DecodeDims) -> Result<()> {
     let seqlens = host_i32(a.cache_seqlens);
     let bt = a.block_table.map(host_i32);
     let bt_stride = a.block_table.map_or(0, |t| t.dim(1));
-    check_tables(d, &seqlens, bt.as_deref().map(|b| (b, bt_stride)))?;
+    check_tables(&d.cache, &seqlens, bt.as_deref().map(|b| (b, bt_stride)), 0)?;
     let tables = Tables { seqlens: &seqlens, block_table: bt.as_deref(), bt_stride };
     match a.q.dtype {
         DType::F16 => run::<f16>(a, d, &tables),
@@ -34,7 +34,7 @@ impl Tables<'_> {
     /// (page or batch index, slot) of key `key` of sequence `b`.
     fn locate(&self, d: &DecodeDims, b: usize, key: usize) -> (usize, usize) {
         match self.block_table {
-            Some(bt) => (bt[b * self.bt_stride + key / d.page_size] as usize, key % d.page_size),
+            Some(bt) => (bt[b * self.bt_stride + key / d.cache.page_size] as usize, key % d.cache.page_size),
             None => (b, key),
         }
     }

@@ -1,6 +1,7 @@
 //! CPU kernels (rayon). They are the reference the GPU tests compare against and the path CI
 //! and GPU-less users run: f32 accumulation whatever the input dtype.
 
+pub mod append_kv;
 pub mod attention;
 pub mod decode;
 

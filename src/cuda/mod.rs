@@ -44,6 +44,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
+    ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
 ];
 
 /// What ptxas reported for one kernel.

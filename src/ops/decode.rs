@@ -48,6 +48,16 @@ pub struct DecodeArgs<'a> {
     pub splits: usize,
 }
 
+/// The cache's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheDims {
+    /// 0 for a contiguous cache.
+    pub page_size: usize,
+    pub num_pages: usize,
+    /// Keys one sequence can hold.
+    pub capacity: usize,
+}
+
 /// Shapes and normalised options of a checked call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeDims {
@@ -56,11 +66,7 @@ pub struct DecodeDims {
     pub heads_q: usize,
     pub heads_kv: usize,
     pub head_dim: usize,
-    /// 0 for a contiguous cache.
-    pub page_size: usize,
-    pub num_pages: usize,
-    /// Keys one sequence can hold.
-    pub capacity: usize,
+    pub cache: CacheDims,
     pub window_left: i64,
     pub window_right: i64,
     pub scale: f32,
@@ -99,7 +105,6 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
         return shape_err(format!("q has head_dim {head_dim}; supported head dims are multiples of 8 up to 256"));
     }
     k.expect_dim(3, head_dim, "head_dim (must match q)")?;
-    v.expect_shape(&k.shape)?;
     if heads_kv == 0 || heads_q % heads_kv != 0 {
         return shape_err(format!("q has {heads_q} heads, which must be a multiple of k_cache's {heads_kv} heads (GQA/MQA)"));
     }
@@ -108,35 +113,7 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
     for t in [q, k, v, out] {
         t.expect_last_contiguous()?;
     }
-    let sl = a.cache_seqlens;
-    sl.expect_dtype(&[DType::I32])?;
-    sl.expect_shape(&[batch as i64])?;
-    let (page_size, num_pages, capacity) = match a.block_table {
-        Some(bt) => {
-            bt.expect_same_device(q)?;
-            bt.expect_dtype(&[DType::I32])?;
-            bt.expect_rank(2, "(batch, max_pages)")?;
-            bt.expect_dim(0, batch, "batch")?;
-            if bt.stride(1) != 1 && bt.dim(1) > 1 {
-                return Err(Error::Layout(format!("{} must be contiguous along max_pages", bt.name)));
-            }
-            let ps = k.dim(1);
-            if ps == 0 || !ps.is_power_of_two() || ps > MAX_PAGE_SIZE {
-                return shape_err(format!(
-                    "{} has page size {ps} (axis 1); supported page sizes are powers of two from 1 to {MAX_PAGE_SIZE}",
-                    k.name
-                ));
-            }
-            (ps, k.dim(0), bt.dim(1) * ps)
-        }
-        None => {
-            k.expect_dim(0, batch, "batch")?;
-            (0, 0, k.dim(1))
-        }
-    };
-    if capacity as i64 >= WINDOW_NONE {
-        return shape_err(format!("the cache holds {capacity} keys per sequence; at most 2^30 are supported"));
-    }
+    let cache = check_cache(k, v, a.cache_seqlens, a.block_table, batch)?;
     if let Some(lse) = a.lse {
         lse.expect_same_device(q)?;
         lse.expect_dtype(&[DType::F32])?;
@@ -168,9 +145,7 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
         heads_q,
         heads_kv,
         head_dim,
-        page_size,
-        num_pages,
-        capacity,
+        cache,
         window_left,
         window_right,
         scale: scale as f32,
@@ -178,27 +153,73 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
     })
 }
 
-/// Host-side check of the lengths and the block table: every length within the capacity, and
-/// every page a sequence uses inside the pool. `block_table` is row-major with `bt_stride`.
-pub fn check_tables(d: &DecodeDims, seqlens: &[i32], block_table: Option<(&[i32], usize)>) -> Result<()> {
-    if block_table.is_some() && d.page_size == 0 {
+/// The cache layout shared by decode_attention and append_kv: K and V alike, `cache_seqlens`
+/// int32 (batch,), and either a contiguous cache (batch first) or a page pool with an int32
+/// block table.
+pub fn check_cache(
+    k: &TensorView,
+    v: &TensorView,
+    seqlens: &TensorView,
+    block_table: Option<&TensorView>,
+    batch: usize,
+) -> Result<CacheDims> {
+    v.expect_shape(&k.shape)?;
+    seqlens.expect_same_device(k)?;
+    seqlens.expect_dtype(&[DType::I32])?;
+    seqlens.expect_shape(&[batch as i64])?;
+    let (page_size, num_pages, capacity) = match block_table {
+        Some(bt) => {
+            bt.expect_same_device(k)?;
+            bt.expect_dtype(&[DType::I32])?;
+            bt.expect_rank(2, "(batch, max_pages)")?;
+            bt.expect_dim(0, batch, "batch")?;
+            if bt.stride(1) != 1 && bt.dim(1) > 1 {
+                return Err(Error::Layout(format!("{} must be contiguous along max_pages", bt.name)));
+            }
+            let ps = k.dim(1);
+            if ps == 0 || !ps.is_power_of_two() || ps > MAX_PAGE_SIZE {
+                return shape_err(format!(
+                    "{} has page size {ps} (axis 1); supported page sizes are powers of two from 1 to {MAX_PAGE_SIZE}",
+                    k.name
+                ));
+            }
+            (ps, k.dim(0), bt.dim(1) * ps)
+        }
+        None => {
+            k.expect_dim(0, batch, "batch")?;
+            (0, 0, k.dim(1))
+        }
+    };
+    if capacity as i64 >= WINDOW_NONE {
+        return shape_err(format!("the cache holds {capacity} keys per sequence; at most 2^30 are supported"));
+    }
+    Ok(CacheDims { page_size, num_pages, capacity })
+}
+
+/// Host-side check of the lengths and the block table: every length plus `extra` (tokens about
+/// to be appended) within the capacity, and every page those keys use inside the pool.
+/// `block_table` is row-major with `bt_stride`.
+pub fn check_tables(c: &CacheDims, seqlens: &[i32], block_table: Option<(&[i32], usize)>, extra: usize) -> Result<()> {
+    if block_table.is_some() && c.page_size == 0 {
         return shape_err("the paged cache has page size 0 (axis 1)".into());
     }
     for (b, &len) in seqlens.iter().enumerate() {
-        if len < 0 || len as usize > d.capacity {
+        if len < 0 || len as usize + extra > c.capacity {
+            let what = if extra > 0 { format!(" plus the {extra} new tokens") } else { String::new() };
             return Err(Error::Value(format!(
-                "cache_seqlens[{b}] is {len}; it must be in [0, {}] (the cache's capacity per sequence)",
-                d.capacity
+                "cache_seqlens[{b}] is {len}; it{what} must be in [0, {}] (the cache's capacity per sequence)",
+                c.capacity
             )));
         }
         if let Some((bt, stride)) = block_table {
-            let used = (len as usize).div_ceil(d.page_size);
+            let used = (len as usize + extra).div_ceil(c.page_size);
             for p in 0..used {
                 let page = bt[b * stride + p];
-                if page < 0 || page as usize >= d.num_pages {
+                if page < 0 || page as usize >= c.num_pages {
                     return Err(Error::Value(format!(
-                        "block_table[{b}, {p}] is {page}, outside the cache's {} pages (sequence {b} has {len} keys)",
-                        d.num_pages
+                        "block_table[{b}, {p}] is {page}, outside the cache's {} pages (sequence {b} uses {} keys)",
+                        c.num_pages,
+                        len as usize + extra
                     )));
                 }
             }
@@ -227,7 +248,7 @@ pub fn plan(d: &DecodeDims, dtype: DType, sm_count: usize, smem_per_sm: usize) -
     let per_sm = (smem_per_sm / (spec.smem_bytes() as usize + 1024)).clamp(1, 4);
     let slots = (sm_count * per_sm) as f64;
     let units = d.batch * d.heads_kv * row_groups;
-    let max_splits = d.capacity.div_ceil(MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
+    let max_splits = d.cache.capacity.div_ceil(MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
     let mut splits = 1;
     if (units as f64) < 0.8 * slots && max_splits > 1 {
         let eff = |s: usize| {
@@ -437,9 +458,9 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         heads_kv: d.heads_kv as i32,
         group: (d.heads_q / d.heads_kv) as i32,
         head_dim: d.head_dim as i32,
-        page_shift: if d.page_size > 0 { d.page_size.trailing_zeros() as i32 } else { 0 },
-        capacity: d.capacity as i32,
-        num_pages: d.num_pages as i32,
+        page_shift: if d.cache.page_size > 0 { d.cache.page_size.trailing_zeros() as i32 } else { 0 },
+        capacity: d.cache.capacity as i32,
+        num_pages: d.cache.num_pages as i32,
         splits: plan.splits as i32,
         window_left: d.window_left as i32,
         window_right: d.window_right as i32,
@@ -475,9 +496,7 @@ mod tests {
             heads_q,
             heads_kv,
             head_dim: 128,
-            page_size: 0,
-            num_pages: 0,
-            capacity: len,
+            cache: CacheDims { page_size: 0, num_pages: 0, capacity: len },
             window_left: WINDOW_NONE,
             window_right: 0,
             scale: 1.0,

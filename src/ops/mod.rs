@@ -1,5 +1,6 @@
 //! One file per op family: argument checks, kernel choice, launch (GPU) or CPU call.
 
+pub mod append_kv;
 pub mod attention;
 pub mod decode;
 
@@ -10,5 +11,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     let mut v: Vec<KernelSource> = attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect();
     v.extend(attention::AttentionSm90Spec::all().iter().map(|s| s.kernel()));
     v.extend(decode::all_kernels());
+    v.extend(append_kv::AppendSpec::all().iter().map(|s| s.kernel()));
     v
 }

@@ -7,7 +7,8 @@ use crate::dlpack::TensorView;
 use crate::dlpack::{DType, Device};
 use crate::error::Error;
 use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
-use crate::ops::decode::{self, DecodeArgs, DecodeDims};
+use crate::ops::append_kv::{self, AppendArgs, Rotary};
+use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -163,9 +164,7 @@ fn decode_plan(
         heads_q,
         heads_kv: heads_kv.max(1),
         head_dim,
-        page_size: 0,
-        num_pages: 0,
-        capacity,
+        cache: CacheDims { page_size: 0, num_pages: 0, capacity },
         window_left: attention::WINDOW_NONE,
         window_right: 0,
         scale: 1.0,
@@ -175,17 +174,19 @@ fn decode_plan(
     Ok((p.splits, p.workspace_floats))
 }
 
-/// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages): raises
-/// unless every length fits the capacity and every page in use is inside the pool. Host
-/// tensors; Python copies device tables here before a launch, outside graph capture.
+/// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=0):
+/// raises unless every length (plus `extra` tokens about to be appended) fits the capacity and
+/// every page those keys use is inside the pool. Host tensors; Python copies device tables here
+/// before a launch, outside graph capture.
 #[pyfunction]
-#[pyo3(signature = (cache_seqlens, block_table, capacity, page_size, num_pages))]
+#[pyo3(signature = (cache_seqlens, block_table, capacity, page_size, num_pages, extra=0))]
 fn decode_check_tables(
     cache_seqlens: &Bound<'_, PyAny>,
     block_table: Option<&Bound<'_, PyAny>>,
     capacity: usize,
     page_size: usize,
     num_pages: usize,
+    extra: usize,
 ) -> PyResult<()> {
     let sl = import(cache_seqlens, "cache_seqlens", 0, false)?;
     let bt = import_opt(block_table, "block_table", 0, false)?;
@@ -196,29 +197,61 @@ fn decode_check_tables(
                 return Err(Error::Device(format!("{} must be in host memory for this check", t.view.name)));
             }
         }
-        let d = DecodeDims {
-            batch: sl.view.numel() as usize,
-            q_len: 1,
-            heads_q: 1,
-            heads_kv: 1,
-            head_dim: 8,
-            page_size,
-            num_pages,
-            capacity,
-            window_left: 0,
-            window_right: 0,
-            scale: 1.0,
-            softcap: 0.0,
-        };
         let seqlens = crate::cpu::host_i32(&sl.view);
         let table = bt.as_ref().map(|t| crate::cpu::host_i32(&t.view));
         let stride = bt.as_ref().map_or(0, |t| t.view.dim(1));
-        decode::check_tables(&d, &seqlens, table.as_deref().map(|t| (t, stride)))
+        let cache = CacheDims { page_size, num_pages, capacity };
+        decode::check_tables(&cache, &seqlens, table.as_deref().map(|t| (t, stride)), extra)
     };
     check().map_err(to_py)
 }
 
+/// append_kv_fwd(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *, cos, sin,
+/// interleaved, stream): see ops::append_kv.
+#[pyfunction]
+#[pyo3(signature = (k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *, cos=None, sin=None,
+                    interleaved=false, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn append_kv_fwd(
+    py: Python<'_>,
+    k_new: &Bound<'_, PyAny>,
+    v_new: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    cos: Option<&Bound<'_, PyAny>>,
+    sin: Option<&Bound<'_, PyAny>>,
+    interleaved: bool,
+    stream: usize,
+) -> PyResult<()> {
+    let kn = import(k_new, "k_new", stream, false)?;
+    let vn = import(v_new, "v_new", stream, false)?;
+    let k = import(k_cache, "k_cache", stream, true)?;
+    let v = import(v_cache, "v_cache", stream, true)?;
+    let sl = import(cache_seqlens, "cache_seqlens", stream, false)?;
+    let bt = import_opt(block_table, "block_table", stream, false)?;
+    let cos = import_opt(cos, "rotary cos", stream, false)?;
+    let sin = import_opt(sin, "rotary sin", stream, false)?;
+    let rotary = match (&cos, &sin) {
+        (Some(c), Some(s)) => Some(Rotary { cos: &c.view, sin: &s.view, interleaved }),
+        (None, None) => None,
+        _ => return Err(pyo3::exceptions::PyValueError::new_err("rotary needs both cos and sin")),
+    };
+    let args = AppendArgs {
+        k_new: &kn.view,
+        v_new: &vn.view,
+        k_cache: &k.view,
+        v_cache: &v.view,
+        cache_seqlens: &sl.view,
+        block_table: view(&bt),
+        rotary,
+    };
+    py.detach(|| append_kv::forward(&args, stream)).map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
