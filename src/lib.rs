@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dlpack;
 pub mod error;
+pub mod kvcache;
 pub mod ops;
 
 #[cfg(feature = "python")]

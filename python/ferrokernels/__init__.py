@@ -12,6 +12,7 @@ from ._native import (
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
 from .attention import attention, attention_varlen, sdpa
 from .decode import append_kv, decode_attention
+from .kvcache import PagedKVCache
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
@@ -22,6 +23,7 @@ __all__ = [
     "sdpa",
     "decode_attention",
     "append_kv",
+    "PagedKVCache",
     "info",
     "compile_all",
     "kernel_names",
