@@ -10,6 +10,10 @@ Each call is timed inside a CUDA graph of 10 calls (launch overhead excluded, as
 generation loop). GB/s = K and V bytes of the cache ÷ time; the ceiling is the device copy
 measured in the same run (`ceilings.copy_gbps`).
 rel_err: ||out - ref|| / ||ref|| against float64 on batch 0.
+
+append_kv (bench "append_kv"): 16 sequences x 8K new tokens, 8 kv heads, D=128, bf16, into a
+contiguous and a paged (16) cache, with and without rotary; GB/s counts bytes read + written,
+against the same copy ceiling.
 """
 
 from __future__ import annotations
@@ -56,8 +60,33 @@ def rel_err(out, ref):
     return ((o - ref).norm() / ref.norm()).item()
 
 
-def run(quick: bool = False):
+def run_append(batch=16, n=8192, hk=8):
     records = []
+    kn, vn = (torch.randn(batch, n, hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = torch.empty_like(kn), torch.empty_like(vn)
+    zeros = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    pk, pv, table = paged(kc, vc, 16)
+    ang = torch.arange(n, device="cuda", dtype=torch.float32)[:, None] * torch.rand(1, D // 2, device="cuda")
+    rot = (ang.cos(), ang.sin())
+    moved = 4 * kn.numel() * kn.element_size()  # K and V, read and written
+    params = {"batch": batch, "n_new": n, "heads_kv": hk, "head_dim": D, "dtype": "bfloat16"}
+    runs = {
+        "ferrokernels": lambda: fk.append_kv(kn, vn, kc, vc, zeros, validate=False),
+        "ferrokernels-paged16": lambda: fk.append_kv(kn, vn, pk, pv, zeros, table, validate=False),
+        "ferrokernels-rotary": lambda: fk.append_kv(kn, vn, kc, vc, zeros, rotary=rot, validate=False),
+        "torch-copy": lambda: (kc.copy_(kn), vc.copy_(vn)),
+    }
+    for label, fn in runs.items():
+        ms = time_graph_ms(fn, calls=3, reps=10)
+        gbps = moved / ms / 1e6
+        records.append({"bench": "append_kv", "impl": label, "params": params, "ms": round(ms, 4),
+                        "tflops": None, "gbps": round(gbps, 1), "rel_err": None})
+        print(f"  append_kv {label:22s} {ms * 1000:8.1f} us {gbps:7.0f} GB/s")
+    return records
+
+
+def run(quick: bool = False):
+    records = run_append()
     for hq, hk in HEADS:
         for batch, n in (QUICK_SHAPES if quick else SHAPES):
             q = torch.randn(batch, 1, hq, D, device="cuda", dtype=torch.bfloat16)

@@ -44,14 +44,16 @@ struct DecodeParams {
     i32 num_pages;            // paged: pages in the pool (entries outside are skipped)
     i32 splits;
     i32 window_left, window_right;
+    i32 heads_fast;           // grid x = kv head x row group, y = split (else the reverse)
+    i32 pad_;
     float scale_log2;         // softmax scale * log2(e)
     float softcap;            // tanh cap on scaled scores, 0 = none
 };
 
-template <int D>
+template <int D, int STAGES_>
 struct DecodeSmem {
     static constexpr int BN = 64;             // keys per pipeline stage
-    static constexpr int STAGES = D > 128 ? 2 : 3;
+    static constexpr int STAGES = STAGES_;
     static constexpr int SROW = D + 8;        // padded rows: ldmatrix rows hit distinct banks
     static constexpr int STAGE_ELEMS = 2 * BN * SROW;  // K then V
 };
@@ -79,9 +81,9 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
     return true;
 }
 
-template <typename T, int D, int WR>
+template <typename T, int D, int WR, int STAGES_>
 __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
-    using L = DecodeSmem<D>;
+    using L = DecodeSmem<D, STAGES_>;
     constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW;
     constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
     constexpr int KT = BN / WK;      // keys per warp per tile
@@ -94,8 +96,12 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int wr = warp / WK, wk = warp % WK;
-    const int b = blockIdx.z, split = blockIdx.x;
-    const int hk = blockIdx.y % p.heads_kv, row0 = (blockIdx.y / p.heads_kv) * ROWS;
+    // With heads_fast the CTAs of one key range over all kv heads are launched together: in a
+    // (batch, len, heads_kv, D) cache they read the same DRAM pages at the same time.
+    const int b = blockIdx.z;
+    const int split = p.heads_fast ? blockIdx.y : blockIdx.x;
+    const int hg = p.heads_fast ? blockIdx.x : blockIdx.y;
+    const int hk = hg % p.heads_kv, row0 = (hg / p.heads_kv) * ROWS;
     const int rows = p.q_len * p.group;
     const int len = min(p.seqlens[b], p.capacity);
 

@@ -70,3 +70,43 @@ def test_generation_on_paged_cache_matches_attention(device):
             assert (out[i:i + 1].float() - ref.float()).abs().max().item() < 2e-3, (t, i)
     cache.free(seqs)
     assert cache.free_pages == 40
+
+
+def test_virtual_cache_needs_cuda():
+    with pytest.raises(ValueError, match="device must be a CUDA device"):
+        fk.VirtualKVCache(1, 2, 64, 1, 64, device="cpu")
+
+
+@pytest.mark.cuda
+def test_virtual_cache_maps_on_demand_and_decodes_like_a_tensor():
+    layers, slots, max_len, hk, d = 2, 3, 20000, 2, 128
+    cache = fk.VirtualKVCache(layers, slots, max_len, hk, d, dtype=torch.bfloat16)
+    assert cache.mapped_bytes == 0
+    assert cache.k[0].shape == (slots, max_len, hk, d) and cache.k[0].is_cuda
+    a, b = cache.allocate(), cache.allocate()
+    before = cache.extend([a, b], [5000, 100])
+    assert before.tolist() == [0, 0, 0]
+    # Rows of 512 bytes: 5000 rows need 2 chunks of 2 MiB per layer and K/V, 100 rows 1.
+    assert cache.mapped_bytes == layers * 2 * (2 + 1) * (2 << 20)
+    g = torch.Generator().manual_seed(0)
+    kn = torch.randn(slots, 5000, hk, d, generator=g).cuda().bfloat16()
+    vn = torch.randn(slots, 5000, hk, d, generator=g).cuda().bfloat16()
+    q = torch.randn(slots, 1, 8, d, generator=g).cuda().bfloat16()
+    lens = cache.seqlens()
+    # Write each slot's prefix (append at position 0), then decode against the lengths.
+    for layer in range(layers):
+        k, v = cache.layer(layer)
+        k[a, :5000], v[a, :5000] = kn[a], vn[a]
+        k[b, :100], v[b, :100] = kn[b, :100], vn[b, :100]
+        out = fk.decode_attention(q, k, v, lens)
+        # The same data in ordinary tensors: bit-identical (same kernel, only the batch stride differs).
+        ref_k = torch.zeros(slots, max_len, hk, d, device="cuda", dtype=torch.bfloat16)
+        ref_v = torch.zeros_like(ref_k)
+        ref_k[a, :5000], ref_v[a, :5000] = kn[a], vn[a]
+        ref_k[b, :100], ref_v[b, :100] = kn[b, :100], vn[b, :100]
+        assert torch.equal(out, fk.decode_attention(q, ref_k, ref_v, lens))
+        assert (out[2] == 0).all()  # the free slot has length 0
+    cache.free(a)
+    assert cache.mapped_bytes == layers * 2 * 1 * (2 << 20)
+    with pytest.raises(ValueError, match="max_len is 20000"):
+        cache.extend(b, 20000)

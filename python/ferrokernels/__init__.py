@@ -12,7 +12,7 @@ from ._native import (
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
 from .attention import attention, attention_varlen, sdpa
 from .decode import append_kv, decode_attention
-from .kvcache import PagedKVCache
+from .kvcache import PagedKVCache, VirtualKVCache
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
@@ -24,6 +24,7 @@ __all__ = [
     "decode_attention",
     "append_kv",
     "PagedKVCache",
+    "VirtualKVCache",
     "info",
     "compile_all",
     "kernel_names",

@@ -57,6 +57,8 @@ pub struct Device {
     pub arch: String,
     pub sm_count: i32,
     pub max_smem_optin: i32,
+    /// CUDA virtual memory management (cuMemCreate / cuMemMap) is available.
+    pub vmm_supported: bool,
     functions: RwLock<HashMap<String, Function>>,
 }
 unsafe impl Send for Device {}
@@ -93,6 +95,7 @@ pub fn device(ordinal: i32) -> Result<&'static Device> {
         arch: arch_for(major, minor),
         sm_count: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         max_smem_optin: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        vmm_supported: attr(CU_DEVICE_ATTRIBUTE_VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED).unwrap_or(0) != 0,
         functions: RwLock::new(HashMap::new()),
     }));
     devices.push(d);
@@ -108,7 +111,7 @@ pub struct LaunchConfig {
 }
 
 impl Device {
-    fn make_current(&self) -> Result<()> {
+    pub fn make_current(&self) -> Result<()> {
         unsafe { result::ctx::set_current(self.ctx)? };
         Ok(())
     }

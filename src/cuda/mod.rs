@@ -7,6 +7,7 @@ pub mod driver;
 pub mod nvrtc;
 pub mod tma;
 pub mod toolkit;
+pub mod vmm;
 
 /// One specialisation of a kernel template: `name` is both the `extern "C"` symbol and the
 /// readable cache-file stem; `source` is complete CUDA C++ that `#include`s the headers below.

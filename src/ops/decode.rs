@@ -270,6 +270,9 @@ pub struct DecodeSpec {
     pub dtype: DType,
     pub head_dim_pad: usize,
     pub warps_on_rows: usize,
+    /// K/V tiles of 64 keys in flight; FERROKERNELS_DECODE_STAGES overrides the default (for
+    /// A/B timing).
+    pub stages: usize,
 }
 
 impl DecodeSpec {
@@ -281,7 +284,13 @@ impl DecodeSpec {
             65..=128 => 128,
             _ => 256,
         };
-        DecodeSpec { dtype, head_dim_pad, warps_on_rows }
+        let default = if head_dim_pad > 128 { 2 } else { 3 };
+        let stages = std::env::var("FERROKERNELS_DECODE_STAGES")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|s| (2..=8).contains(s))
+            .unwrap_or(default);
+        DecodeSpec { dtype, head_dim_pad, warps_on_rows, stages }
     }
 
     pub fn all() -> Vec<DecodeSpec> {
@@ -289,21 +298,17 @@ impl DecodeSpec {
         for dtype in [DType::F16, DType::BF16] {
             for d in [64, 128, 256] {
                 for wr in [1, 2, 4] {
-                    v.push(DecodeSpec { dtype, head_dim_pad: d, warps_on_rows: wr });
+                    v.push(DecodeSpec { dtype, head_dim_pad: d, warps_on_rows: wr, stages: if d > 128 { 2 } else { 3 } });
                 }
             }
         }
         v
     }
 
-    fn stages(&self) -> usize {
-        if self.head_dim_pad > 128 { 2 } else { 3 }
-    }
-
     /// Mirrors decode_fwd: Q rows, then `stages` K+V tiles of 64 padded rows.
     pub fn smem_bytes(&self) -> u32 {
         let srow = self.head_dim_pad + 8;
-        ((16 * self.warps_on_rows * srow + self.stages() * 2 * Self::BLOCK_N * srow) * 2) as u32
+        ((16 * self.warps_on_rows * srow + self.stages * 2 * Self::BLOCK_N * srow) * 2) as u32
     }
 
     fn tname(&self) -> &'static str {
@@ -311,7 +316,9 @@ impl DecodeSpec {
     }
 
     pub fn name(&self) -> String {
-        format!("decode_fwd_{}_d{}_r{}", self.tname(), self.head_dim_pad, self.warps_on_rows)
+        let default = if self.head_dim_pad > 128 { 2 } else { 3 };
+        let stages = if self.stages == default { String::new() } else { format!("_s{}", self.stages) };
+        format!("decode_fwd_{}_d{}_r{}{stages}", self.tname(), self.head_dim_pad, self.warps_on_rows)
     }
 
     pub fn merge_name(&self) -> String {
@@ -322,11 +329,12 @@ impl DecodeSpec {
         let source = format!(
             "#include \"decode.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ DecodeParams p) {{\n\
-             \x20   decode_fwd<{t}, {d}, {wr}>(p);\n}}\n",
+             \x20   decode_fwd<{t}, {d}, {wr}, {stages}>(p);\n}}\n",
             name = self.name(),
             t = ctype(self.dtype),
             d = self.head_dim_pad,
             wr = self.warps_on_rows,
+            stages = self.stages,
         );
         KernelSource::portable(self.name(), source)
     }
@@ -382,6 +390,8 @@ struct DecodeParams {
     splits: i32,
     window_left: i32,
     window_right: i32,
+    heads_fast: i32,
+    pad: i32,
     scale_log2: f32,
     softcap: f32,
 }
@@ -435,6 +445,8 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         (0, 0)
     };
     let spec = DecodeSpec::for_problem(a.q.dtype, d.head_dim, plan.warps_on_rows);
+    // FERROKERNELS_DECODE_HEADS_FAST=0 launches splits fastest instead (for A/B timing).
+    let heads_fast = std::env::var("FERROKERNELS_DECODE_HEADS_FAST").map_or(true, |v| v != "0");
     let st = |t: &TensorView| [t.stride(0), t.stride(1), t.stride(2)];
     let mut p = DecodeParams {
         q: a.q.ptr as u64,
@@ -464,13 +476,16 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         splits: plan.splits as i32,
         window_left: d.window_left as i32,
         window_right: d.window_right as i32,
+        heads_fast: heads_fast as i32,
+        pad: 0,
         scale_log2: d.scale * std::f32::consts::LOG2_E,
         softcap: d.softcap,
     };
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
+    let groups = d.heads_kv * plan.row_groups;
     let cfg = LaunchConfig {
-        grid: (plan.splits as u32, (d.heads_kv * plan.row_groups) as u32, d.batch as u32),
+        grid: if heads_fast { (groups as u32, plan.splits as u32, d.batch as u32) } else { (plan.splits as u32, groups as u32, d.batch as u32) },
         block: (128, 1, 1),
         smem_bytes: smem,
     };
@@ -506,8 +521,8 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_struct() {
-        // 9 pointers, 16 i64 strides, 12 i32, 2 f32.
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 16 * 8 + 12 * 4 + 2 * 4);
+        // 9 pointers, 16 i64 strides, 14 i32, 2 f32.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 16 * 8 + 14 * 4 + 2 * 4);
     }
 
     #[test]
@@ -532,7 +547,7 @@ mod tests {
         for s in DecodeSpec::all() {
             let d = s.head_dim_pad;
             let merge = (4 * 16 * d + 2 * 4 * 16) * 4;
-            let stages = s.stages() * 2 * 64 * (d + 8) * 2;
+            let stages = s.stages * 2 * 64 * (d + 8) * 2;
             assert!(merge <= stages, "{}", s.name());
             assert!(s.smem_bytes() <= 227 * 1024, "{}", s.name());
         }
