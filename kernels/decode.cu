@@ -120,17 +120,27 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
 
     const T* kg = static_cast<const T*>(p.k);
     const T* vg = static_cast<const T*>(p.v);
+    // Thread t copies 16-byte column chunk t % CH of rows t / CH + RSTEP * i. A tile (64 keys,
+    // 64-aligned) lies inside one sequence (contiguous) or one page (pages of >= 64 keys), so
+    // it has one base address and the per-row cost is an add; smaller pages look up each row.
+    constexpr int RSTEP = 128 / CH, PASSES = BN / RSTEP;
+    const int my_col = (threadIdx.x % CH) * 8, my_row = threadIdx.x / CH;
+    const bool col_ok = my_col < p.head_dim;
+    const bool tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
     auto load_tile = [&](int j, int stage) {
         T* sK = sKV + stage * L::STAGE_ELEMS;
         T* sV = sK + BN * SROW;
+        const int key0 = j * BN;
+        i64 kb = 0, vb = 0;
+        bool base_ok = tile_in_page && decode_row(p, b, hk, key0, kb, vb);
 #pragma unroll
-        for (int c = threadIdx.x; c < BN * CH; c += 128) {
-            const int r = c / CH, col = (c % CH) * 8;
-            const int key = j * BN + r;
-            i64 ko = 0, vo = 0;
-            const bool ok = key >= k_begin && key < k_end && col < p.head_dim && decode_row(p, b, hk, key, ko, vo);
-            cp_async_16(smem_addr(sK + r * SROW + col), ok ? kg + ko + col : kg, ok);
-            cp_async_16(smem_addr(sV + r * SROW + col), ok ? vg + vo + col : vg, ok);
+        for (int i = 0; i < PASSES; ++i) {
+            const int r = my_row + RSTEP * i, key = key0 + r;
+            i64 ko = kb + (i64)r * p.k_ss, vo = vb + (i64)r * p.v_ss;
+            bool ok = col_ok && key >= k_begin && key < k_end;
+            ok = ok && (tile_in_page ? base_ok : decode_row(p, b, hk, key, ko, vo));
+            cp_async_16(smem_addr(sK + r * SROW + my_col), ok ? kg + ko + my_col : kg, ok);
+            cp_async_16(smem_addr(sV + r * SROW + my_col), ok ? vg + vo + my_col : vg, ok);
         }
     };
 
@@ -168,6 +178,10 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
     const T* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
+    // Q's A fragments stay in registers where they fit beside O (D <= 128).
+    constexpr bool Q_IN_REGS = D <= 128;
+    u32 qf[Q_IN_REGS ? D / 16 : 1][4];
+    bool q_loaded = false;
 
     for (int j = j_begin; j < j_end; ++j) {
         const int stage = (j - j_begin) % STAGES;
@@ -180,6 +194,13 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         const T* sV = sK + BN * SROW;
         const int n0 = j * BN + wk * KT;  // this warp's first key
         if (n0 > w_hi || n0 + KT <= w_lo) continue;
+        if constexpr (Q_IN_REGS) {
+            if (!q_loaded) {  // Q landed with the first tile's group
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQw + kk * 16));
+                q_loaded = true;
+            }
+        }
 
         float s[KT / 8][4];
 #pragma unroll
@@ -187,7 +208,11 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             u32 a[4];
-            ldmatrix_x4(a, smem_addr(sQw + kk * 16));
+            if constexpr (Q_IN_REGS) {
+                a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
+            } else {
+                ldmatrix_x4(a, smem_addr(sQw + kk * 16));
+            }
 #pragma unroll
             for (int np = 0; np < KT / 16; ++np) {
                 u32 bk[4];

@@ -234,3 +234,20 @@ def test_bad_inputs(device):
         fk.decode_attention(q, k, v, sl, window=(-3, 0))
     with pytest.raises(ValueError, match="softcap must be >= 0"):
         fk.decode_attention(q, k, v, sl, softcap=-1.0)
+
+
+def test_torch_compile_fullgraph_of_a_decode_step():
+    """append_kv (mutating the cache) and decode_attention are custom ops: no graph breaks."""
+    q, k, v, seqlens = make_cache(2, 64, 4, 2, 64, 1, torch.float32, "cpu", seed=8, lens=[10, 30])
+    kn, vn = torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64)
+
+    def step(q, kn, vn, k, v, lens):
+        fk.append_kv(kn, vn, k, v, lens)
+        return fk.decode_attention(q, k, v, lens + 1, window=(16, 0))
+
+    kc, vc = k.clone(), v.clone()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, kn, vn, k, v, seqlens)
+    want = step(q, kn, vn, kc, vc, seqlens)
+    assert torch.equal(k, kc) and torch.equal(v, vc)  # the cache was written in both runs
+    assert (got - want).abs().max().item() < 1e-6

@@ -9,7 +9,7 @@ with the new tokens already written (``append_kv``); new token i sits at positio
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from . import _native
 from ._runtime import empty, expect_rank, float32_of, is_torch, stream_of, torch
@@ -83,6 +83,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
 
     Returns out, or (out, lse). Rows that see no key (an empty sequence) give 0 and LSE -inf.
     """
+    window = list(_decode_window(window))
+    softcap = _softcap(softcap)
+    if is_torch(q) and torch.compiler.is_compiling():
+        o, lse = torch.ops.ferrokernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal_q,
+                                                         scale, softcap, window, return_lse, validate)
+        return (o, lse) if return_lse else o
+    out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window,
+                           return_lse, out, validate)
+    return (out, lse) if return_lse else out
+
+
+def _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window, return_lse,
+                out, validate):
     expect_rank(q, 4, "q", Q_LAYOUT)
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     batch, q_len, heads_q, head_dim = (int(x) for x in q.shape)
@@ -93,17 +106,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
     if validate:
         _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages)
     splits, workspace = 1, None
-    if is_torch(q) and q.is_cuda and heads_kv > 0 and heads_q % max(heads_kv, 1) == 0 and q.dtype in (torch.float16, torch.bfloat16):
-        splits, floats = _native.decode_plan(q.device.index if q.device.index is not None else torch.cuda.current_device(),
-                                             str(q.dtype).removeprefix("torch."), batch, q_len, heads_q, heads_kv,
-                                             head_dim, capacity)
+    plannable = heads_kv > 0 and heads_q % heads_kv == 0 and q.dtype in (torch.float16, torch.bfloat16)
+    if is_torch(q) and q.is_cuda and plannable:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        splits, floats = _native.decode_plan(index, str(q.dtype).removeprefix("torch."), batch, q_len, heads_q,
+                                             heads_kv, head_dim, capacity)
         if floats:
             # From torch's allocator, so a captured CUDA graph owns its copy.
             workspace = torch.empty(floats, dtype=torch.float32, device=q.device)
     _native.decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse, block_table=block_table, causal_q=causal_q,
-                       scale=None if scale is None else float(scale), softcap=_softcap(softcap),
-                       window=_decode_window(window), workspace=workspace, splits=splits, stream=stream_of(q))
-    return (out, lse) if return_lse else out
+                       scale=None if scale is None else float(scale), softcap=softcap,
+                       window=tuple(window), workspace=workspace, splits=splits, stream=stream_of(q))
+    return out, lse
 
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *, rotary=None,
@@ -126,6 +140,16 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *
         if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
             raise ValueError("rotary must be a (cos, sin) pair of (positions, rotary_dim / 2) tensors")
         cos, sin = rotary
+    if is_torch(k_new) and torch.compiler.is_compiling():
+        torch.ops.ferrokernels.append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin,
+                                         bool(rotary_interleaved), validate)
+        return
+    _append_run(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, bool(rotary_interleaved),
+                validate, page_size, num_pages, capacity)
+
+
+def _append_run(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, interleaved, validate,
+                page_size, num_pages, capacity):
     n_new = int(k_new.shape[1])
     if validate:
         lens = _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=n_new)
@@ -135,4 +159,33 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, *
                 raise ValueError(f"rotary cos/sin have {int(cos.shape[0])} positions but the new tokens reach "
                                  f"position {last}")
     _native.append_kv_fwd(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos=cos, sin=sin,
-                          interleaved=bool(rotary_interleaved), stream=stream_of(k_new))
+                          interleaved=interleaved, stream=stream_of(k_new))
+
+
+# torch.compile support: custom ops with fake implementations (see attention.py).
+if torch is not None:
+
+    @torch.library.custom_op("ferrokernels::decode_attention", mutates_args=())
+    def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                   block_table: Optional[torch.Tensor], causal_q: bool, scale: Optional[float], softcap: float,
+                   window: List[int], return_lse: bool, validate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window,
+                               return_lse, None, validate)
+        return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+    @_decode_op.register_fake
+    def _(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window, return_lse, validate):
+        b, n, h, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((b, h, n) if return_lse else (0,), dtype=torch.float32)
+
+    @torch.library.custom_op("ferrokernels::append_kv", mutates_args=("k_cache", "v_cache"))
+    def _append_op(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], cos: Optional[torch.Tensor],
+                   sin: Optional[torch.Tensor], interleaved: bool, validate: bool) -> None:
+        page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
+        _append_run(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, interleaved, validate,
+                    page_size, num_pages, capacity)
+
+    @_append_op.register_fake
+    def _(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, interleaved, validate):
+        return None
