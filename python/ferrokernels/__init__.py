@@ -10,6 +10,7 @@ from ._native import (
     ShapeError,
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
+from . import checkpoints, gemm  # noqa: F401
 from .attention import attention, attention_varlen, sdpa
 from .decode import append_kv, decode_attention
 from .kvcache import PagedKVCache, VirtualKVCache

@@ -1,0 +1,141 @@
+"""Low-bit weights: the canonical quantized-weight layout every loader produces and every GEMM
+kernel reads (after its own one-time repack), its dequantization, and round-to-nearest
+quantization.
+
+Canonical layout of a weight ``W`` (out_features N, in_features K), ``QuantizedWeight``:
+
+* ``qweight`` -- 4-bit: uint8 ``(N, K/2)``, two codes per byte, even k in the low nibble;
+  8-bit: int8 ``(N, K)``.
+* ``scales`` -- ``(N, K/group_size)``, float16/bfloat16/float32 as the checkpoint stored them.
+* ``zeros`` -- how codes become values, per group:
+  ``None``: symmetric, ``w = (q - 8) * s`` for 4-bit codes in [0, 15], ``w = q * s`` for int8;
+  uint8 ``(N, K/group_size)`` integer zero points: ``w = (q - z) * s`` (GPTQ, AWQ);
+  floating ``(N, K/group_size)`` minimums: ``w = q * s + m`` (GGUF Q4_1).
+* ``perm`` -- int64 ``(K,)`` or None: canonical column c holds input channel ``perm[c]``
+  (GPTQ act-order, regrouped so each group is contiguous); activations are permuted to match.
+
+Dequantization follows each format's own arithmetic, so it reproduces the tools' dequantized
+weights bit for bit (tests/test_gemm_formats.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from ._runtime import torch
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    qweight: "torch.Tensor"
+    scales: "torch.Tensor"
+    zeros: Optional["torch.Tensor"]
+    group_size: int
+    bits: int
+    in_features: int
+    perm: Optional["torch.Tensor"] = None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    def to(self, device) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, qweight=move(self.qweight), scales=move(self.scales), zeros=move(self.zeros),
+                       perm=move(self.perm))
+
+    def check(self) -> "QuantizedWeight":
+        """Raises ValueError/TypeError naming the field when the tensors do not fit together."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if g <= 0 or k % g:
+            raise ValueError(f"group_size {g} must divide in_features {k}")
+        want_q = (n, k // 2) if self.bits == 4 else (n, k)
+        want_dtype = torch.uint8 if self.bits == 4 else torch.int8
+        if tuple(self.qweight.shape) != want_q or self.qweight.dtype != want_dtype:
+            raise ValueError(f"qweight must be {want_dtype} {want_q} for {self.bits}-bit codes, got "
+                             f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
+        if tuple(self.scales.shape) != (n, k // g):
+            raise ValueError(f"scales must have shape {(n, k // g)}, got {tuple(self.scales.shape)}")
+        if not self.scales.is_floating_point():
+            raise TypeError(f"scales must be floating point, got {self.scales.dtype}")
+        if self.zeros is not None and tuple(self.zeros.shape) != (n, k // g):
+            raise ValueError(f"zeros must have shape {(n, k // g)}, got {tuple(self.zeros.shape)}")
+        if self.zeros is not None and not (self.zeros.dtype == torch.uint8 or self.zeros.is_floating_point()):
+            raise TypeError(f"zeros must be uint8 zero points or floating minimums, got {self.zeros.dtype}")
+        if self.perm is not None and tuple(self.perm.shape) != (k,):
+            raise ValueError(f"perm must have shape ({k},), got {tuple(self.perm.shape)}")
+        return self
+
+
+def unpack_int4(packed: "torch.Tensor") -> "torch.Tensor":
+    """uint8 (..., K/2) -> uint8 codes (..., K), even k from the low nibble."""
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def pack_int4(codes: "torch.Tensor") -> "torch.Tensor":
+    """uint8 codes in [0, 15] (..., K) -> uint8 (..., K/2), even k in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def dequantize(qw: QuantizedWeight, dtype=None) -> "torch.Tensor":
+    """W (N, K) in input-channel order, computed in float32 with each format's arithmetic and
+    rounded once to ``dtype`` (default: the scales' dtype)."""
+    qw.check()
+    n, k, g = qw.out_features, qw.in_features, qw.group_size
+    q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
+    q = q.to(torch.float32).view(n, k // g, g)
+    s = qw.scales.to(torch.float32).unsqueeze(-1)
+    if qw.zeros is None:
+        w = (q - 8.0) * s if qw.bits == 4 else q * s
+    elif qw.zeros.dtype == torch.uint8:
+        w = (q - qw.zeros.to(torch.float32).unsqueeze(-1)) * s
+    else:
+        w = q * s + qw.zeros.to(torch.float32).unsqueeze(-1)
+    w = w.view(n, k)
+    if qw.perm is not None:
+        out = torch.empty_like(w)
+        out[:, qw.perm] = w
+        w = out
+    return w.to(dtype or qw.scales.dtype)
+
+
+def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sym: bool = True,
+             scale_dtype=None) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight`` (N, K) per group of ``group_size`` input
+    channels (``group_size=-1``: per output channel). 4-bit: symmetric codes around 8, or
+    asymmetric with integer zero points; 8-bit: symmetric int8."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    g = k if group_size in (-1, None) else int(group_size)
+    if g <= 0 or k % g:
+        raise ValueError(f"group_size {g} must divide in_features {k}")
+    wg = w.view(n, k // g, g)
+    scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() and weight.dtype != torch.float64
+                                  else torch.float16)
+    zeros = None
+    if bits == 8:
+        s = (wg.abs().amax(-1) / 127.0).clamp_min(1e-10).to(scale_dtype)
+        q = torch.round(wg / s.to(torch.float32).unsqueeze(-1)).clamp(-127, 127).to(torch.int8).view(n, k)
+        return QuantizedWeight(q, s, None, g, 8, k).check()
+    if bits != 4:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if sym:
+        # Codes 1..15 around 8 (+-7 steps); code 0 stays unused so +amax is exact.
+        s = (wg.abs().amax(-1) / 7.0).clamp_min(1e-10).to(scale_dtype)
+        q = torch.round(wg / s.to(torch.float32).unsqueeze(-1) + 8.0).clamp(0, 15)
+    else:
+        lo, hi = wg.amin(-1).clamp_max(0), wg.amax(-1).clamp_min(0)
+        s = ((hi - lo) / 15.0).clamp_min(1e-10).to(scale_dtype)
+        sf = s.to(torch.float32)
+        zeros = torch.round(-lo / sf).clamp(0, 15).to(torch.uint8)
+        q = torch.round(wg / sf.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 15)
+    return QuantizedWeight(pack_int4(q.view(n, k)), s, zeros, g, 4, k).check()
