@@ -11,6 +11,10 @@ from ._native import (
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
 from . import checkpoints, gemm  # noqa: F401
+
+if _runtime.torch is not None:  # the nn modules need torch
+    from . import nn  # noqa: F401
+    from .nn import quantize_model
 from .attention import attention, attention_varlen, sdpa
 from .decode import append_kv, decode_attention
 from .kvcache import PagedKVCache, VirtualKVCache
@@ -26,6 +30,7 @@ __all__ = [
     "append_kv",
     "PagedKVCache",
     "VirtualKVCache",
+    "quantize_model",
     "info",
     "compile_all",
     "kernel_names",

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from ._runtime import torch
+from . import _native
+from ._runtime import stream_of, torch
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,18 @@ def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sy
         zeros = torch.round(-lo / sf).clamp(0, 15).to(torch.uint8)
         q = torch.round(wg / sf.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 15)
     return QuantizedWeight(pack_int4(q.view(n, k)), s, zeros, g, 4, k).check()
+
+
+def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+    """``x @ W^T (+ bias)`` for x (..., K) float16/bfloat16 (CPU also float32) and W quantized;
+    f32 accumulation, output in x's dtype. CPU: rayon (dequantize a block of rows, multiply);
+    the CUDA kernels are not written yet (NotImplementedError)."""
+    if x.shape[-1] != qw.in_features:
+        raise _native.ShapeError(f"x has {x.shape[-1]} input features; the weight expects {qw.in_features}")
+    x2 = x.reshape(-1, qw.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], qw.out_features, dtype=x.dtype, device=x.device)
+    _native.gemm_fwd(x2, qw.qweight, qw.scales, out, zeros=qw.zeros, perm=qw.perm, bias=bias, bits=qw.bits,
+                     group_size=qw.group_size, stream=stream_of(x))
+    return out.view(*x.shape[:-1], qw.out_features)

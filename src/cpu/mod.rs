@@ -4,6 +4,7 @@
 pub mod append_kv;
 pub mod attention;
 pub mod decode;
+pub mod gemm;
 
 use crate::dlpack::TensorView;
 use half::{bf16, f16};
@@ -41,6 +42,18 @@ impl Element for bf16 {
     }
 }
 
+/// A contiguous float16/bfloat16/float32 tensor in host memory as f32, row-major.
+pub(crate) fn floats(t: &TensorView) -> Vec<f32> {
+    let n = t.numel() as usize;
+    unsafe {
+        match t.dtype {
+            crate::dlpack::DType::F16 => std::slice::from_raw_parts(t.ptr as *const f16, n).iter().map(|v| v.to_f32()).collect(),
+            crate::dlpack::DType::BF16 => std::slice::from_raw_parts(t.ptr as *const bf16, n).iter().map(|v| v.to_f32()).collect(),
+            _ => std::slice::from_raw_parts(t.ptr as *const f32, n).to_vec(),
+        }
+    }
+}
+
 /// An int32 tensor in host memory (any strides), flattened row-major.
 pub(crate) fn host_i32(t: &TensorView) -> Vec<i32> {
     let n = t.numel() as usize;
@@ -72,7 +85,7 @@ unsafe impl Sync for SharedPtr {}
 pub(crate) fn matmul(dst: &mut [f32], lhs: &[f32], rhs: &[f32], rows: usize, n: usize, k: usize, rhs_rs: usize, rhs_cs: usize, accumulate: bool) {
     debug_assert!(dst.len() >= rows * n && lhs.len() >= rows * k);
     unsafe {
-        gemm::gemm(
+        ::gemm::gemm(
             rows, n, k,
             dst.as_mut_ptr(), 1, n as isize,
             accumulate,
@@ -80,7 +93,7 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: &[f32], rhs: &[f32], rows: usize, n: 
             rhs.as_ptr(), rhs_cs as isize, rhs_rs as isize,
             1.0f32, 1.0f32,
             false, false, false,
-            gemm::Parallelism::None,
+            ::gemm::Parallelism::None,
         );
     }
 }

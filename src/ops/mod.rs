@@ -3,6 +3,7 @@
 pub mod append_kv;
 pub mod attention;
 pub mod decode;
+pub mod gemm;
 
 use crate::cuda::KernelSource;
 

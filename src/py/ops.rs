@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
 use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
+use crate::ops::gemm::{self, GemmArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -250,7 +251,47 @@ fn append_kv_fwd(
     py.detach(|| append_kv::forward(&args, stream)).map_err(to_py)
 }
 
+/// gemm_fwd(x, qweight, scales, out, *, zeros, perm, bias, bits, group_size, stream):
+/// out (M, N) = x (M, K) @ W^T (+ bias), W in the canonical quantized layout (ops::gemm).
+#[pyfunction]
+#[pyo3(signature = (x, qweight, scales, out, *, zeros=None, perm=None, bias=None, bits=4, group_size=128, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn gemm_fwd(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    qweight: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    zeros: Option<&Bound<'_, PyAny>>,
+    perm: Option<&Bound<'_, PyAny>>,
+    bias: Option<&Bound<'_, PyAny>>,
+    bits: usize,
+    group_size: usize,
+    stream: usize,
+) -> PyResult<()> {
+    let x = import(x, "x", stream, false)?;
+    let qw = import(qweight, "qweight", stream, false)?;
+    let s = import(scales, "scales", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let z = import_opt(zeros, "zeros", stream, false)?;
+    let p = import_opt(perm, "perm", stream, false)?;
+    let b = import_opt(bias, "bias", stream, false)?;
+    let args = GemmArgs {
+        x: &x.view,
+        qweight: &qw.view,
+        scales: &s.view,
+        zeros: view(&z),
+        perm: view(&p),
+        bias: view(&b),
+        out: &out.view,
+        bits,
+        group_size,
+    };
+    py.detach(|| gemm::forward(&args)).map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gemm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;

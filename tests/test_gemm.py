@@ -1,0 +1,103 @@
+"""ferrokernels.gemm.linear and nn.QuantLinear against the float32 matmul of the dequantized
+weight, for every canonical format (4-bit symmetric, integer zero points, float minimums,
+act-order permutation, int8), odd group counts, many M, with and without bias."""
+
+import copy
+
+import pytest
+import torch
+
+import ferrokernels as fk
+from ferrokernels import checkpoints as ck
+from ferrokernels.gemm import QuantizedWeight, dequantize, linear, pack_int4, quantize
+
+MS = [1, 2, 3, 7, 16, 33, 64]
+
+
+def weights(kind, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if kind == "sym":
+        return quantize(w, bits=4, group_size=32)
+    if kind == "zeros":
+        return quantize(w, bits=4, group_size=64, sym=False)
+    if kind == "int8":
+        return quantize(w, bits=8, group_size=k)
+    if kind == "mins":  # GGUF Q4_1-style: codes * scale + min, 32 per block
+        codes = torch.randint(0, 16, (n, k), generator=g)
+        s = (torch.rand(n, k // 32, generator=g) * 0.01).half()
+        m = (torch.randn(n, k // 32, generator=g) * 0.05).half()
+        return QuantizedWeight(pack_int4(codes), s, m, 32, 4, k).check()
+    if kind == "act_order":  # GPTQ with g_idx: groups regrouped by a permutation
+        codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+        packed = sum((codes.view(k // 8, 8, n)[:, j] << (4 * j)) for j in range(8)).to(torch.int32)
+        zeros = torch.randint(0, 16, (k // 64, n), generator=g, dtype=torch.int32)
+        qz = sum((zeros.view(k // 64, n // 8, 8)[:, :, j] << (4 * j)) for j in range(8)).to(torch.int32)
+        s = (torch.rand(k // 64, n, generator=g) * 0.01).half()
+        g_idx = (torch.arange(k) // 64)[torch.randperm(k, generator=g)].to(torch.int32)
+        return ck.from_gptq(packed, qz, s, g_idx, version=2)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["sym", "zeros", "int8", "mins", "act_order"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_matches_dequantized_matmul(kind, dtype):
+    n, k = 72, 320  # 320 / 32 = 10 and 320 / 64 = 5 groups (odd counts)
+    qw = weights(kind, n, k, seed=hash((kind, str(dtype))) % 2**31)
+    bias = torch.randn(n).to(dtype)
+    w = dequantize(qw, torch.float32)
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        ref = x.float() @ w.t() + bias.float()
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        fk._native.gemm_fwd(x, qw.qweight, qw.scales, out, zeros=qw.zeros, perm=qw.perm, bias=bias, bits=qw.bits,
+                            group_size=qw.group_size)
+        assert not out.isnan().any()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err <= {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (m, err)
+        assert torch.equal(linear(x, qw, bias), out)
+
+
+def test_quant_linear_and_quantize_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    model.add_module("lm_head", torch.nn.Linear(64, 10))
+    x = torch.randn(4, 7, 128)
+    reference = copy.deepcopy(model)
+    fk.quantize_model(model, "w4a16", group_size=64)
+    assert isinstance(model[0], fk.nn.QuantLinear) and isinstance(model[2], fk.nn.QuantLinear)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # skipped by default
+    with torch.no_grad():
+        full = reference(x)
+        for i in (0, 2):  # the same model with the dequantized weights
+            reference[i].weight.copy_(model[i].dequantized_weight(torch.float32))
+        want, got = reference(x), model(x)
+    assert got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert ((got - full).norm() / full.norm()).item() < 0.15  # 4-bit RTN of uniform random weights
+    # Buffers travel with the module.
+    assert set(model[0].state_dict()) >= {"qweight", "scales"}
+    with pytest.raises(NotImplementedError, match="format 'fp8'"):
+        fk.nn.QuantLinear.from_linear(torch.nn.Linear(64, 64), "fp8")
+
+
+def test_bad_inputs():
+    qw = quantize(torch.randn(64, 128), bits=4, group_size=32)
+    with pytest.raises(fk.ShapeError, match="x has 100 input features; the weight expects 128"):
+        linear(torch.randn(2, 100), qw)
+    out = torch.empty(2, 64)
+    with pytest.raises(fk.ShapeError, match="group_size 48 must divide K = 128"):
+        fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight, qw.scales, out, bits=4, group_size=48)
+    with pytest.raises(fk.DTypeError, match="qweight must have dtype uint8"):
+        fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight.to(torch.int8), qw.scales, out, bits=4, group_size=32)
+    with pytest.raises(fk.ShapeError, match="scales must have shape"):
+        fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight, qw.scales[:, :2], out, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight, qw.scales, out, bits=3, group_size=32)
+
+
+@pytest.mark.cuda
+def test_cuda_is_not_implemented_yet():
+    qw = quantize(torch.randn(64, 128), bits=4, group_size=32).to("cuda")
+    with pytest.raises(NotImplementedError, match="no CUDA kernel yet"):
+        linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qw)
