@@ -75,6 +75,12 @@ class QuantizedWeight:
         return self
 
 
+def permute_rows(qw: QuantizedWeight, idx: "torch.Tensor") -> QuantizedWeight:
+    """The same weight with output features reordered: row r of the result is row idx[r]."""
+    pick = lambda t: None if t is None else t[idx].contiguous()  # noqa: E731
+    return replace(qw, qweight=pick(qw.qweight), scales=pick(qw.scales), zeros=pick(qw.zeros)).check()
+
+
 def unpack_int4(packed: "torch.Tensor") -> "torch.Tensor":
     """uint8 (..., K/2) -> uint8 codes (..., K), even k from the low nibble."""
     lo, hi = packed & 0x0F, packed >> 4

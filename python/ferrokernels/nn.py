@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from . import checkpoints
 from ._runtime import torch
-from .gemm import QuantizedWeight, dequantize, linear, quantize
+from .gemm import QuantizedWeight, dequantize, linear, permute_rows, quantize
 
 FORMATS = {"w4a16": 4, "w8a16": 8}
 
@@ -78,3 +78,51 @@ def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(mod, fmt, group_size, sym))
     return model
+
+
+# GGUF tensor names of a llama-family block -> the Hugging Face module path inside a layer.
+GGUF_LLAMA_LINEARS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_rotary_rows(n: int, heads: int) -> "torch.Tensor":
+    """llama.cpp's converter interleaves each q/k head's rotary halves; transformers undoes
+    it on load. The same row order for a quantized weight: HF row (h, j, i) is GGUF row (h, i, j)."""
+    dim = n // heads // 2
+    return torch.arange(n).view(heads, dim, 2).transpose(1, 2).reshape(n)
+
+
+def load_gguf_linears(model: "torch.nn.Module", path: str) -> int:
+    """Replaces the attention and MLP Linear layers of a llama-family Hugging Face model by
+    QuantLinear layers read straight from the quantized tensors of its ``.gguf`` file (Q4_0,
+    Q4_1, Q8_0; the model itself may come from ``from_pretrained(..., gguf_file=...)``, which
+    dequantizes). Returns the number of layers replaced."""
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    wanted = {f"blk.{i}.{g}.weight" for i in range(cfg.num_hidden_layers) for g in GGUF_LLAMA_LINEARS}
+    tensors = checkpoints.read_gguf(path, wanted)
+    layers = model.get_submodule("model.layers")
+    replaced = 0
+    for name, qw in tensors.items():
+        if not isinstance(qw, QuantizedWeight):
+            continue  # stored unquantized: leave the dense layer
+        _, i, kind, _ = name.split(".")
+        if kind in ("attn_q", "attn_k"):
+            qw = permute_rows(qw, _gguf_rotary_rows(qw.out_features, heads if kind == "attn_q" else kv_heads))
+        parent_path, _, child = GGUF_LLAMA_LINEARS[kind].rpartition(".")
+        parent = layers[int(i)].get_submodule(parent_path)
+        old = getattr(parent, child)
+        if (old.out_features, old.in_features) != (qw.out_features, qw.in_features):
+            raise ValueError(f"{name} is {qw.out_features}x{qw.in_features}, the model's layer "
+                             f"{old.out_features}x{old.in_features}")
+        bias = None if old.bias is None else old.bias.detach().clone()
+        setattr(parent, child, QuantLinear(qw, bias))
+        replaced += 1
+    return replaced
