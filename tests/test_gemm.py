@@ -101,3 +101,54 @@ def test_cuda_is_not_implemented_yet():
     qw = quantize(torch.randn(64, 128), bits=4, group_size=32).to("cuda")
     with pytest.raises(NotImplementedError, match="no CUDA kernel yet"):
         linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qw)
+
+
+def w8a8_reference(x, qw, bias):
+    """Per-token activation quantization and the product, simulated in float64 from the
+    quantized values (exact products; the kernel's f32/i32 sums differ only in order)."""
+    qmax = 127.0 if qw.act == "int8" else 448.0
+    xf = x.float()  # scales and codes in float32, as the kernel forms them
+    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    t = xf / s
+    xq = torch.round(t).clamp(-127, 127) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    w = qw.qweight.double() if qw.act == "int8" else qw.qweight.float().double()
+    return (xq.double() @ w.t()) * s.double() * qw.scales.double().t() + (0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_matches_simulated_quantization(act, dtype, static):
+    n, k = 48, 192
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
+    qw = fk.gemm.quantize_w8a8(w, act)
+    if static:
+        qw = fk.gemm.replace(qw, act_scale=torch.tensor([0.08]))  # |x| < 10: no clipping
+    bias = torch.randn(n).to(dtype)
+    for m in MS:
+        x = (torch.randn(m, k) * 2).to(dtype)
+        ref = w8a8_reference(x, qw, bias)
+        out = linear(x, qw, bias)
+        assert not out.isnan().any()
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err <= {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (m, err)
+        # And close to the unquantized product (W8A8 keeps ~2-3 significant digits).
+        full = x.double() @ w.double().t() + bias.double()
+        assert ((out.double() - full).norm() / full.norm()).item() < (0.02 if act == "int8" else 0.06)
+
+
+def test_fp8_checkpoint_loader():
+    n, k = 32, 64
+    w = torch.randn(n, k)
+    per_tensor = (w.abs().max() / 448).reshape(1)
+    q = (w / per_tensor).to(torch.float8_e4m3fn)
+    qw = ck.from_compressed_tensors_fp8(q, per_tensor)
+    assert torch.equal(dequantize(qw, torch.float32), q.float() * per_tensor)
+    lin = fk.nn.QuantLinear(qw)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    assert torch.equal(lin(x), linear(x, qw))
+    with pytest.raises(TypeError, match="weight must be float8_e4m3fn"):
+        ck.from_compressed_tensors_fp8(w, per_tensor)
+    for fmt in ("w8a16", "w8a8_int8", "w8a8_fp8"):
+        m = fk.nn.QuantLinear.from_linear(torch.nn.Linear(k, n), fmt)
+        assert m(torch.randn(2, k)).shape == (2, n)

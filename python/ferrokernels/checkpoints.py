@@ -125,6 +125,27 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_shape=None, weig
     return QuantizedWeight(pack_int4(codes), weight_scale.contiguous(), zeros, k // groups, 4, k).check()
 
 
+def from_compressed_tensors_fp8(weight, weight_scale, input_scale=None) -> QuantizedWeight:
+    """``float-quantized`` FP8 W8A8: ``weight`` float8_e4m3fn (N, K), ``weight_scale`` float32
+    per tensor (a scalar or (1,)) or per channel (N, 1); ``input_scale`` (one value) for static
+    activation scaling, else activations are scaled per token at run time."""
+    n, k = (int(x) for x in weight.shape)
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight must be float8_e4m3fn, got {weight.dtype}")
+    ws = weight_scale.to(torch.float32)
+    if ws.numel() == 1:
+        ws = ws.reshape(1, 1).expand(n, 1)
+    if tuple(ws.shape) not in ((n, 1), (n,)):
+        raise ValueError(f"weight_scale must be per tensor or per channel ({n}, 1), got {tuple(weight_scale.shape)}")
+    act_scale = None
+    if input_scale is not None:
+        if input_scale.numel() != 1:
+            raise NotImplementedError("only a per-tensor static input_scale is supported")
+        act_scale = input_scale.to(torch.float32).reshape(1)
+    return QuantizedWeight(weight.contiguous(), ws.reshape(n, 1).contiguous(), None, k, 8, k, act="fp8",
+                           act_scale=act_scale).check()
+
+
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids
 GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 

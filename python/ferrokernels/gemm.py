@@ -13,6 +13,10 @@ Canonical layout of a weight ``W`` (out_features N, in_features K), ``QuantizedW
   floating ``(N, K/group_size)`` minimums: ``w = q * s + m`` (GGUF Q4_1).
 * ``perm`` -- int64 ``(K,)`` or None: canonical column c holds input channel ``perm[c]``
   (GPTQ act-order, regrouped so each group is contiguous); activations are permuted to match.
+* ``act`` -- None for weight-only formats; "int8" or "fp8" for W8A8: ``qweight`` is int8 or
+  float8_e4m3fn (N, K) with per-channel ``scales`` (N, 1) (group_size K), and activations are
+  quantized per token on the fly (``act_scale`` None: dynamic, ``max|x_m| / 127`` or ``/ 448``)
+  or with one static float32 ``act_scale``; products accumulate exactly (int32) or in f32 (fp8).
 
 Dequantization follows each format's own arithmetic, so it reproduces the tools' dequantized
 weights bit for bit (tests/test_gemm_formats.py).
@@ -20,7 +24,7 @@ weights bit for bit (tests/test_gemm_formats.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, replace  # noqa: F401  (replace is part of the API)
 from typing import Optional
 
 from . import _native
@@ -36,6 +40,8 @@ class QuantizedWeight:
     bits: int
     in_features: int
     perm: Optional["torch.Tensor"] = None
+    act: Optional[str] = None
+    act_scale: Optional["torch.Tensor"] = None
 
     @property
     def out_features(self) -> int:
@@ -48,7 +54,7 @@ class QuantizedWeight:
     def to(self, device) -> "QuantizedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, qweight=move(self.qweight), scales=move(self.scales), zeros=move(self.zeros),
-                       perm=move(self.perm))
+                       perm=move(self.perm), act_scale=move(self.act_scale))
 
     def check(self) -> "QuantizedWeight":
         """Raises ValueError/TypeError naming the field when the tensors do not fit together."""
@@ -57,8 +63,12 @@ class QuantizedWeight:
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
         if g <= 0 or k % g:
             raise ValueError(f"group_size {g} must divide in_features {k}")
+        if self.act not in (None, "int8", "fp8"):
+            raise ValueError(f"act must be None, 'int8' or 'fp8', got {self.act!r}")
+        if self.act is not None and (self.bits != 8 or g != k or self.zeros is not None or self.perm is not None):
+            raise ValueError("W8A8 weights are 8-bit, per output channel (group_size = in_features), symmetric")
         want_q = (n, k // 2) if self.bits == 4 else (n, k)
-        want_dtype = torch.uint8 if self.bits == 4 else torch.int8
+        want_dtype = torch.uint8 if self.bits == 4 else (torch.float8_e4m3fn if self.act == "fp8" else torch.int8)
         if tuple(self.qweight.shape) != want_q or self.qweight.dtype != want_dtype:
             raise ValueError(f"qweight must be {want_dtype} {want_q} for {self.bits}-bit codes, got "
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
@@ -99,7 +109,7 @@ def dequantize(qw: QuantizedWeight, dtype=None) -> "torch.Tensor":
     qw.check()
     n, k, g = qw.out_features, qw.in_features, qw.group_size
     q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
-    q = q.to(torch.float32).view(n, k // g, g)
+    q = q.to(torch.float32).view(n, k // g, g)  # fp8 codes decode exactly
     s = qw.scales.to(torch.float32).unsqueeze(-1)
     if qw.zeros is None:
         w = (q - 8.0) * s if qw.bits == 4 else q * s
@@ -148,6 +158,23 @@ def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sy
     return QuantizedWeight(pack_int4(q.view(n, k)), s, zeros, g, 4, k).check()
 
 
+def quantize_w8a8(weight: "torch.Tensor", act: str = "int8") -> QuantizedWeight:
+    """Per-output-channel symmetric int8 or float8_e4m3fn weights for W8A8 (activations are
+    quantized per token at run time)."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    amax = w.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    if act == "int8":
+        s = amax / 127.0
+        q = torch.round(w / s).clamp(-127, 127).to(torch.int8)
+    elif act == "fp8":
+        s = amax / 448.0
+        q = (w / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    else:
+        raise ValueError(f"act must be 'int8' or 'fp8', got {act!r}")
+    return QuantizedWeight(q, s, None, k, 8, k, act=act).check()
+
+
 def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"] = None) -> "torch.Tensor":
     """``x @ W^T (+ bias)`` for x (..., K) float16/bfloat16 (CPU also float32) and W quantized;
     f32 accumulation, output in x's dtype. CPU: rayon (dequantize a block of rows, multiply);
@@ -159,5 +186,5 @@ def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], qw.out_features, dtype=x.dtype, device=x.device)
     _native.gemm_fwd(x2, qw.qweight, qw.scales, out, zeros=qw.zeros, perm=qw.perm, bias=bias, bits=qw.bits,
-                     group_size=qw.group_size, stream=stream_of(x))
+                     group_size=qw.group_size, act=qw.act or "", act_scale=qw.act_scale, stream=stream_of(x))
     return out.view(*x.shape[:-1], qw.out_features)

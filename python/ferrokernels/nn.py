@@ -8,9 +8,9 @@ from typing import Iterable, Optional
 
 from . import checkpoints
 from ._runtime import torch
-from .gemm import QuantizedWeight, dequantize, linear, permute_rows, quantize
+from .gemm import QuantizedWeight, dequantize, linear, permute_rows, quantize, quantize_w8a8
 
-FORMATS = {"w4a16": 4, "w8a16": 8}
+FORMATS = ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8")
 
 
 class QuantLinear(torch.nn.Module):
@@ -21,8 +21,9 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         qw.check()
         self.in_features, self.out_features = qw.in_features, qw.out_features
-        self.bits, self.group_size = qw.bits, qw.group_size
+        self.bits, self.group_size, self.act = qw.bits, qw.group_size, qw.act
         self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("act_scale", qw.act_scale)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
         self.register_buffer("perm", qw.perm)
@@ -31,15 +32,22 @@ class QuantLinear(torch.nn.Module):
     @property
     def weight_q(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.bits, self.in_features,
-                               self.perm)
+                               self.perm, self.act, self.act_scale)
 
     @classmethod
     def from_linear(cls, module: "torch.nn.Linear", fmt: str = "w4a16", group_size: int = 128,
                     sym: bool = True) -> "QuantLinear":
-        """Round-to-nearest quantization of an nn.Linear's weight (scales in its dtype)."""
+        """Round-to-nearest quantization of an nn.Linear's weight: w4a16 (groups of
+        `group_size`), w8a16 (int8 per channel), w8a8_int8 / w8a8_fp8 (per-channel weights,
+        activations quantized per token at run time)."""
         if fmt not in FORMATS:
             raise NotImplementedError(f"QuantLinear format {fmt!r} is not supported yet (supported: {list(FORMATS)})")
-        qw = quantize(module.weight, bits=FORMATS[fmt], group_size=group_size, sym=sym)
+        if fmt == "w4a16":
+            qw = quantize(module.weight, bits=4, group_size=group_size, sym=sym)
+        elif fmt == "w8a16":
+            qw = quantize(module.weight, bits=8, group_size=-1)
+        else:
+            qw = quantize_w8a8(module.weight, fmt.removeprefix("w8a8_"))
         bias = None if module.bias is None else module.bias.detach().clone()
         return cls(qw, bias)
 
@@ -59,8 +67,9 @@ class QuantLinear(torch.nn.Module):
         return linear(x, self.weight_q, bias)
 
     def extra_repr(self) -> str:
+        act = f", act={self.act}" if self.act else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}{act}, bias={self.bias is not None}")
 
 
 def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: int = 128, sym: bool = True,
@@ -72,7 +81,7 @@ def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: 
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
                and not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in skip)]
     for name, mod in targets:
-        if mod.in_features % (group_size if group_size > 0 else mod.in_features):
+        if fmt == "w4a16" and mod.in_features % (group_size if group_size > 0 else mod.in_features):
             continue  # a group size that does not divide K: leave the layer in full precision
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -54,6 +54,42 @@ pub(crate) fn floats(t: &TensorView) -> Vec<f32> {
     }
 }
 
+/// float8_e4m3fn (no infinities, max 448) -> f32, exactly.
+pub(crate) fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((b >> 3) & 0x0F, b & 0x07);
+    if e == 0x0F && m == 0x07 {
+        return f32::NAN;
+    }
+    let mag = if e == 0 { m as f32 / 8.0 * 2f32.powi(-6) } else { (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7) };
+    sign * mag
+}
+
+/// f32 -> float8_e4m3fn, rounding to nearest even and saturating at +-448 (as torch's cast of
+/// in-range values; NaN stays NaN).
+pub(crate) fn f32_to_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs().min(448.0);
+    let code = if a < 2f32.powi(-6) {
+        (a / 2f32.powi(-9)).round_ties_even() as u8 // subnormals; 8 rounds up to the first normal
+    } else {
+        let mut e = a.log2().floor() as i32;
+        if 2f32.powi(e) > a {
+            e -= 1; // log2 rounding at exact powers
+        }
+        let mut m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
+        if m == 8 {
+            e += 1;
+            m = 0;
+        }
+        (((e + 7) << 3) | m).min(0x7E) as u8
+    };
+    sign | code
+}
+
 /// An int32 tensor in host memory (any strides), flattened row-major.
 pub(crate) fn host_i32(t: &TensorView) -> Vec<i32> {
     let n = t.numel() as usize;
@@ -95,5 +131,29 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: &[f32], rhs: &[f32], rows: usize, n: 
             false, false, false,
             ::gemm::Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_codes_round_trip_and_round_to_nearest_even() {
+        for b in 0..=255u8 {
+            let x = e4m3_to_f32(b);
+            if x.is_nan() {
+                continue;
+            }
+            let back = f32_to_e4m3(x);
+            // +0 and -0 are distinct codes; every other value has exactly one.
+            assert_eq!(back, b, "code {b:#04x} = {x}");
+        }
+        assert_eq!(e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(f32_to_e4m3(1000.0), 0x7E); // saturates
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(1.0625)), 1.0); // halfway between 1 and 1.125: even
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(1.1875)), 1.25);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // smallest subnormal
+        assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0x00); // halfway to the first subnormal: even (0)
     }
 }

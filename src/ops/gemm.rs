@@ -5,6 +5,8 @@
 //!   `scales` (N, K/group_size) float; `zeros` None (symmetric: q - 8 for 4-bit codes, q for
 //!   int8), uint8 integer zero points (w = (q - z) * s), or float minimums (w = q * s + m);
 //!   `perm` (K,) int64: canonical column c multiplies input channel perm[c] (GPTQ act-order).
+//! W8A8 (`act` int8 / fp8): int8 or float8_e4m3fn weights with per-channel scales (N, 1), and
+//! activations quantized per token (or by one static scale) before the product.
 
 use crate::cpu;
 use crate::dlpack::{DType, Device, TensorView};
@@ -22,6 +24,28 @@ pub enum Zeros {
     Minimums,
 }
 
+/// Activation quantization of W8A8 formats (per token, or one static scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Weight-only: activations stay in their dtype.
+    None,
+    /// int8 codes, scale max|x_m| / 127, int32 accumulation.
+    Int8,
+    /// float8_e4m3fn codes, scale max|x_m| / 448, f32 accumulation.
+    Fp8,
+}
+
+impl Act {
+    pub fn parse(s: &str) -> Result<Act> {
+        match s {
+            "" | "none" => Ok(Act::None),
+            "int8" => Ok(Act::Int8),
+            "fp8" => Ok(Act::Fp8),
+            other => Err(Error::Value(format!("act must be '', 'int8' or 'fp8', got {other:?}"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct GemmArgs<'a> {
     pub x: &'a TensorView,
@@ -33,6 +57,9 @@ pub struct GemmArgs<'a> {
     pub out: &'a TensorView,
     pub bits: usize,
     pub group_size: usize,
+    pub act: Act,
+    /// float32, one element: a static activation scale (W8A8); None = per token, dynamic.
+    pub act_scale: Option<&'a TensorView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +99,7 @@ pub fn check(a: &GemmArgs) -> Result<GemmDims> {
             }
         }
         8 => {
-            qw.expect_dtype(&[DType::I8])?;
+            qw.expect_dtype(&[if a.act == Act::Fp8 { DType::F8E4M3 } else { DType::I8 }])?;
             qw.expect_dim(1, k, "K")?;
         }
         b => return Err(Error::Value(format!("bits must be 4 or 8, got {b}"))),
@@ -92,6 +119,18 @@ pub fn check(a: &GemmArgs) -> Result<GemmDims> {
             if z.dtype == DType::U8 { Zeros::Points } else { Zeros::Minimums }
         }
     };
+    if a.act != Act::None && (a.bits != 8 || a.group_size != k || a.zeros.is_some() || a.perm.is_some()) {
+        return Err(Error::Value(
+            "W8A8 weights are 8-bit, per output channel (group_size = K), symmetric, without a permutation".into(),
+        ));
+    }
+    if let Some(sc) = a.act_scale {
+        sc.expect_same_device(x)?;
+        sc.expect_dtype(&[DType::F32])?;
+        if sc.numel() != 1 || a.act == Act::None {
+            return shape_err(format!("{} must be one float32 value, for W8A8 formats only", sc.name));
+        }
+    }
     if let Some(p) = a.perm {
         p.expect_same_device(x)?;
         p.expect_dtype(&[DType::I64])?;
@@ -104,7 +143,7 @@ pub fn check(a: &GemmArgs) -> Result<GemmDims> {
     }
     out.expect_shape(&[m as i64, n as i64])?;
     out.expect_writable_layout()?;
-    for t in [qw, s].into_iter().chain(a.zeros).chain(a.perm).chain(a.bias) {
+    for t in [qw, s].into_iter().chain(a.zeros).chain(a.perm).chain(a.bias).chain(a.act_scale) {
         expect_contiguous(t)?;
     }
     x.expect_last_contiguous()?;

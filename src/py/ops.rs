@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
 use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
-use crate::ops::gemm::{self, GemmArgs};
+use crate::ops::gemm::{self, Act, GemmArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -251,10 +251,11 @@ fn append_kv_fwd(
     py.detach(|| append_kv::forward(&args, stream)).map_err(to_py)
 }
 
-/// gemm_fwd(x, qweight, scales, out, *, zeros, perm, bias, bits, group_size, stream):
+/// gemm_fwd(x, qweight, scales, out, *, zeros, perm, bias, bits, group_size, act, act_scale, stream):
 /// out (M, N) = x (M, K) @ W^T (+ bias), W in the canonical quantized layout (ops::gemm).
 #[pyfunction]
-#[pyo3(signature = (x, qweight, scales, out, *, zeros=None, perm=None, bias=None, bits=4, group_size=128, stream=0))]
+#[pyo3(signature = (x, qweight, scales, out, *, zeros=None, perm=None, bias=None, bits=4, group_size=128, act="",
+                    act_scale=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn gemm_fwd(
     py: Python<'_>,
@@ -267,8 +268,12 @@ fn gemm_fwd(
     bias: Option<&Bound<'_, PyAny>>,
     bits: usize,
     group_size: usize,
+    act: &str,
+    act_scale: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
+    let act = Act::parse(act).map_err(to_py)?;
+    let act_scale = import_opt(act_scale, "act_scale", stream, false)?;
     let x = import(x, "x", stream, false)?;
     let qw = import(qweight, "qweight", stream, false)?;
     let s = import(scales, "scales", stream, false)?;
@@ -286,6 +291,8 @@ fn gemm_fwd(
         out: &out.view,
         bits,
         group_size,
+        act,
+        act_scale: view(&act_scale),
     };
     py.detach(|| gemm::forward(&args)).map_err(to_py)
 }
