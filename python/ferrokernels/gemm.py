@@ -158,6 +158,39 @@ def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sy
     return QuantizedWeight(pack_int4(q.view(n, k)), s, zeros, g, 4, k).check()
 
 
+def quantize_hqq(weight: "torch.Tensor", *, group_size: int = 64, iters: int = 20, lp_norm: float = 0.7,
+                 beta: float = 10.0, kappa: float = 1.01, scale_dtype=None) -> QuantizedWeight:
+    """4-bit asymmetric quantization with HQQ's calibration-free zero-point search
+    (half-quadratic splitting: the error is shrunk under an l_p<1 norm, so outliers stop
+    dragging the zero point, and the zero re-fitted to what remains), starting from min/max
+    RTN. The fitted zero is fractional, so it is stored as a float minimum (w = q * s + m)."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    g = k if group_size in (-1, None) else int(group_size)
+    if g <= 0 or k % g:
+        raise ValueError(f"group_size {g} must divide in_features {k}")
+    wg = w.view(n, k // g, g)
+    scale_dtype = scale_dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15.0).clamp_min(1e-10).to(scale_dtype).to(torch.float32)
+    z = -lo / s  # fractional zero point
+    best, best_z = float("inf"), z
+    for _ in range(iters):
+        q = torch.round(wg / s + z).clamp(0, 15)
+        err = wg - (q - z) * s
+        current = err.abs().mean().item()
+        if current >= best:
+            break
+        best, best_z = current, z
+        # Shrink the error under the l_p norm, then refit the zero to the rest.
+        e = torch.sign(err) * torch.relu(err.abs() - err.abs().clamp_min(1e-12).pow(lp_norm - 1) / beta)
+        z = (q - (wg - e) / s).mean(-1, keepdim=True)
+        beta *= kappa
+    q = torch.round(wg / s + best_z).clamp(0, 15)
+    mins = (-best_z * s).to(scale_dtype)
+    return QuantizedWeight(pack_int4(q.view(n, k)), s.squeeze(-1).to(scale_dtype), mins.squeeze(-1), g, 4, k).check()
+
+
 def quantize_w8a8(weight: "torch.Tensor", act: str = "int8") -> QuantizedWeight:
     """Per-output-channel symmetric int8 or float8_e4m3fn weights for W8A8 (activations are
     quantized per token at run time)."""

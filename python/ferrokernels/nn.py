@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from . import checkpoints
 from ._runtime import torch
-from .gemm import QuantizedWeight, dequantize, linear, permute_rows, quantize, quantize_w8a8
+from .gemm import QuantizedWeight, dequantize, linear, permute_rows, quantize, quantize_hqq, quantize_w8a8
 
 FORMATS = ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8")
 
@@ -36,13 +36,18 @@ class QuantLinear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, module: "torch.nn.Linear", fmt: str = "w4a16", group_size: int = 128,
-                    sym: bool = True) -> "QuantLinear":
+                    sym: bool = True, method: str = "rtn") -> "QuantLinear":
         """Round-to-nearest quantization of an nn.Linear's weight: w4a16 (groups of
         `group_size`), w8a16 (int8 per channel), w8a8_int8 / w8a8_fp8 (per-channel weights,
-        activations quantized per token at run time)."""
+        activations quantized per token at run time). ``method="hqq"`` (w4a16) fits each
+        group's zero point with HQQ's calibration-free search instead of plain min/max."""
         if fmt not in FORMATS:
             raise NotImplementedError(f"QuantLinear format {fmt!r} is not supported yet (supported: {list(FORMATS)})")
-        if fmt == "w4a16":
+        if method not in ("rtn", "hqq") or (method == "hqq" and fmt != "w4a16"):
+            raise NotImplementedError(f"method {method!r} is not supported for {fmt} (rtn; hqq for w4a16)")
+        if fmt == "w4a16" and method == "hqq":
+            qw = quantize_hqq(module.weight, group_size=group_size)
+        elif fmt == "w4a16":
             qw = quantize(module.weight, bits=4, group_size=group_size, sym=sym)
         elif fmt == "w8a16":
             qw = quantize(module.weight, bits=8, group_size=-1)
@@ -73,7 +78,7 @@ class QuantLinear(torch.nn.Module):
 
 
 def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: int = 128, sym: bool = True,
-                   skip: Iterable[str] = ("lm_head",)) -> "torch.nn.Module":
+                   method: str = "rtn", skip: Iterable[str] = ("lm_head",)) -> "torch.nn.Module":
     """Replaces every nn.Linear of `model` (in place) by a QuantLinear, except modules whose
     qualified name matches a pattern in `skip` (fnmatch, e.g. "lm_head", "*.gate"). Returns
     the model."""
@@ -85,7 +90,7 @@ def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: 
             continue  # a group size that does not divide K: leave the layer in full precision
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(mod, fmt, group_size, sym))
+        setattr(parent, child, QuantLinear.from_linear(mod, fmt, group_size, sym, method))
     return model
 
 
