@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks vs peers; writes benchmarks/results/<device>.json + .md")
-    s.add_argument("which", nargs="?", default="all", choices=["attention", "decode", "all"])
+    s.add_argument("which", nargs="?", default="all", choices=["attention", "decode", "gemm", "all"])
     s.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     s.add_argument("--quick", action="store_true", help="fewer shapes")
     s.set_defaults(fn=cmd_bench)

@@ -158,7 +158,7 @@ def load_bench_module(name: str):
     raise SystemExit(f"benchmarks/bench_{name}.py not found: run from the repository root")
 
 
-BENCHES: Sequence[str] = ("attention", "decode")
+BENCHES: Sequence[str] = ("attention", "decode", "gemm")
 
 
 def main(args) -> int:

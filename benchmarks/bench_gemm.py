@@ -1,0 +1,89 @@
+"""Low-bit GEMM: ferrokernels formats vs bf16 cuBLAS (torch.matmul), tinygemm
+(torch._weight_int4pack_mm), FP8 torch._scaled_mm and torch._int_mm, in one process.
+
+Shapes (N x K): 8192x8192, 28672x8192, 8192x28672, 4096x4096; M in {1, 2, 4, ..., 4096}.
+Each call is timed inside a CUDA graph of 10 calls (launch overhead excluded); TFLOP/s counts
+2 * M * N * K. rel_err: ||out - ref|| / ||ref|| against the float32 product of the same
+(dequantized) weights. A format whose CUDA kernel is not written yet is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ferrokernels as fk
+from ferrokernels.bench import time_graph_ms
+
+SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+QUICK_SHAPES = [(8192, 8192)]
+QUICK_MS = [1, 16, 64, 1024]
+GROUP = 128
+
+
+def ours(w):
+    """ferrokernels formats of the bf16 weight w (N, K)."""
+    return {
+        "ferrokernels-w4a16": fk.gemm.quantize(w, bits=4, group_size=GROUP),
+        "ferrokernels-w8a16": fk.gemm.quantize(w, bits=8, group_size=-1),
+        "ferrokernels-w8a8_fp8": fk.gemm.quantize_w8a8(w, "fp8"),
+        "ferrokernels-w8a8_int8": fk.gemm.quantize_w8a8(w, "int8"),
+    }
+
+
+def tinygemm(w):
+    """torch's int4 weight-only kernel with the same group size, or None where unavailable."""
+    qw = fk.gemm.quantize(w, bits=4, group_size=GROUP, sym=False)
+    codes = fk.gemm.unpack_int4(qw.qweight).to(torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack(((codes[:, 1::2] << 4) | codes[:, 0::2]).to(torch.uint8), 8)
+    except Exception:  # the packing API differs across torch versions
+        return None
+    s = qw.scales.to(torch.bfloat16)
+    zeros = (8 - qw.zeros.to(torch.float32)) * s.float()  # tinygemm: w = (q - 8) * s + z
+    sz = torch.stack([s, zeros.to(torch.bfloat16)], dim=-1).transpose(0, 1).contiguous()
+    return lambda x: torch._weight_int4pack_mm(x, packed, GROUP, sz)
+
+
+def run(quick: bool = False):
+    records = []
+    for n, k in (QUICK_SHAPES if quick else SHAPES):
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        formats = ours(w)
+        deq = {name: fk.gemm.dequantize(qw, torch.float32) for name, qw in formats.items()}
+        tg = tinygemm(w)
+        w8 = (w.float() / (w.float().abs().amax() / 448)).to(torch.float8_e4m3fn)
+        w8_scale = (w.float().abs().amax() / 448).reshape(1, 1)
+        wi8 = torch.round(w.float() / (w.float().abs().amax() / 127)).to(torch.int8)
+        for m in (QUICK_MS if quick else MS):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            params = {"m": m, "n": n, "k": k, "dtype": "bfloat16", "group_size": GROUP}
+            impls = {"cublas_bf16": (lambda: x @ w.t(), w.float())}
+            for name, qw in formats.items():
+                impls[name] = (lambda qw=qw: fk.gemm.linear(x, qw), deq[name])
+            if tg is not None:
+                impls["tinygemm_int4"] = (lambda: tg(x), None)
+            x8 = (x.float() / (x.float().abs().amax() / 448)).to(torch.float8_e4m3fn)
+            x8_scale = (x.float().abs().amax() / 448).reshape(1, 1)
+            impls["scaled_mm_fp8"] = (lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8_scale, scale_b=w8_scale,
+                                                               out_dtype=torch.bfloat16), None)
+            xi8 = torch.round(x.float() / (x.float().abs().amax() / 127)).to(torch.int8)
+            impls["int_mm_int8"] = (lambda: torch._int_mm(xi8, wi8.t()), None)
+            for label, (fn, ref_w) in impls.items():
+                try:
+                    out = fn()
+                    err = None
+                    if ref_w is not None:
+                        ref = x.float() @ ref_w.t()
+                        err = float(f"{((out.float() - ref).norm() / ref.norm()).item():.3g}")
+                    ms = time_graph_ms(fn)
+                except (NotImplementedError, RuntimeError) as e:
+                    print(f"  {label} skipped on {params}: {str(e).splitlines()[0]}")
+                    continue
+                tflops = 2 * m * n * k / ms / 1e9
+                records.append({"bench": "gemm", "impl": label, "params": params, "ms": round(ms, 5),
+                                "tflops": round(tflops, 2), "gbps": None, "rel_err": err})
+                print(f"  m={m:5d} n={n:6d} k={k:6d} {label:24s} {ms * 1000:9.1f} us {tflops:8.1f} TFLOP/s")
+        del w, formats, deq
+        torch.cuda.empty_cache()
+    return records
