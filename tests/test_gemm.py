@@ -96,13 +96,6 @@ def test_bad_inputs():
         fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight, qw.scales, out, bits=3, group_size=32)
 
 
-@pytest.mark.cuda
-def test_cuda_is_not_implemented_yet():
-    qw = quantize(torch.randn(64, 128), bits=4, group_size=32).to("cuda")
-    with pytest.raises(NotImplementedError, match="no CUDA kernel yet"):
-        linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qw)
-
-
 def w8a8_reference(x, qw, bias):
     """Per-token activation quantization and the product, simulated in float64 from the
     quantized values (exact products; the kernel's f32/i32 sums differ only in order)."""
@@ -152,3 +145,30 @@ def test_fp8_checkpoint_loader():
     for fmt in ("w8a16", "w8a8_int8", "w8a8_fp8"):
         m = fk.nn.QuantLinear.from_linear(torch.nn.Linear(k, n), fmt)
         assert m(torch.randn(2, k)).shape == (2, n)
+
+
+@pytest.mark.parametrize("kind", ["sym", "zeros", "int8", "mins", "act_order", "w8a8_int8", "w8a8_fp8"])
+def test_dequantized_path_agrees_with_the_kernel(kind):
+    """The CUDA path (until the fused kernels land) dequantizes with torch ops and does one
+    matmul; run on the CPU it must agree with the rayon kernel."""
+    n, k = 64, 256
+    if kind.startswith("w8a8"):
+        qw = fk.gemm.quantize_w8a8(torch.randn(n, k) * 0.05, kind.removeprefix("w8a8_"))
+    else:
+        qw = weights(kind, n, k, seed=11)
+    bias = torch.randn(n)
+    for m in (1, 5, 32):
+        x = torch.randn(m, k)
+        got = fk.gemm._linear_dequantized(x, qw, bias)
+        want = linear(x, qw, bias)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["sym", "zeros", "mins", "act_order", "int8"])
+def test_linear_on_cuda(kind):
+    qw = weights(kind, 96, 256, seed=12)
+    x = torch.randn(7, 256).to(torch.bfloat16)
+    want = linear(x, qw)  # the CPU kernel
+    got = linear(x.cuda(), qw.to("cuda")).cpu()
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2

@@ -208,12 +208,40 @@ def quantize_w8a8(weight: "torch.Tensor", act: str = "int8") -> QuantizedWeight:
     return QuantizedWeight(q, s, None, k, 8, k, act=act).check()
 
 
+def _quantize_activations(x2: "torch.Tensor", qw: QuantizedWeight) -> "torch.Tensor":
+    """W8A8: x rounded through its per-token (or static) int8 / e4m3 codes, as float32."""
+    qmax = 127.0 if qw.act == "int8" else 448.0
+    xf = x2.float()
+    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else (
+        xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    t = xf / s
+    q = torch.round(t).clamp(-127, 127) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    return q * s
+
+
+def _linear_dequantized(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
+    """The GPU path until the fused kernels land: the weight dequantized by torch ops, then
+    one matmul (the "dequantize + bf16 GEMM" path of large M). W8A8 activations go through
+    their codes first, and the product runs in float32 like the CPU path's."""
+    w = dequantize(qw, torch.float32)
+    xs = _quantize_activations(x2, qw) if qw.act is not None else x2
+    out = xs @ (w.t() if xs.dtype == torch.float32 else w.t().to(xs.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x2.dtype)
+
+
 def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"] = None) -> "torch.Tensor":
     """``x @ W^T (+ bias)`` for x (..., K) float16/bfloat16 (CPU also float32) and W quantized;
-    f32 accumulation, output in x's dtype. CPU: rayon (dequantize a block of rows, multiply);
-    the CUDA kernels are not written yet (NotImplementedError)."""
+    output in x's dtype. CPU: rayon, f32 accumulation (dequantize a block of rows, multiply).
+    CUDA: the fused low-bit kernels are not written yet, so the weight is dequantized by torch
+    ops and multiplied with one cuBLAS matmul (correct, not yet fast)."""
     if x.shape[-1] != qw.in_features:
         raise _native.ShapeError(f"x has {x.shape[-1]} input features; the weight expects {qw.in_features}")
+    if x.is_cuda:
+        x2 = x.reshape(-1, qw.in_features)
+        out = _linear_dequantized(x2, qw, bias).to(x.dtype)
+        return out.view(*x.shape[:-1], qw.out_features)
     x2 = x.reshape(-1, qw.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
