@@ -81,7 +81,9 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
     return true;
 }
 
-template <typename T, int D, int WR, int STAGES_>
+// LEAN: per-thread row pointers advanced by a constant per pass instead of re-deriving each
+// row's offset (SASS: ~110 instructions per pass of 16 rows before), small pages kept apart.
+template <typename T, int D, int WR, int STAGES_, bool LEAN>
 __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     using L = DecodeSmem<D, STAGES_>;
     constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW;
@@ -127,7 +129,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     const int my_col = (threadIdx.x % CH) * 8, my_row = threadIdx.x / CH;
     const bool col_ok = my_col < p.head_dim;
     const bool tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
-    auto load_tile = [&](int j, int stage) {
+    auto load_rows_looked_up = [&](int j, int stage) {
         T* sK = sKV + stage * L::STAGE_ELEMS;
         T* sV = sK + BN * SROW;
         const int key0 = j * BN;
@@ -142,6 +144,32 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
             cp_async_16(smem_addr(sK + r * SROW + my_col), ok ? kg + ko + my_col : kg, ok);
             cp_async_16(smem_addr(sV + r * SROW + my_col), ok ? vg + vo + my_col : vg, ok);
         }
+    };
+    // One base per tile, then pointer steps; only the first and last tiles of a range test keys.
+    auto load_rows_stepped = [&](int j, int stage) {
+        const u32 sk = smem_addr(sKV + stage * L::STAGE_ELEMS + my_row * SROW + my_col);
+        const u32 sv = sk + BN * SROW * (u32)sizeof(T);
+        const int key0 = j * BN;
+        i64 kb = 0, vb = 0;
+        const bool base_ok = col_ok && decode_row(p, b, hk, key0, kb, vb);
+        const T* kp = kg + kb + (i64)my_row * p.k_ss + my_col;
+        const T* vp = vg + vb + (i64)my_row * p.v_ss + my_col;
+        const i64 kstep = (i64)RSTEP * p.k_ss, vstep = (i64)RSTEP * p.v_ss;
+        const bool full = key0 >= k_begin && key0 + BN <= k_end;
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) {
+            const int key = key0 + my_row + RSTEP * i;
+            const bool ok = base_ok && (full || (key >= k_begin && key < k_end));
+            // With ok false nothing is read (src-size 0) and the slot is zero-filled.
+            cp_async_16(sk + i * RSTEP * SROW * (u32)sizeof(T), ok ? kp : kg, ok);
+            cp_async_16(sv + i * RSTEP * SROW * (u32)sizeof(T), ok ? vp : vg, ok);
+            kp += kstep;
+            vp += vstep;
+        }
+    };
+    auto load_tile = [&](int j, int stage) {
+        if (LEAN && tile_in_page) load_rows_stepped(j, stage);
+        else load_rows_looked_up(j, stage);
     };
 
     // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
