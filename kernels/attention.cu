@@ -91,32 +91,14 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         __syncthreads();
         if constexpr (Q_IN_REGS) {
             if (!q_loaded) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQw + kk * 16));
+                q_fragments<T, D>(qf, sQw);
                 q_loaded = true;
             }
         }
 
         // S = Q K^T for this warp's 16 rows and BN keys.
         float s[BN / 8][4];
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[4];
-            if constexpr (Q_IN_REGS) {
-                a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
-            } else {
-                ldmatrix_x4(a, smem_addr(sQw + kk * 16));
-            }
-#pragma unroll
-            for (int np = 0; np < BN / 16; ++np) {
-                u32 bk[4];
-                ldmatrix_x4(bk, smem_addr(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8));
-                mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
-            }
-        }
+        mma_qk<T, D, BN, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
 
         // Scores into log2 units; bounds, bias and mask only where this tile needs them.
         const unsigned char tile = EXTRAS ? mask_tile(p, b, h, m0, n0) : TILE_FULL;
@@ -131,18 +113,7 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
         cp_async_commit();
 
         // O += P V, with P taken straight from the score registers.
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[4];
-            p_fragment<T, BN>(s, kk, a);
-#pragma unroll
-            for (int dp = 0; dp < DV / 16; ++dp) {
-                u32 bv[4];
-                ldmatrix_x4_trans(bv, smem_addr(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROWV + dp * 16 + (lane >> 4) * 8));
-                mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
-                mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
-            }
-        }
+        mma_pv<T, BN, DV, SROWV>(o, s, sV, lane);
         __syncthreads();  // every warp is past P V: sV may be refilled
         if (j_next < j_end) load_tile<T, BN, DV, SROWV, NT>(sV, vg, p.v_ss, j_next * BN, seq.nk, p.head_dim_v);
         cp_async_commit();

@@ -224,31 +224,13 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         if (n0 > w_hi || n0 + KT <= w_lo) continue;
         if constexpr (Q_IN_REGS) {
             if (!q_loaded) {  // Q landed with the first tile's group
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQw + kk * 16));
+                q_fragments<T, D>(qf, sQw);
                 q_loaded = true;
             }
         }
 
         float s[KT / 8][4];
-#pragma unroll
-        for (int i = 0; i < KT / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[4];
-            if constexpr (Q_IN_REGS) {
-                a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
-            } else {
-                ldmatrix_x4(a, smem_addr(sQw + kk * 16));
-            }
-#pragma unroll
-            for (int np = 0; np < KT / 16; ++np) {
-                u32 bk[4];
-                ldmatrix_x4(bk, smem_addr(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8));
-                mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
-            }
-        }
+        mma_qk<T, D, KT, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
 
         float factor = p.scale_log2;
         if (p.softcap > 0.f) {
@@ -274,18 +256,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         softmax_p<KT>(s, m_row, l_row, alpha, factor);
         rescale_o<D>(o, alpha);
 
-#pragma unroll
-        for (int kk = 0; kk < KT / 16; ++kk) {
-            u32 a[4];
-            p_fragment<T, KT>(s, kk, a);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 bv[4];
-                ldmatrix_x4_trans(bv, smem_addr(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + dp * 16 + (lane >> 4) * 8));
-                mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
-                mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
-            }
-        }
+        mma_pv<T, KT, D, SROW>(o, s, sV, lane);
     }
     cp_async_wait<0>();
     __syncthreads();  // the stages are free: reuse them to merge the WK warps of each row group

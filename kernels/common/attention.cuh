@@ -8,6 +8,7 @@
 // window_right = 0; "no window" is WINDOW_NONE, larger than any sequence.
 #pragma once
 #include "common/types.cuh"
+#include "common/mma.cuh"
 #include "common/softmax.cuh"
 
 #define WINDOW_NONE 0x3fffffff
@@ -282,6 +283,59 @@ template <typename T, int BN>
 __device__ __forceinline__ void p_fragments(const float (&s)[BN / 8][4], u32 (&a)[BN / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) p_fragment<T, BN>(s, kk, a[kk]);
+}
+
+// --- the two mma.sync GEMMs of a warp's 16 query rows (sm_80 prefill and decode) ----------------
+// Shared-memory tiles are row-major with row strides SROW / SROWV elements (padded so ldmatrix
+// rows hit distinct banks).
+
+// Q's A fragments for all of D from the warp's rows in shared memory, kept in registers.
+template <typename T, int D>
+__device__ __forceinline__ void q_fragments(u32 (&qf)[D / 16][4], const T* sQw) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQw + kk * 16));
+}
+
+// S = Q K^T for N keys over D: Q's A fragments from registers (qf) or from the warp's rows in
+// shared memory (sQw: this lane's ldmatrix row), K rows from sK.
+template <typename T, int D, int N, int SROW, bool Q_IN_REGS>
+__device__ __forceinline__ void mma_qk(float (&s)[N / 8][4], const u32 (&qf)[Q_IN_REGS ? D / 16 : 1][4],
+                                       const T* sQw, const T* sK, int lane) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        u32 a[4];
+        if constexpr (Q_IN_REGS) {
+            a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
+        } else {
+            ldmatrix_x4(a, smem_addr(sQw + kk * 16));
+        }
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            u32 bk[4];
+            ldmatrix_x4(bk, smem_addr(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8));
+            mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+            mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+        }
+    }
+}
+
+// O += P V for N keys, P taken straight from the score registers, V rows from sV.
+template <typename T, int N, int DV, int SROWV>
+__device__ __forceinline__ void mma_pv(float (&o)[DV / 8][4], const float (&s)[N / 8][4], const T* sV, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        u32 a[4];
+        p_fragment<T, N>(s, kk, a);
+#pragma unroll
+        for (int dp = 0; dp < DV / 16; ++dp) {
+            u32 bv[4];
+            ldmatrix_x4_trans(bv, smem_addr(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROWV + dp * 16 + (lane >> 4) * 8));
+            mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+            mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+        }
+    }
 }
 
 // Completes the row sums over the quad; returns 1 / l per row (0 for rows that saw no key).
