@@ -89,7 +89,7 @@ impl PagePool {
             }
             let s = self.seq(id)?;
             need += (s.len + k).div_ceil(self.page_size) - s.pages.len();
-            if k > 0 && s.len % self.page_size != 0 && self.refs[*s.pages.last().unwrap() as usize] > 1 {
+            if k > 0 && !s.len.is_multiple_of(self.page_size) && self.refs[*s.pages.last().unwrap() as usize] > 1 {
                 need += 1;
             }
         }
@@ -108,7 +108,7 @@ impl PagePool {
             }
             let ps = self.page_size;
             let mut s = self.seqs.remove(&id).unwrap();
-            if s.len % ps != 0 {
+            if !s.len.is_multiple_of(ps) {
                 let last = *s.pages.last().unwrap();
                 if self.refs[last as usize] > 1 {
                     let fresh = self.take();

@@ -1,21 +1,18 @@
 //! append_kv on the CPU: a rayon task per (sequence, new token) copies K and V rows into the
 //! cache, rotating K in f32 when a rotary table is given.
 
-use super::{Element, SharedPtr, host_i32};
+use super::decode::CacheTables;
+use super::{Element, Rows};
 use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
 use crate::ops::append_kv::{AppendArgs, AppendDims};
-use crate::ops::decode::check_tables;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 pub fn forward(a: &AppendArgs, d: &AppendDims) -> Result<()> {
-    let seqlens = host_i32(a.cache_seqlens);
-    let bt = a.block_table.map(host_i32);
-    let stride = a.block_table.map_or(0, |t| t.dim(1));
-    check_tables(&d.cache, &seqlens, bt.as_deref().map(|b| (b, stride)), d.n_new)?;
+    let tables = CacheTables::load(a.cache_seqlens, a.block_table, &d.cache, d.n_new)?;
     if d.rotary_dim > 0 {
-        let last = seqlens.iter().map(|&l| l as usize + d.n_new).max().unwrap_or(0);
+        let last = tables.seqlens.iter().map(|&l| l as usize + d.n_new).max().unwrap_or(0);
         if last > d.positions {
             return Err(Error::Value(format!(
                 "rotary cos/sin have {} positions but the new tokens reach position {}",
@@ -24,14 +21,10 @@ pub fn forward(a: &AppendArgs, d: &AppendDims) -> Result<()> {
             )));
         }
     }
-    let locate = |b: usize, pos: usize| match &bt {
-        Some(t) => (t[b * stride + pos / d.cache.page_size] as usize, pos % d.cache.page_size),
-        None => (b, pos),
-    };
     match a.k_new.dtype {
-        DType::F16 => run::<f16>(a, d, &seqlens, &locate),
-        DType::BF16 => run::<bf16>(a, d, &seqlens, &locate),
-        _ => run::<f32>(a, d, &seqlens, &locate),
+        DType::F16 => run::<f16>(a, d, &tables),
+        DType::BF16 => run::<bf16>(a, d, &tables),
+        _ => run::<f32>(a, d, &tables),
     }
     Ok(())
 }
@@ -47,23 +40,19 @@ fn read_f32(t: &TensorView, row: usize, i: usize) -> f32 {
     }
 }
 
-fn run<T: Element>(a: &AppendArgs, d: &AppendDims, seqlens: &[i32], locate: &(dyn Fn(usize, usize) -> (usize, usize) + Sync)) {
-    let s3 = |t: &TensorView| [t.stride(0) as isize, t.stride(1) as isize, t.stride(2) as isize];
-    let (kn_s, vn_s, k_s, v_s) = (s3(a.k_new), s3(a.v_new), s3(a.k_cache), s3(a.v_cache));
-    let (kn, vn, k, v) = (SharedPtr(a.k_new.ptr), SharedPtr(a.v_new.ptr), SharedPtr(a.k_cache.ptr), SharedPtr(a.v_cache.ptr));
-    let at = |base: SharedPtr, s: [isize; 3], i0: usize, i1: usize, h: usize| unsafe {
-        (base.0 as *mut T).offset(i0 as isize * s[0] + i1 as isize * s[1] + h as isize * s[2])
-    };
+fn run<T: Element>(a: &AppendArgs, d: &AppendDims, tables: &CacheTables) {
+    let rows = |t| Rows::of(t, false);
+    let (kn, vn, k, v) = (rows(a.k_new), rows(a.v_new), rows(a.k_cache), rows(a.v_cache));
     let rd = d.rotary_dim;
     (0..d.batch * d.n_new).into_par_iter().for_each(|task| {
         let (b, t) = (task / d.n_new, task % d.n_new);
-        let pos = seqlens[b] as usize + t;
-        let (page, slot) = locate(b, pos);
+        let pos = tables.seqlens[b] as usize + t;
+        let (page, slot) = tables.locate(b, pos);
         let mut row = vec![0f32; d.head_dim];
         for h in 0..d.heads_kv {
-            let (src, dst) = (at(vn, vn_s, b, t, h), at(v, v_s, page, slot, h));
+            let (src, dst) = (vn.row::<T>(b, t, h), v.row::<T>(page, slot, h));
             unsafe { std::ptr::copy_nonoverlapping(src, dst, d.head_dim) };
-            let (src, dst) = (at(kn, kn_s, b, t, h), at(k, k_s, page, slot, h));
+            let (src, dst) = (kn.row::<T>(b, t, h), k.row::<T>(page, slot, h));
             for (c, x) in row.iter_mut().enumerate() {
                 *x = unsafe { (*src.add(c)).to_f32() };
             }

@@ -4,8 +4,8 @@
 //! Scores are modified in the same order as the GPU kernels: scale, softcap, ALiBi, mask,
 //! window.
 
-use super::{Element, SharedPtr, matmul};
-use crate::dlpack::{DType, TensorView};
+use super::{Element, Rows, SharedPtr, matmul};
+use crate::dlpack::DType;
 use crate::error::Result;
 use crate::ops::attention::{AttentionArgs, Dims, MaskKind, batch_strides, broadcast_strides, host_seqlens};
 use half::{bf16, f16};
@@ -50,39 +50,6 @@ impl Seqs {
         match (&self.cu_q, &self.cu_k) {
             (Some(q), Some(k)) => (q[b] as usize, k[b] as usize, (q[b + 1] - q[b]) as usize, (k[b + 1] - k[b]) as usize),
             _ => (0, 0, self.nq, self.nk),
-        }
-    }
-}
-
-/// Element (row, col) of head `h` of batch `b` of a q/k/v/out view.
-#[derive(Clone, Copy)]
-struct Rows {
-    ptr: SharedPtr,
-    sb: isize,
-    ss: isize,
-    sh: isize,
-}
-
-impl Rows {
-    fn of(t: &TensorView, varlen: bool) -> Rows {
-        let [sb, ss, sh] = batch_strides(t, varlen);
-        Rows { ptr: SharedPtr(t.ptr), sb: sb as isize, ss: ss as isize, sh: sh as isize }
-    }
-
-    /// Pointer to the first element of row `s` of head `h`, batch `b`.
-    fn row<T>(&self, b: usize, s: usize, h: usize) -> *mut T {
-        let off = b as isize * self.sb + s as isize * self.ss + h as isize * self.sh;
-        unsafe { (self.ptr.0 as *mut T).offset(off) }
-    }
-
-    /// Copies `n` rows from `s0` into `dst` (row-major, `dim` columns) as f32 times `mul`.
-    #[allow(clippy::too_many_arguments)]
-    fn gather<T: Element>(&self, dst: &mut [f32], b: usize, s0: usize, n: usize, h: usize, dim: usize, mul: f32) {
-        for (i, chunk) in dst[..n * dim].chunks_exact_mut(dim).enumerate() {
-            let src = unsafe { std::slice::from_raw_parts(self.row::<T>(b, s0 + i, h) as *const T, dim) };
-            for (x, &y) in chunk.iter_mut().zip(src) {
-                *x = y.to_f32() * mul;
-            }
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod gemm;
 
 use crate::dlpack::TensorView;
+use crate::ops::attention::batch_strides;
 use half::{bf16, f16};
 
 /// Storage types the CPU kernels read and write.
@@ -107,6 +108,40 @@ pub(crate) fn host_i32(t: &TensorView) -> Vec<i32> {
         }
     }
     out
+}
+
+/// Rows of a (batch, seqlen, heads, dim) view -- or (total, heads, dim) with `varlen` -- by
+/// (batch or page, row, head): q/k/v/out of attention, the caches of decode and append_kv.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows {
+    ptr: SharedPtr,
+    sb: isize,
+    ss: isize,
+    sh: isize,
+}
+
+impl Rows {
+    pub(crate) fn of(t: &TensorView, varlen: bool) -> Rows {
+        let [sb, ss, sh] = batch_strides(t, varlen);
+        Rows { ptr: SharedPtr(t.ptr), sb: sb as isize, ss: ss as isize, sh: sh as isize }
+    }
+
+    /// Pointer to the first element of row `s` of head `h`, batch `b`.
+    pub(crate) fn row<T>(&self, b: usize, s: usize, h: usize) -> *mut T {
+        let off = b as isize * self.sb + s as isize * self.ss + h as isize * self.sh;
+        unsafe { (self.ptr.0 as *mut T).offset(off) }
+    }
+
+    /// Copies `n` rows from `s0` into `dst` (row-major, `dim` columns) as f32 times `mul`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gather<T: Element>(&self, dst: &mut [f32], b: usize, s0: usize, n: usize, h: usize, dim: usize, mul: f32) {
+        for (i, chunk) in dst[..n * dim].chunks_exact_mut(dim).enumerate() {
+            let src = unsafe { std::slice::from_raw_parts(self.row::<T>(b, s0 + i, h) as *const T, dim) };
+            for (x, &y) in chunk.iter_mut().zip(src) {
+                *x = y.to_f32() * mul;
+            }
+        }
+    }
 }
 
 /// A raw pointer that rayon tasks may share: each task touches a disjoint region.

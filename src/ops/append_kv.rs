@@ -8,7 +8,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, ptr, shape_err};
+use crate::ops::attention::{batch_strides, ctype, ptr, shape_err};
 use crate::ops::decode::{CacheDims, check_cache};
 use std::ffi::c_void;
 
@@ -180,7 +180,7 @@ fn forward_cuda(ordinal: i32, a: &AppendArgs, d: &AppendDims, stream: usize) -> 
     }
     let dev = driver::device(ordinal)?;
     let spec = AppendSpec { dtype: a.k_new.dtype };
-    let st = |t: &TensorView| [t.stride(0), t.stride(1), t.stride(2)];
+    let st = |t: &TensorView| batch_strides(t, false);
     let mut p = AppendParams {
         k_new: a.k_new.ptr as u64,
         v_new: a.v_new.ptr as u64,
@@ -200,7 +200,7 @@ fn forward_cuda(ordinal: i32, a: &AppendArgs, d: &AppendDims, stream: usize) -> 
         n_new: d.n_new as i32,
         heads_kv: d.heads_kv as i32,
         head_dim: d.head_dim as i32,
-        page_shift: if d.cache.page_size > 0 { d.cache.page_size.trailing_zeros() as i32 } else { 0 },
+        page_shift: d.cache.page_shift(),
         capacity: d.cache.capacity as i32,
         num_pages: d.cache.num_pages as i32,
         rotary_dim: d.rotary_dim as i32,

@@ -14,7 +14,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{WINDOW_NONE, ctype, ptr, shape_err, window_side};
+use crate::ops::attention::{WINDOW_NONE, batch_strides, ctype, ptr, shape_err, window_side};
 use std::ffi::c_void;
 
 pub const Q_LAYOUT: &str = "(batch, q_len, heads_q, head_dim)";
@@ -56,6 +56,13 @@ pub struct CacheDims {
     pub num_pages: usize,
     /// Keys one sequence can hold.
     pub capacity: usize,
+}
+
+impl CacheDims {
+    /// log2 of the page size, as the kernels index pages (0 for a contiguous cache).
+    pub fn page_shift(&self) -> i32 {
+        if self.page_size > 0 { self.page_size.trailing_zeros() as i32 } else { 0 }
+    }
 }
 
 /// Shapes and normalised options of a checked call.
@@ -456,7 +463,7 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
     let spec = DecodeSpec::for_problem(a.q.dtype, d.head_dim, plan.warps_on_rows);
     // FERROKERNELS_DECODE_HEADS_FAST=0 launches splits fastest instead (for A/B timing).
     let heads_fast = std::env::var("FERROKERNELS_DECODE_HEADS_FAST").map_or(true, |v| v != "0");
-    let st = |t: &TensorView| [t.stride(0), t.stride(1), t.stride(2)];
+    let st = |t: &TensorView| batch_strides(t, false);
     let mut p = DecodeParams {
         q: a.q.ptr as u64,
         k: a.k_cache.ptr as u64,
@@ -471,7 +478,7 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         k_s: st(a.k_cache),
         v_s: st(a.v_cache),
         o_s: st(a.out),
-        lse_s: a.lse.map_or([0; 3], |l| [l.stride(0), l.stride(1), l.stride(2)]),
+        lse_s: a.lse.map_or([0; 3], st),
         bt_sb: a.block_table.map_or(0, |t| t.stride(0)),
         batch: d.batch as i32,
         q_len: d.q_len as i32,
@@ -479,7 +486,7 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         heads_kv: d.heads_kv as i32,
         group: (d.heads_q / d.heads_kv) as i32,
         head_dim: d.head_dim as i32,
-        page_shift: if d.cache.page_size > 0 { d.cache.page_size.trailing_zeros() as i32 } else { 0 },
+        page_shift: d.cache.page_shift(),
         capacity: d.cache.capacity as i32,
         num_pages: d.cache.num_pages as i32,
         splits: plan.splits as i32,
