@@ -66,8 +66,10 @@ def _run(q, k, v, out, *, causal, bottom_right, scale, window, softcap, alibi, r
         lse = empty(q, lse_shape, float32_of(q))
     mask_tiles = _mask_tiles(mask, q.shape[1], k.shape[1]) if mask is not None and is_torch(q) and q.is_cuda else None
     cu_q, cu_k, max_q, max_k = varlen if varlen else (None, None, 0, 0)
-    # The Hopper kernel's tile counter: from torch's allocator so CUDA graphs own their copy.
-    workspace = torch.empty(1, dtype=torch.int32, device=q.device) if is_torch(q) and q.is_cuda else None
+    # The Hopper kernel's tile counter, used where tile costs differ (causal, windows, varlen):
+    # from torch's allocator so CUDA graphs own their copy.
+    uneven = causal or varlen is not None or any(x >= 0 for x in window)
+    workspace = torch.empty(1, dtype=torch.int32, device=q.device) if uneven and is_torch(q) and q.is_cuda else None
     _native.attention_fwd(
         q, k, v, out, lse, causal=causal, bottom_right=bottom_right,
         scale=None if scale is None else float(scale), window=window, softcap=softcap,

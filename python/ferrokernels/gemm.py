@@ -125,17 +125,23 @@ def dequantize(qw: QuantizedWeight, dtype=None) -> "torch.Tensor":
     return w.to(dtype or qw.scales.dtype)
 
 
-def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sym: bool = True,
-             scale_dtype=None) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``weight`` (N, K) per group of ``group_size`` input
-    channels (``group_size=-1``: per output channel). 4-bit: symmetric codes around 8, or
-    asymmetric with integer zero points; 8-bit: symmetric int8."""
+def _grouped(weight: "torch.Tensor", group_size: Optional[int]):
+    """weight (N, K) as float32 (N, K/g, g) groups of input channels, with N, K and g
+    (``group_size`` -1 or None: one group per output channel)."""
     w = weight.detach().to(torch.float32)
     n, k = w.shape
     g = k if group_size in (-1, None) else int(group_size)
     if g <= 0 or k % g:
         raise ValueError(f"group_size {g} must divide in_features {k}")
-    wg = w.view(n, k // g, g)
+    return w.view(n, k // g, g), n, k, g
+
+
+def quantize(weight: "torch.Tensor", *, bits: int = 4, group_size: int = 128, sym: bool = True,
+             scale_dtype=None) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight`` (N, K) per group of ``group_size`` input
+    channels (``group_size=-1``: per output channel). 4-bit: symmetric codes around 8, or
+    asymmetric with integer zero points; 8-bit: symmetric int8."""
+    wg, n, k, g = _grouped(weight, group_size)
     scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() and weight.dtype != torch.float64
                                   else torch.float16)
     zeros = None
@@ -164,12 +170,7 @@ def quantize_hqq(weight: "torch.Tensor", *, group_size: int = 64, iters: int = 2
     (half-quadratic splitting: the error is shrunk under an l_p<1 norm, so outliers stop
     dragging the zero point, and the zero re-fitted to what remains), starting from min/max
     RTN. The fitted zero is fractional, so it is stored as a float minimum (w = q * s + m)."""
-    w = weight.detach().to(torch.float32)
-    n, k = w.shape
-    g = k if group_size in (-1, None) else int(group_size)
-    if g <= 0 or k % g:
-        raise ValueError(f"group_size {g} must divide in_features {k}")
-    wg = w.view(n, k // g, g)
+    wg, n, k, g = _grouped(weight, group_size)
     scale_dtype = scale_dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     s = ((hi - lo) / 15.0).clamp_min(1e-10).to(scale_dtype).to(torch.float32)
