@@ -81,9 +81,7 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
     return true;
 }
 
-// LEAN: per-thread row pointers advanced by a constant per pass instead of re-deriving each
-// row's offset (SASS: ~110 instructions per pass of 16 rows before), small pages kept apart.
-template <typename T, int D, int WR, int STAGES_, bool LEAN>
+template <typename T, int D, int WR, int STAGES_>
 __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     using L = DecodeSmem<D, STAGES_>;
     constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW;
@@ -129,23 +127,21 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     const int my_col = (threadIdx.x % CH) * 8, my_row = threadIdx.x / CH;
     const bool col_ok = my_col < p.head_dim;
     const bool tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
+    // Pages smaller than a tile: every row looks up its own page.
     auto load_rows_looked_up = [&](int j, int stage) {
         T* sK = sKV + stage * L::STAGE_ELEMS;
         T* sV = sK + BN * SROW;
-        const int key0 = j * BN;
-        i64 kb = 0, vb = 0;
-        bool base_ok = tile_in_page && decode_row(p, b, hk, key0, kb, vb);
 #pragma unroll
         for (int i = 0; i < PASSES; ++i) {
-            const int r = my_row + RSTEP * i, key = key0 + r;
-            i64 ko = kb + (i64)r * p.k_ss, vo = vb + (i64)r * p.v_ss;
-            bool ok = col_ok && key >= k_begin && key < k_end;
-            ok = ok && (tile_in_page ? base_ok : decode_row(p, b, hk, key, ko, vo));
+            const int r = my_row + RSTEP * i, key = j * BN + r;
+            i64 ko = 0, vo = 0;
+            const bool ok = col_ok && key >= k_begin && key < k_end && decode_row(p, b, hk, key, ko, vo);
             cp_async_16(smem_addr(sK + r * SROW + my_col), ok ? kg + ko + my_col : kg, ok);
             cp_async_16(smem_addr(sV + r * SROW + my_col), ok ? vg + vo + my_col : vg, ok);
         }
     };
     // One base per tile, then pointer steps; only the first and last tiles of a range test keys.
+    // (Re-deriving each row's 64-bit offset cost ~110 instructions per pass of 16 rows.)
     auto load_rows_stepped = [&](int j, int stage) {
         const u32 sk = smem_addr(sKV + stage * L::STAGE_ELEMS + my_row * SROW + my_col);
         const u32 sv = sk + BN * SROW * (u32)sizeof(T);
@@ -168,7 +164,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         }
     };
     auto load_tile = [&](int j, int stage) {
-        if (LEAN && tile_in_page) load_rows_stepped(j, stage);
+        if (tile_in_page) load_rows_stepped(j, stage);
         else load_rows_looked_up(j, stage);
     };
 

@@ -280,9 +280,6 @@ pub struct DecodeSpec {
     /// K/V tiles of 64 keys in flight; FERROKERNELS_DECODE_STAGES overrides the default (for
     /// A/B timing).
     pub stages: usize,
-    /// Stepped row pointers in the tile loads (FERROKERNELS_DECODE_LEAN=1; off by default
-    /// until measured and validated on a GPU).
-    pub lean: bool,
 }
 
 impl DecodeSpec {
@@ -300,8 +297,7 @@ impl DecodeSpec {
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|s| (2..=8).contains(s))
             .unwrap_or(default);
-        let lean = std::env::var("FERROKERNELS_DECODE_LEAN").is_ok_and(|v| v == "1");
-        DecodeSpec { dtype, head_dim_pad, warps_on_rows, stages, lean }
+        DecodeSpec { dtype, head_dim_pad, warps_on_rows, stages }
     }
 
     pub fn all() -> Vec<DecodeSpec> {
@@ -309,10 +305,8 @@ impl DecodeSpec {
         for dtype in [DType::F16, DType::BF16] {
             for d in [64, 128, 256] {
                 for wr in [1, 2, 4] {
-                    for lean in [false, true] {
-                        let stages = if d > 128 { 2 } else { 3 };
-                        v.push(DecodeSpec { dtype, head_dim_pad: d, warps_on_rows: wr, stages, lean });
-                    }
+                    let stages = if d > 128 { 2 } else { 3 };
+                    v.push(DecodeSpec { dtype, head_dim_pad: d, warps_on_rows: wr, stages });
                 }
             }
         }
@@ -332,8 +326,7 @@ impl DecodeSpec {
     pub fn name(&self) -> String {
         let default = if self.head_dim_pad > 128 { 2 } else { 3 };
         let stages = if self.stages == default { String::new() } else { format!("_s{}", self.stages) };
-        let lean = if self.lean { "_lean" } else { "" };
-        format!("decode_fwd_{}_d{}_r{}{stages}{lean}", self.tname(), self.head_dim_pad, self.warps_on_rows)
+        format!("decode_fwd_{}_d{}_r{}{stages}", self.tname(), self.head_dim_pad, self.warps_on_rows)
     }
 
     pub fn merge_name(&self) -> String {
@@ -344,13 +337,12 @@ impl DecodeSpec {
         let source = format!(
             "#include \"decode.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ DecodeParams p) {{\n\
-             \x20   decode_fwd<{t}, {d}, {wr}, {stages}, {lean}>(p);\n}}\n",
+             \x20   decode_fwd<{t}, {d}, {wr}, {stages}>(p);\n}}\n",
             name = self.name(),
             t = ctype(self.dtype),
             d = self.head_dim_pad,
             wr = self.warps_on_rows,
             stages = self.stages,
-            lean = self.lean,
         );
         KernelSource::portable(self.name(), source)
     }
@@ -371,7 +363,7 @@ impl DecodeSpec {
 /// Every decode kernel (the merge kernels once per dtype and head dim).
 pub fn all_kernels() -> Vec<KernelSource> {
     let mut v: Vec<KernelSource> = DecodeSpec::all().iter().map(|s| s.kernel()).collect();
-    v.extend(DecodeSpec::all().iter().filter(|s| s.warps_on_rows == 1 && !s.lean).map(|s| s.merge_kernel()));
+    v.extend(DecodeSpec::all().iter().filter(|s| s.warps_on_rows == 1).map(|s| s.merge_kernel()));
     v
 }
 
