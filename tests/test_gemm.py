@@ -164,11 +164,151 @@ def test_dequantized_path_agrees_with_the_kernel(kind):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+KERNEL_KINDS = ["sym", "zeros", "mins", "act_order", "int8", "g128", "channel4"]
+
+
+def kernel_weights(kind, n, k, seed):
+    if kind == "g128":
+        return quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05, group_size=128,
+                        sym=False)
+    if kind == "channel4":
+        return quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05, group_size=-1)
+    return weights(kind, n, k, seed)
+
+
+def kernel_view_of_packed(pw, n, k, dtype):
+    """W (N, K) float32 as kernels/gemm.cu computes it from the packed tensors, written from the
+    kernel's side: lane l = 4g + t, 16-channel step i, fragment register p, half e holds row
+    g + 8 (p % 2), channel 16 i + 8 (p // 2) + 2 t + e of its 16 x 64 tile."""
+    nt, kt = n // 16, k // 64
+    lane = torch.arange(32).view(32, 1, 1, 1)
+    i, p, e = torch.arange(4).view(1, 4, 1, 1), torch.arange(4).view(1, 1, 4, 1), torch.arange(2).view(1, 1, 1, 2)
+    if pw.bits == 4:
+        words = pw.w.view(nt, kt, 32, 4, 4).to(torch.int64)
+        words = (words * (256 ** torch.arange(4))).sum(-1)  # little-endian u32 per step
+        word = words[:, :, lane, i]
+        codes = (word >> (4 * p + 16 * e)) & 0xF
+    else:
+        b = pw.w.view(nt, kt, 32, 4, 2, 4).to(torch.int64)  # [lane][step][word][byte]
+        codes = b[:, :, lane, i, p // 2, 2 * (p % 2) + e] - 128
+    row = (lane // 4) + 8 * (p % 2)
+    col = 16 * i + 8 * (p // 2) + 2 * (lane % 4) + e
+    rows = (torch.arange(nt).view(nt, 1, 1, 1, 1, 1) * 16 + row).expand(nt, kt, 32, 4, 4, 2)
+    cols = (torch.arange(kt).view(1, kt, 1, 1, 1, 1) * 64 + col).expand(nt, kt, 32, 4, 4, 2)
+    c = torch.zeros(n, k, dtype=torch.float32)
+    c[rows.reshape(-1), cols.reshape(-1)] = codes.reshape(-1).float()
+    grp = torch.arange(k) // pw.group_size
+    meta = pw.meta.float()
+    magic = fk.gemm._MAGIC[dtype]
+    if pw.zeros == "sym":
+        s = meta.t()[:, grp]
+        return c * s if pw.bits == 8 else (c - 8) * s
+    s, second = meta[..., 0].t()[:, grp], meta[..., 1].t()[:, grp]
+    return (c + magic - second) * s if pw.zeros == "points" else c * s + second
+
+
+@pytest.mark.parametrize("kind", KERNEL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_layout_is_what_the_kernel_reads(kind, dtype):
+    """The repack for the CUDA kernel, decoded the way the kernel decodes it (runs on the CPU)."""
+    n, k = 192, 640
+    qw = kernel_weights(kind, n, k, seed=5)
+    pw = fk.gemm.pack(qw, dtype)
+    got = kernel_view_of_packed(pw, n, k, dtype)
+    w = dequantize(qw, torch.float32)
+    if qw.perm is not None:
+        w = w[:, qw.perm]  # the kernel multiplies permuted activations
+    want = w.to(dtype).float() if kind != "mins" else w
+    # Scales (and minimums) are rounded to the activation dtype once, at pack time.
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert ((got - want).norm() / want.norm()).item() < tol
+    assert (got - want).abs().max().item() <= tol * w.abs().max().item() * 2
+
+
+def test_pack_rejects_what_the_kernel_cannot_tile():
+    qw = weights("sym", 72, 320, seed=1)  # N = 72 is not a multiple of 64
+    assert "multiples of 64" in fk.gemm.kernel_supports(qw, torch.float16)
+    with pytest.raises(NotImplementedError, match="multiples of 64"):
+        fk.gemm.pack(qw, torch.float16)
+    assert "W8A8" in fk.gemm.kernel_supports(fk.gemm.quantize_w8a8(torch.randn(64, 64)), torch.float16)
+    assert "float16 or bfloat16" in fk.gemm.kernel_supports(weights("sym", 64, 64, 1), torch.float32)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["sym", "zeros", "mins", "act_order", "int8"])
-def test_linear_on_cuda(kind):
-    qw = weights(kind, 96, 256, seed=12)
-    x = torch.randn(7, 256).to(torch.bfloat16)
-    want = linear(x, qw)  # the CPU kernel
-    got = linear(x.cuda(), qw.to("cuda")).cpu()
-    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+@pytest.mark.parametrize("kind", KERNEL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_matches_dequantized_matmul(kind, dtype):
+    n, k = 192, 640  # 10 / 5 groups of 64 / 128: odd counts
+    qw = kernel_weights(kind, n, k, seed=13).to("cuda")
+    w = dequantize(qw, torch.float32)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    for m in (1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 100, 257):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = x.float() @ w.t() + bias.float()
+        out = linear(x, qw, bias)
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert torch.isfinite(out).all()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err <= {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (m, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", KERNEL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dequantize_kernel(kind, dtype):
+    """The large-M path's dequantization kernel reproduces the packed weight exactly as the
+    CPU decoding of the layout does."""
+    n, k = 192, 640
+    qw = kernel_weights(kind, n, k, seed=14)
+    pw = fk.gemm.pack(qw.to("cuda"), dtype)
+    got = fk.gemm.dequantize_packed(pw, n, k, dtype).cpu().float()
+    want = kernel_view_of_packed(fk.gemm.pack(qw, dtype), n, k, dtype)
+    # The kernel rounds (code - zero) * scale (+ min) once to dtype.
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_split_k_is_repeatable_and_graph_safe(bits):
+    """A long K splits across CTAs; the tickets reset themselves, so calls repeat exactly and a
+    captured graph replays."""
+    n, k = 128, 8192
+    qw = quantize(torch.randn(n, k) * 0.05, bits=bits, group_size=128 if bits == 4 else -1).to("cuda")
+    splits, _, _ = fk._native.gemm_plan(0, 1, n, k, bits)
+    assert splits > 1
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    ref = x.float() @ dequantize(qw, torch.float32).t()
+    first = linear(x, qw)
+    assert ((first.float() - ref).norm() / ref.norm()).item() < 2e-3
+    for _ in range(3):
+        assert torch.equal(linear(x, qw), first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear(x, qw)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, linear(x, qw))
+
+
+@pytest.mark.cuda
+def test_cuda_packed_entry_rejects_bad_tensors():
+    qw = quantize(torch.randn(128, 256) * 0.05, group_size=64).to("cuda")
+    pw = fk.gemm.pack(qw, torch.float16)
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    out = torch.empty(2, 128, device="cuda", dtype=torch.float16)
+    call = fk._native.gemm_packed_fwd
+    with pytest.raises(TypeError, match="packed scales"):
+        call(x, pw.w, pw.meta.to(torch.bfloat16), out, group_size=64)
+    with pytest.raises(ValueError, match="group_size 48"):
+        call(x, pw.w, pw.meta, out, group_size=48)
+    with pytest.raises(ValueError, match="packed weight"):
+        call(x, pw.w[:, :2], pw.meta, out, group_size=64)
+    with pytest.raises(ValueError, match="out"):
+        call(x, pw.w, pw.meta, out[:, :64], group_size=64)
+    with pytest.raises(ValueError, match="zeros must be"):
+        call(x, pw.w, pw.meta, out, group_size=64, zeros="asym")
+    call(x, pw.w, pw.meta, out, group_size=64)
+    ref = x.float() @ dequantize(qw, torch.float32).t()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3

@@ -24,6 +24,7 @@ weights bit for bit (tests/test_gemm_formats.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace  # noqa: F401  (replace is part of the API)
 from typing import Optional
 
@@ -221,9 +222,9 @@ def _quantize_activations(x2: "torch.Tensor", qw: QuantizedWeight) -> "torch.Ten
 
 
 def _linear_dequantized(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
-    """The GPU path until the fused kernels land: the weight dequantized by torch ops, then
-    one matmul (the "dequantize + bf16 GEMM" path of large M). W8A8 activations go through
-    their codes first, and the product runs in float32 like the CPU path's."""
+    """The GPU path where no fused kernel applies (W8A8 until its kernels land, shapes the kernel
+    does not tile): the weight dequantized by torch ops, then one matmul. W8A8 activations go
+    through their codes first, and the product runs in float32 like the CPU path's."""
     w = dequantize(qw, torch.float32)
     xs = _quantize_activations(x2, qw) if qw.act is not None else x2
     out = xs @ (w.t() if xs.dtype == torch.float32 else w.t().to(xs.dtype))
@@ -232,18 +233,151 @@ def _linear_dequantized(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch
     return out.to(x2.dtype)
 
 
+# --- the CUDA weight-only kernel's packed layout (kernels/gemm.cu) -----------------------------
+
+_MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in the layout kernels/gemm.cu reads: ``w`` uint8 (N/16, K/64, 32, 16 | 32), each
+    lane's MMA fragments of a 16 x 64 tile contiguous; ``meta`` in the activation dtype, (G, N)
+    scales (``zeros`` "sym") or (G, N, 2) {scale, magic + zero point} ("points") / {scale,
+    minimum} ("mins")."""
+    w: "torch.Tensor"
+    meta: "torch.Tensor"
+    zeros: str
+    bits: int
+    group_size: int
+    perm: Optional["torch.Tensor"]
+
+
+def kernel_supports(qw: QuantizedWeight, dtype) -> Optional[str]:
+    """None when the CUDA weight-only kernel takes this weight for activations of ``dtype``,
+    else why not (the caller falls back to dequantize + matmul)."""
+    n, k, g = qw.out_features, qw.in_features, qw.group_size
+    if qw.act is not None:
+        return "W8A8 formats have no fused kernel yet"
+    if dtype not in _MAGIC:
+        return f"activations are {dtype}; the kernel takes float16 or bfloat16"
+    if n % 64 or k % 64:
+        return f"N = {n} and K = {k} must be multiples of 64"
+    if not (g == 32 or g % 64 == 0):
+        return f"group_size {g} must be 32 or a multiple of 64"
+    if qw.bits == 8 and qw.zeros is not None:
+        return "8-bit weights must be symmetric"
+    return None
+
+
+def pack(qw: QuantizedWeight, dtype) -> PackedWeight:
+    """Repacks a canonical weight for the CUDA kernel with activations of ``dtype`` (float16 or
+    bfloat16), on the weight's device. Done once per weight (``linear`` caches it)."""
+    why = kernel_supports(qw.check(), dtype)
+    if why is not None:
+        raise NotImplementedError(f"the CUDA low-bit kernel does not take this weight: {why}")
+    n, k = qw.out_features, qw.in_features
+    if qw.bits == 4:
+        c = unpack_int4(qw.qweight)
+        # row = nt*16 + rh*8 + g, k = kt*64 + i*16 + kh*8 + t*2 + e; lane = g*4 + t;
+        # nibble rh + 2*kh + 4*e of the lane's word i.
+        c = c.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 7, 5, 1)
+        c = c.reshape(n // 16, k // 64, 32, 4, 4, 2)
+        w = (c[..., 0] | (c[..., 1] << 4)).reshape(n // 16, k // 64, 32, 16)
+    else:
+        c = qw.qweight.view(torch.uint8) ^ 0x80  # codes + 128
+        # byte kh*4 + rh*2 + e of the lane's 8 bytes for step i.
+        c = c.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 5, 1, 7)
+        w = c.reshape(n // 16, k // 64, 32, 32)
+    scales = qw.scales.to(dtype).t()
+    if qw.zeros is None:
+        zeros, meta = "sym", scales
+    elif qw.zeros.dtype == torch.uint8:
+        zeros, meta = "points", torch.stack([scales, (qw.zeros.to(torch.float32) + _MAGIC[dtype]).to(dtype).t()], -1)
+    else:
+        zeros, meta = "mins", torch.stack([scales, qw.zeros.to(dtype).t()], -1)
+    return PackedWeight(w.contiguous(), meta.contiguous(), zeros, qw.bits, qw.group_size, qw.perm)
+
+
+def _packed_for(qw: QuantizedWeight, dtype) -> PackedWeight:
+    """pack(qw, dtype), cached on the QuantizedWeight object and redone if its tensors were
+    modified in place (``load_state_dict``)."""
+    versions = tuple(None if t is None else t._version for t in (qw.qweight, qw.scales, qw.zeros))
+    cache = qw.__dict__.setdefault("_packed", {})
+    hit = cache.get(dtype)
+    if hit is None or hit[0] != versions:
+        hit = (versions, pack(qw, dtype))
+        cache[dtype] = hit
+    return hit[1]
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, stream: int, size: int) -> "torch.Tensor":
+    """The split-K tickets of one (device, stream): zeroed once, and left zeroed by every launch
+    (the last CTA of a tile resets its ticket), so no memset runs per call."""
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def fused_max_m() -> int:
+    """Above this many tokens the weight is dequantized once by a kernel and multiplied by a
+    dense cuBLAS GEMM (tensor-core bound there), below it the fused kernel streams it once.
+    FERROKERNELS_GEMM_FUSED_MAX_M overrides (for A/B timing)."""
+    return int(os.environ.get("FERROKERNELS_GEMM_FUSED_MAX_M", "64"))
+
+
+def dequantize_packed(pw: PackedWeight, out_features: int, in_features: int, dtype) -> "torch.Tensor":
+    """W (N, K) in ``dtype`` from the packed layout, by the CUDA dequantization kernel (columns
+    in the packed order: permuted by ``pw.perm`` where there is one)."""
+    w = torch.empty(out_features, in_features, dtype=dtype, device=pw.w.device)
+    _native.gemm_dequantize(pw.w, pw.meta, w, bits=pw.bits, group_size=pw.group_size, zeros=pw.zeros,
+                            stream=stream_of(w))
+    return w
+
+
+def _linear_cuda(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
+    pw = _packed_for(qw, x2.dtype)
+    if pw.perm is not None:
+        x2 = x2.index_select(1, pw.perm)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m, n, k = x2.shape[0], qw.out_features, qw.in_features
+    if bias is not None:
+        bias = bias.to(x2.dtype).contiguous()
+    if m > fused_max_m():
+        w = dequantize_packed(pw, n, k, x2.dtype)
+        return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    stream = stream_of(x2)
+    splits, floats, tickets = _native.gemm_plan(x2.device.index, m, n, k, qw.bits)
+    ws = torch.empty(floats, dtype=torch.float32, device=x2.device) if splits > 1 else None
+    counters = _counters(x2.device, stream, tickets) if splits > 1 else None
+    _native.gemm_packed_fwd(x2, pw.w, pw.meta, out, bias=bias, workspace=ws, counters=counters, bits=pw.bits,
+                            group_size=pw.group_size, zeros=pw.zeros, stream=stream)
+    return out
+
+
 def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"] = None) -> "torch.Tensor":
     """``x @ W^T (+ bias)`` for x (..., K) float16/bfloat16 (CPU also float32) and W quantized;
     output in x's dtype. CPU: rayon, f32 accumulation (dequantize a block of rows, multiply).
-    CUDA: the fused low-bit kernels are not written yet, so the weight is dequantized by torch
-    ops and multiplied with one cuBLAS matmul (correct, not yet fast)."""
+    CUDA: weight-only formats run the fused low-bit kernel (the weight repacked once and cached
+    on ``qw``); W8A8 and shapes it does not tile (``kernel_supports``) dequantize and matmul."""
     if x.shape[-1] != qw.in_features:
         raise _native.ShapeError(f"x has {x.shape[-1]} input features; the weight expects {qw.in_features}")
-    if x.is_cuda:
-        x2 = x.reshape(-1, qw.in_features)
-        out = _linear_dequantized(x2, qw, bias).to(x.dtype)
-        return out.view(*x.shape[:-1], qw.out_features)
     x2 = x.reshape(-1, qw.in_features)
+    if x.is_cuda:
+        if x2.shape[0] == 0:
+            out = torch.empty(0, qw.out_features, dtype=x.dtype, device=x.device)
+        elif kernel_supports(qw, x.dtype) is None and torch.cuda.get_device_capability(x.device) >= (8, 0):
+            out = _linear_cuda(x2, qw, bias)
+        else:
+            out = _linear_dequantized(x2, qw, bias).to(x.dtype)
+        return out.view(*x.shape[:-1], qw.out_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], qw.out_features, dtype=x.dtype, device=x.device)

@@ -31,8 +31,16 @@ class QuantLinear(torch.nn.Module):
 
     @property
     def weight_q(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.bits, self.in_features,
-                               self.perm, self.act, self.act_scale)
+        # One object per set of buffers, so the GPU kernel's packed copy (cached on it) is made
+        # once; .to() / .cuda() replace the buffers and with them this object.
+        parts = (self.qweight, self.scales, self.zeros, self.perm, self.act_scale)
+        cached = self.__dict__.get("_weight_q")
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            qw = QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.bits, self.in_features,
+                                 self.perm, self.act, self.act_scale)
+            cached = (parts, qw)
+            self.__dict__["_weight_q"] = cached
+        return cached[1]
 
     @classmethod
     def from_linear(cls, module: "torch.nn.Linear", fmt: str = "w4a16", group_size: int = 128,

@@ -46,6 +46,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
+    ("gemm.cu", include_str!("../../kernels/gemm.cu")),
 ];
 
 /// What ptxas reported for one kernel.

@@ -13,5 +13,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(attention::AttentionSm90Spec::all().iter().map(|s| s.kernel()));
     v.extend(decode::all_kernels());
     v.extend(append_kv::AppendSpec::all().iter().map(|s| s.kernel()));
+    v.extend(gemm::GemmSpec::all_kernels());
     v
 }

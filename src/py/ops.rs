@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
 use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
-use crate::ops::gemm::{self, Act, GemmArgs};
+use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -297,8 +297,83 @@ fn gemm_fwd(
     py.detach(|| gemm::forward(&args)).map_err(to_py)
 }
 
+/// gemm_packed_fwd(x, w, meta, out, *, bias, workspace, counters, bits, group_size, zeros, stream):
+/// the CUDA weight-only GEMM over the packed layout of ferrokernels.gemm.pack (ops::gemm).
+#[pyfunction]
+#[pyo3(signature = (x, w, meta, out, *, bias=None, workspace=None, counters=None, bits=4, group_size=128,
+                    zeros="sym", stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn gemm_packed_fwd(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    w: &Bound<'_, PyAny>,
+    meta: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    workspace: Option<&Bound<'_, PyAny>>,
+    counters: Option<&Bound<'_, PyAny>>,
+    bits: usize,
+    group_size: usize,
+    zeros: &str,
+    stream: usize,
+) -> PyResult<()> {
+    let zeros = Zeros::parse(zeros).map_err(to_py)?;
+    let x = import(x, "x", stream, false)?;
+    let w = import(w, "packed weight", stream, false)?;
+    let meta = import(meta, "packed scales", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let b = import_opt(bias, "bias", stream, false)?;
+    let ws = import_opt(workspace, "workspace", stream, true)?;
+    let cnt = import_opt(counters, "counters", stream, true)?;
+    let args = PackedArgs {
+        x: &x.view,
+        w: &w.view,
+        meta: &meta.view,
+        bias: view(&b),
+        out: &out.view,
+        workspace: view(&ws),
+        counters: view(&cnt),
+        bits,
+        group_size,
+        zeros,
+    };
+    py.detach(|| gemm::forward_packed(&args, stream)).map_err(to_py)
+}
+
+/// gemm_dequantize(w, meta, out, *, bits, group_size, zeros, stream): out (N, K) = the packed
+/// weight dequantized (the large-M path: then one dense GEMM).
+#[pyfunction]
+#[pyo3(signature = (w, meta, out, *, bits=4, group_size=128, zeros="sym", stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn gemm_dequantize(
+    py: Python<'_>,
+    w: &Bound<'_, PyAny>,
+    meta: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    bits: usize,
+    group_size: usize,
+    zeros: &str,
+    stream: usize,
+) -> PyResult<()> {
+    let zeros = Zeros::parse(zeros).map_err(to_py)?;
+    let w = import(w, "packed weight", stream, false)?;
+    let meta = import(meta, "packed scales", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    py.detach(|| gemm::dequantize_packed(&w.view, &meta.view, &out.view, bits, zeros, group_size, stream)).map_err(to_py)
+}
+
+/// gemm_plan(device, m, n, k, bits) -> (splits, workspace floats, counters) of the CUDA GEMM.
+#[pyfunction]
+fn gemm_plan(device: i32, m: usize, n: usize, k: usize, bits: usize) -> PyResult<(usize, usize, usize)> {
+    let p = gemm::plan_for_device(device, m, n, k, bits).map_err(to_py)?;
+    Ok((p.splits, p.partial_floats, p.counters))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemm_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_packed_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
