@@ -196,9 +196,8 @@ __device__ __forceinline__ void gemm_fwd(const GemmParams& p) {
         const unsigned char* sw = base + warp * (KTS * 32 * LB) + lane * LB;
         const u32 sx = smem_addr(base + L::W_BYTES) + (((lane & 7) * XROW + (lane >> 3) * 8) * 2);
         const T* smeta = reinterpret_cast<const T*>(base + L::W_BYTES + L::X_BYTES);
-#pragma unroll
-        for (int kt = 0; kt < KTS; ++kt) {
-            if (kt >= nk) break;
+        // One 16 x 64 tile of this warp's rows against every token tile.
+        auto tile = [&](int kt) {
             u32 words[LB / 4];
 #pragma unroll
             for (int v = 0; v < LB / 16; ++v) {
@@ -232,6 +231,13 @@ __device__ __forceinline__ void gemm_fwd(const GemmParams& p) {
                     for (int j = 0; j < MT; ++j) mma_16816<T>(acc[j], a, bfr[j][2 * step], bfr[j][2 * step + 1]);
                 }
             }
+        };
+        // Full stages unrolled, so the shared-memory loads of later tiles issue early.
+        if (nk == KTS) {
+#pragma unroll
+            for (int kt = 0; kt < KTS; ++kt) tile(kt);
+        } else {
+            for (int kt = 0; kt < nk; ++kt) tile(kt);
         }
     }
     cp_async_wait<0>();
