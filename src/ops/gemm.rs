@@ -249,7 +249,7 @@ impl GemmSpec {
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"gemm.cu\"\n\
-             extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ GemmParams p) {{\n\
+             extern \"C\" __global__ void GEMM_LAUNCH_BOUNDS {name}(const __grid_constant__ GemmParams p) {{\n\
              \x20   gemm_fwd<{t}, {bits}, {zk}, {mt}, {kts}, {stages}>(p);\n}}\n",
             name = self.name(),
             t = ctype(self.dtype),
