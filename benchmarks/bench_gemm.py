@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import ferrokernels as fk
-from ferrokernels.bench import time_graph_ms
+from ferrokernels.bench import graph_copies, rotating, time_graph_ms
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -47,26 +47,8 @@ def tinygemm(w):
     return lambda x: torch._weight_int4pack_mm(x, packed, GROUP, sz)
 
 
-def copies(nbytes: int) -> int:
-    """Weight copies to rotate over so ten calls stream ~200 MB (4x an H100's L2)."""
-    return max(1, min(10, -(-200_000_000 // max(nbytes, 1))))
-
-
-def rotating(make, n: int):
-    """One callable cycling over n instances from make(i), each called once here (packing,
-    compiling, allocating stay outside the timed graph)."""
-    fns = [make(i) for i in range(n)]
-    for f in fns:
-        f()
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-    return call
-
-
 def clone_qw(qw):
+    """A copy of qw's tensors (a separate packed cache, separate memory)."""
     c = lambda t: None if t is None else t.clone()  # noqa: E731
     return fk.gemm.replace(qw, qweight=c(qw.qweight), scales=c(qw.scales), zeros=c(qw.zeros))
 
@@ -77,16 +59,16 @@ def run(quick: bool = False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         formats = ours(w)
         deq = {name: fk.gemm.dequantize(qw, torch.float32) for name, qw in formats.items()}
-        tgs = [tinygemm(w) for _ in range(copies(n * k // 2))]
+        tgs = [tinygemm(w) for _ in range(graph_copies(n * k // 2))]
         amax = w.float().abs().amax()
         w8 = (w.float() / (amax / 448)).to(torch.float8_e4m3fn)
         w8_scale = (amax / 448).reshape(1, 1)
         wi8 = torch.round(w.float() / (amax / 127)).to(torch.int8)
-        ws = [w] + [w.clone() for _ in range(copies(w.numel() * 2) - 1)]
-        qws = {name: [qw] + [clone_qw(qw) for _ in range(copies(qw.qweight.numel() * qw.qweight.element_size()) - 1)]
+        ws = [w] + [w.clone() for _ in range(graph_copies(w.numel() * 2) - 1)]
+        qws = {name: [qw] + [clone_qw(qw) for _ in range(graph_copies(qw.qweight.numel() * qw.qweight.element_size()) - 1)]
                for name, qw in formats.items()}
-        w8s = [w8] + [w8.clone() for _ in range(copies(n * k) - 1)]
-        wi8s = [wi8] + [wi8.clone() for _ in range(copies(n * k) - 1)]
+        w8s = [w8] + [w8.clone() for _ in range(graph_copies(n * k) - 1)]
+        wi8s = [wi8] + [wi8.clone() for _ in range(graph_copies(n * k) - 1)]
         weight_bytes = {name: qw.qweight.numel() * qw.qweight.element_size() + qw.scales.numel() * 2
                         for name, qw in formats.items()}
         weight_bytes["cublas_bf16"] = w.numel() * 2

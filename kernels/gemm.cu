@@ -64,11 +64,10 @@ template <typename T, int ZK> struct GroupCoef {
     typedef typename Vec2<T>::type T2;
     T2 s, zb, m;
     __device__ __forceinline__ void load(const T* meta_row) {
+        s = T2(meta_row[0], meta_row[0]);
         if constexpr (ZK == ZK_SYM) {
-            s = T2(meta_row[0], meta_row[0]);
             zb = T2(T(Magic<T>::value + 8.f), T(Magic<T>::value + 8.f));
         } else {
-            s = T2(meta_row[0], meta_row[0]);
             const T second = meta_row[1];
             if constexpr (ZK == ZK_POINTS) {
                 zb = T2(second, second);
@@ -100,7 +99,7 @@ __device__ __forceinline__ void dequant8(u32 (&a)[4], u32 w0, u32 w1, const Grou
     for (int p = 0; p < 4; ++p) {
         const u32 w = p < 2 ? w0 : w1;
         const u32 sel_lo = (p & 1) ? 2u : 0u;
-        if constexpr (sizeof(T) == 2 && Magic<T>::bits == 0x64006400u) {
+        if constexpr (Magic<T>::bits == 0x64006400u) {
             // f16: 1024 + u is exact for u < 1024.
             const u32 bits = __byte_perm(w, 0x64646464u, 0x4040u | sel_lo | ((sel_lo + 1) << 8));
             const T2 q = __hsub2(as_t2<T2>(bits), T2(T(1152.f), T(1152.f)));

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import ferrokernels as fk
-from ferrokernels.bench import time_graph_ms
+from ferrokernels.bench import graph_copies, rotating, time_graph_ms
 
 var, a, b = sys.argv[1:4]
 shapes = sys.argv[4:] or ["1,8192,8192", "16,8192,8192", "64,8192,8192", "1,28672,8192", "1,4096,4096"]
@@ -19,20 +19,14 @@ for spec in shapes:
     w = torch.randn(n, k, device="cuda") * 0.02
     qw = fk.gemm.quantize(w, bits=bits, group_size=128 if bits == 4 else -1, scale_dtype=torch.bfloat16)
     nbytes = qw.qweight.numel()
-    copies = max(1, min(10, -(-200_000_000 // nbytes)))
     qws = [qw] + [fk.gemm.replace(qw, qweight=qw.qweight.clone(), scales=qw.scales.clone(),
-                                  zeros=None if qw.zeros is None else qw.zeros.clone()) for _ in range(copies - 1)]
+                                  zeros=None if qw.zeros is None else qw.zeros.clone())
+                  for _ in range(graph_copies(nbytes) - 1)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     res = {}
     for value in (a, b, a, b):
         os.environ[var] = value
-        for q in qws:  # pack and compile outside the graph
-            fk.gemm.linear(x, q)
-        i = [0]
-
-        def call():
-            i[0] = (i[0] + 1) % len(qws)
-            return fk.gemm.linear(x, qws[i[0]])
+        call = rotating(lambda i: (lambda: fk.gemm.linear(x, qws[i])), len(qws))
         res.setdefault(value, []).append(time_graph_ms(call))
     gb = nbytes + qw.scales.numel() * 2
     line = " ".join(f"{var}={v}: {min(t) * 1e3:7.1f} us {gb / min(t) / 1e6:6.0f} GB/s" for v, t in res.items())

@@ -56,6 +56,26 @@ def time_graph_ms(fn: Callable[[], object], calls: int = 10, reps: int = 20) -> 
     return statistics.median(times)
 
 
+def graph_copies(nbytes: int, calls: int = 10) -> int:
+    """Copies of an operand of ``nbytes`` to rotate over so the ``calls`` of a timed graph
+    stream ~200 MB (4x an H100's L2) instead of re-reading the cache."""
+    return max(1, min(calls, -(-200_000_000 // max(nbytes, 1))))
+
+
+def rotating(make: Callable[[int], Callable[[], object]], n: int) -> Callable[[], object]:
+    """One callable cycling over the n callables make(i), each called once here so packing,
+    compiling and allocating stay outside a timed graph."""
+    fns = [make(i) for i in range(n)]
+    for f in fns:
+        f()
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+    return call
+
+
 def ceilings() -> dict:
     """Measured once per run: an 8192^3 bf16 matmul and a large device-to-device copy."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

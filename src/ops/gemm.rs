@@ -218,16 +218,12 @@ impl GemmSpec {
         GemmSpec { dtype, bits, zeros, mt, stages, kts }
     }
 
-    pub fn kts(&self) -> usize {
-        self.kts
-    }
-
     /// Mirrors GemmSmem in kernels/gemm.cu.
     pub fn smem_bytes(&self) -> u32 {
         let lane_bytes = if self.bits == 4 { 16 } else { 32 };
-        let w = 4 * self.kts() * 32 * lane_bytes;
-        let x = self.mt * 8 * (self.kts() * 64 + 8) * 2;
-        let meta = self.kts() * 2 * BLOCK_N * 4;
+        let w = 4 * self.kts * 32 * lane_bytes;
+        let x = self.mt * 8 * (self.kts * 64 + 8) * 2;
+        let meta = self.kts * 2 * BLOCK_N * 4;
         (self.stages * (w + x + meta)) as u32
     }
 
@@ -256,7 +252,7 @@ impl GemmSpec {
             bits = self.bits,
             zk = self.zk().1,
             mt = self.mt,
-            kts = self.kts(),
+            kts = self.kts,
             stages = self.stages,
         );
         KernelSource::portable(self.name(), source)
@@ -337,7 +333,7 @@ pub fn plan(m: usize, n: usize, k: usize, bits: usize, sm_count: usize, smem_per
     let wave = sm_count * resident;
     let (m_tiles, n_tiles, kt_total) = (m.div_ceil(mt * 8), n / BLOCK_N, k / TILE_K);
     let base = (m_tiles * n_tiles).max(1);
-    let max_splits = (kt_total / spec.kts()).clamp(1, 16);
+    let max_splits = (kt_total / spec.kts).clamp(1, 16);
     let forced = std::env::var("FERROKERNELS_GEMM_SPLITS").ok().and_then(|s| s.parse::<usize>().ok());
     let splits = forced.unwrap_or_else(|| {
         let cost = |s: usize| (base * s).div_ceil(wave) as f64 / s as f64 * (1.0 + 0.05 * (s - 1) as f64);
