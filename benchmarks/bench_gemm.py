@@ -6,7 +6,8 @@ Each call is timed inside a CUDA graph of 10 calls (launch overhead excluded), t
 over enough copies of the weight (up to 10) that it is not served from the 50 MB L2 of an H100
 (a model's next layer would have evicted it); TFLOP/s counts
 2 * M * N * K. rel_err: ||out - ref|| / ||ref|| against the float32 product of the same
-(dequantized) weights. A format whose CUDA kernel is not written yet is reported and skipped.
+(dequantized) weights (for W8A8 it includes the activations' quantization error). A format whose
+CUDA kernel is not written yet is reported and skipped.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ GROUP = 128
 
 def ours(w):
     """ferrokernels formats of the bf16 weight w (N, K)."""
-    return {
+    formats = {
         "ferrokernels-w4a16": fk.gemm.quantize(w, bits=4, group_size=GROUP),
         "ferrokernels-w8a16": fk.gemm.quantize(w, bits=8, group_size=-1),
     }
-# W8A8 (fp8 / int8) joins when its fused kernels land; until then linear() dequantizes per
-# call, which says nothing about the format's speed.
+    # W8A8 runs its kernel on Hopper only; elsewhere linear() dequantizes per call, which says
+    # nothing about the format's speed.
+    if torch.cuda.get_device_capability() == (9, 0):
+        formats["ferrokernels-w8a8-fp8"] = fk.gemm.quantize_w8a8(w, "fp8")
+        formats["ferrokernels-w8a8-int8"] = fk.gemm.quantize_w8a8(w, "int8")
+    return formats
 
 
 def tinygemm(w):
@@ -85,6 +90,13 @@ def run(quick: bool = False):
             x8_scale = (x.float().abs().amax() / 448).reshape(1, 1)
             impls["scaled_mm_fp8"] = (lambda i: (lambda: torch._scaled_mm(
                 x8, w8s[i].t(), scale_a=x8_scale, scale_b=w8_scale, out_dtype=torch.bfloat16)), len(w8s), None)
+            # Our W8A8 granularity: per-token x per-channel scales (the peer's activation
+            # quantization is not timed; ours is).
+            x8_rows = (x.float().abs().amax(-1, keepdim=True) / 448).clamp_min(1e-12)
+            x8r = (x.float() / x8_rows).to(torch.float8_e4m3fn)
+            w8_rows = torch.full((1, n), float(amax / 448), device="cuda")
+            impls["scaled_mm_fp8_rowwise"] = (lambda i: (lambda: torch._scaled_mm(
+                x8r, w8s[i].t(), scale_a=x8_rows, scale_b=w8_rows, out_dtype=torch.bfloat16)), len(w8s), None)
             xi8 = torch.round(x.float() / (x.float().abs().amax() / 127)).to(torch.int8)
             impls["int_mm_int8"] = (lambda i: (lambda: torch._int_mm(xi8, wi8s[i].t())), len(wi8s), None)
             for label, (make, count, ref_w) in impls.items():

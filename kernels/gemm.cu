@@ -22,6 +22,7 @@
 #pragma once
 #include "common/types.cuh"
 #include "common/mma.cuh"
+#include "common/splitk.cuh"
 
 // sm_80: without a minimum of one block ptxas settles on 80 registers and spills 4 bytes in a
 // few variants. Not on sm_90: there the bound costs 15% at M = 1 (more registers, measured).
@@ -276,25 +277,10 @@ __device__ __forceinline__ void gemm_fwd(const GemmParams& p) {
             if (tok < rows_m) part[(i64)(m0 + tok) * p.n + row] = acc[j][e];
         }
     // The last split of this tile to arrive sums every split's partials.
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
     i32* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) {
-        const int ticket = atomicAdd(counter, 1);
-        is_last = ticket == p.splits - 1;
-        if (is_last) *counter = 0;  // ready for the next launch
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    T* out = static_cast<T*>(p.out);
-    for (int c = threadIdx.x; c < rows_m * BN; c += 128) {
-        const int tok = c / BN, row = n0 + c % BN;
-        float sum = bias != nullptr ? to_float(bias[row]) : 0.f;
-        for (int s = 0; s < p.splits; ++s) sum += __ldcg(p.partial + ((i64)s * p.m + m0 + tok) * p.n + row);
-        out[(i64)(m0 + tok) * p.out_sm + row] = T(sum);
-    }
+    if (!splitk_arrive_last(counter, p.splits, threadIdx.x == 0, [] { __syncthreads(); })) return;
+    splitk_reduce<T, BN>(p.partial, p.splits, p.m, p.n, m0, rows_m, n0, BN, bias, static_cast<T*>(p.out), p.out_sm,
+                         threadIdx.x, 128);
 }
 
 // The dequantized weight W (N, K) in T, from the packed layout: the path of large M, where a

@@ -96,13 +96,20 @@ def test_bad_inputs():
         fk._native.gemm_fwd(torch.randn(2, 128), qw.qweight, qw.scales, out, bits=3, group_size=32)
 
 
+def scales_of(xf, qmax):
+    """Per-token scales as the kernels form them: max|x| / qmax by true division (torch would
+    multiply by the reciprocal of a Python-number divisor on CUDA)."""
+    amax = xf.abs().amax(-1, keepdim=True)
+    return (amax / torch.full_like(amax, qmax)).clamp_min(1e-12)
+
+
 def w8a8_reference(x, qw, bias):
     """Per-token activation quantization and the product, simulated in float64 from the
     quantized values (exact products; the kernel's f32/i32 sums differ only in order)."""
     qmax = 127.0 if qw.act == "int8" else 448.0
     xf = x.float()  # scales and codes in float32, as the kernel forms them
-    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
-    t = xf / s
+    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else scales_of(xf, qmax)
+    t = xf * (torch.ones_like(s) / s)
     xq = torch.round(t).clamp(-127, 127) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn).float()
     w = qw.qweight.double() if qw.act == "int8" else qw.qweight.float().double()
     return (xq.double() @ w.t()) * s.double() * qw.scales.double().t() + (0 if bias is None else bias.double())
@@ -149,8 +156,8 @@ def test_fp8_checkpoint_loader():
 
 @pytest.mark.parametrize("kind", ["sym", "zeros", "int8", "mins", "act_order", "w8a8_int8", "w8a8_fp8"])
 def test_dequantized_path_agrees_with_the_kernel(kind):
-    """The CUDA path (until the fused kernels land) dequantizes with torch ops and does one
-    matmul; run on the CPU it must agree with the rayon kernel."""
+    """The CUDA fallback (shapes the kernels do not tile, W8A8 off Hopper) dequantizes with torch
+    ops and does one matmul; run on the CPU it must agree with the rayon kernel."""
     n, k = 64, 256
     if kind.startswith("w8a8"):
         qw = fk.gemm.quantize_w8a8(torch.randn(n, k) * 0.05, kind.removeprefix("w8a8_"))
@@ -230,7 +237,8 @@ def test_pack_rejects_what_the_kernel_cannot_tile():
     assert "multiples of 64" in fk.gemm.kernel_supports(qw, torch.float16)
     with pytest.raises(NotImplementedError, match="multiples of 64"):
         fk.gemm.pack(qw, torch.float16)
-    assert "W8A8" in fk.gemm.kernel_supports(fk.gemm.quantize_w8a8(torch.randn(64, 64)), torch.float16)
+    assert fk.gemm.kernel_supports(fk.gemm.quantize_w8a8(torch.randn(64, 64)), torch.float16) is None
+    assert "multiples of 64" in fk.gemm.kernel_supports(fk.gemm.quantize_w8a8(torch.randn(64, 96)), torch.float16)
     assert "float16 or bfloat16" in fk.gemm.kernel_supports(weights("sym", 64, 64, 1), torch.float32)
 
 
@@ -281,15 +289,20 @@ def test_cuda_split_k_is_repeatable_and_graph_safe(bits):
     ref = x.float() @ dequantize(qw, torch.float32).t()
     first = linear(x, qw)
     assert ((first.float() - ref).norm() / ref.norm()).item() < 2e-3
+    assert_repeatable_and_graph_safe(lambda: linear(x, qw), x, first)
+
+
+def assert_repeatable_and_graph_safe(call, x, first):
+    """Calls repeat `first` exactly, and a captured call replays on new inputs like a fresh one."""
     for _ in range(3):
-        assert torch.equal(linear(x, qw), first)
+        assert torch.equal(call(), first)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = linear(x, qw)
+        captured = call()
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, linear(x, qw))
+    assert torch.equal(captured, call())
 
 
 @pytest.mark.cuda
@@ -312,3 +325,124 @@ def test_cuda_packed_entry_rejects_bad_tensors():
     call(x, pw.w, pw.meta, out, group_size=64)
     ref = x.float() @ dequantize(qw, torch.float32).t()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3
+
+
+# --- W8A8 on Hopper (kernels/gemm_w8a8.cu) ------------------------------------------------------
+
+def hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="the W8A8 kernel uses Hopper's wgmma")
+
+
+def w8a8_codes(x, qw):
+    """The reference pre-pass: per-token (or static) scales and the codes' bytes."""
+    qmax = 127.0 if qw.act == "int8" else 448.0
+    xf = x.float()
+    s = qw.act_scale.reshape(1, 1).expand(x.shape[0], 1) if qw.act_scale is not None else scales_of(xf, qmax)
+    t = xf * (torch.ones_like(s) / s)
+    q = torch.round(t).clamp(-127, 127).to(torch.int8) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8), s.reshape(-1)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_cuda_w8a8_matches_simulated_quantization(act, dtype, static):
+    # N = 192: a half-empty 128-row tile; K = 704: a half-empty 128-channel block.
+    n, k = 192, 704
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(21)) * 0.05
+    qw = fk.gemm.quantize_w8a8(w, act).to("cuda")
+    if static:
+        qw = fk.gemm.replace(qw, act_scale=torch.tensor([0.08], device="cuda"))  # |x| < 10: no clipping
+    bias = torch.randn(n, device="cuda").to(dtype)
+    torch.manual_seed(22)
+    for m in (1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 100, 129, 257, 300):
+        x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
+        ref = w8a8_reference(x, qw, bias)
+        out = linear(x, qw, bias)
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert torch.isfinite(out).all()
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err <= {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (m, err)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_w8a8_prepass_codes_are_the_references(act, dtype):
+    """The pre-pass computes the reference's scales and codes exactly (same operations, same
+    rounding), into buffers poisoned beforehand; the GEMM's output overwrites a poisoned one."""
+    n, k, m = 128, 1024, 37
+    qw = fk.gemm.quantize_w8a8(torch.randn(n, k) * 0.05, act).to("cuda")
+    pw = fk.gemm.pack(qw, dtype)
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    x[5] = 0  # an all-zero row: scale clamps to 1e-12, codes 0
+    x[7, 3] = 1e4 if dtype == torch.float16 else 1e30  # one outlier dominates its row
+    xq = torch.full((m, k), 0xAA, dtype=torch.uint8, device="cuda")
+    xs = torch.full((m,), float("nan"), device="cuda")
+    out = torch.full((m, n), float("nan"), device="cuda").to(dtype)
+    splits, floats, tickets = fk._native.gemm_plan(0, m, n, k, 8, act=act)
+    assert splits > 1  # the reduction writes the output too
+    with pytest.raises(ValueError, match="workspace is required"):
+        fk._native.gemm_w8a8_fwd(x, pw.w, pw.meta, out, xq=xq, x_scale=xs, act=act)
+    ws = torch.full((floats,), float("nan"), device="cuda")
+    counters = torch.zeros(tickets, dtype=torch.int32, device="cuda")
+    fk._native.gemm_w8a8_fwd(x, pw.w, pw.meta, out, xq=xq, x_scale=xs, workspace=ws, counters=counters, act=act)
+    want_q, want_s = w8a8_codes(x, qw)
+    assert torch.equal(xs, want_s)
+    assert torch.equal(xq, want_q)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_cuda_w8a8_split_k_is_repeatable_and_graph_safe(act):
+    n, k = 256, 8192
+    qw = fk.gemm.quantize_w8a8(torch.randn(n, k) * 0.05, act).to("cuda")
+    splits, _, _ = fk._native.gemm_plan(0, 1, n, k, 8, act=act)
+    assert splits > 1
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    first = linear(x, qw)
+    ref = w8a8_reference(x, qw, None)
+    assert ((first.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert_repeatable_and_graph_safe(lambda: linear(x, qw), x, first)
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_cuda_w8a8_entry_rejects_bad_tensors():
+    n, k, m = 128, 256, 4
+    qw = fk.gemm.quantize_w8a8(torch.randn(n, k) * 0.05, "fp8").to("cuda")
+    pw = fk.gemm.pack(qw, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    xq = torch.empty(m, k, dtype=torch.uint8, device="cuda")
+    xs = torch.empty(m, device="cuda")
+
+    def call(**kw):
+        a = dict(x=x, qweight=pw.w, w_scale=pw.meta, out=out, xq=xq, x_scale=xs, act="fp8")
+        a.update(kw)
+        fk._native.gemm_w8a8_fwd(a.pop("x"), a.pop("qweight"), a.pop("w_scale"), a.pop("out"), **a)
+
+    with pytest.raises(TypeError, match="qweight"):
+        call(act="int8")  # e4m3 codes passed as int8
+    with pytest.raises(TypeError, match="w_scale"):
+        call(w_scale=pw.meta.half())
+    with pytest.raises(ValueError, match="xq"):
+        call(xq=xq[:, :128])
+    with pytest.raises(ValueError, match="x_scale"):
+        call(x_scale=xs[:2])
+    with pytest.raises(ValueError, match="multiples of 64"):
+        call(qweight=pw.w[:, :96].contiguous(), x=x[:, :96].contiguous(), xq=xq[:, :96].contiguous())
+    with pytest.raises(ValueError, match="act must be"):
+        call(act="int4")
+    with pytest.raises(ValueError, match="act_scale"):
+        call(act_scale=torch.ones(2, device="cuda"))
+    call()
+    assert torch.isfinite(out).all()

@@ -53,6 +53,14 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* map, int c0,
         : "memory");
 }
 
+// The 2-D form: the box at (c0 innermost, c1).
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TmaDesc* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
 }
@@ -70,6 +78,14 @@ template <int R, int C> __device__ __forceinline__ void fence_regs(float (&x)[R]
     for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int j = 0; j < C; ++j) asm volatile("" : "+f"(x[i][j])::"memory");
+}
+
+// Integer accumulators (s8 wgmma).
+template <int R, int C> __device__ __forceinline__ void fence_regs(int (&x)[R][C]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < C; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
 }
 
 // The same for registers an in-flight wgmma reads (A fragments): keeps them live, unmodified,
@@ -104,6 +120,13 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+
+// --- programmatic dependent launch -----------------------------------------------------------
+// The primary kernel lets its dependent (launched with Device::launch_dependent) start early;
+// the dependent waits for the primary's completion and memory before reading its results.
+// Both are no-ops when the launch was an ordinary one.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
 // --- shared-memory matrix descriptors --------------------------------------------------------
 // Tiles are stored as 64-element (128-byte) wide column blocks, each a run of 128-byte rows

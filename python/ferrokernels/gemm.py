@@ -15,8 +15,9 @@ Canonical layout of a weight ``W`` (out_features N, in_features K), ``QuantizedW
   (GPTQ act-order, regrouped so each group is contiguous); activations are permuted to match.
 * ``act`` -- None for weight-only formats; "int8" or "fp8" for W8A8: ``qweight`` is int8 or
   float8_e4m3fn (N, K) with per-channel ``scales`` (N, 1) (group_size K), and activations are
-  quantized per token on the fly (``act_scale`` None: dynamic, ``max|x_m| / 127`` or ``/ 448``)
-  or with one static float32 ``act_scale``; products accumulate exactly (int32) or in f32 (fp8).
+  quantized per token on the fly (``act_scale`` None: dynamic, ``s = max|x_m| / 127`` or ``/ 448``)
+  or with one static float32 ``act_scale``, codes ``round(x * (1 / s))`` in float32; products
+  accumulate exactly (int32) or in f32 (fp8).
 
 Dequantization follows each format's own arithmetic, so it reproduces the tools' dequantized
 weights bit for bit (tests/test_gemm_formats.py).
@@ -214,16 +215,21 @@ def _quantize_activations(x2: "torch.Tensor", qw: QuantizedWeight) -> "torch.Ten
     """W8A8: x rounded through its per-token (or static) int8 / e4m3 codes, as float32."""
     qmax = 127.0 if qw.act == "int8" else 448.0
     xf = x2.float()
-    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else (
-        xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
-    t = xf / s
+    if qw.act_scale is not None:
+        s = qw.act_scale.reshape(1, 1)
+    else:
+        # Divided by a tensor, not a Python number: torch turns a scalar divisor into a
+        # multiply by its reciprocal on CUDA, off by an ulp from the kernels' division.
+        amax = xf.abs().amax(-1, keepdim=True)
+        s = (amax / torch.full_like(amax, qmax)).clamp_min(1e-12)
+    t = xf * (torch.ones_like(s) / s)  # by the reciprocal, as the kernels do
     q = torch.round(t).clamp(-127, 127) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn).float()
     return q * s
 
 
 def _linear_dequantized(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
-    """The GPU path where no fused kernel applies (W8A8 until its kernels land, shapes the kernel
-    does not tile): the weight dequantized by torch ops, then one matmul. W8A8 activations go
+    """The GPU path where no kernel applies (shapes the kernels do not tile, W8A8 off Hopper):
+    the weight dequantized by torch ops, then one matmul. W8A8 activations go
     through their codes first, and the product runs in float32 like the CPU path's."""
     w = dequantize(qw, torch.float32)
     xs = _quantize_activations(x2, qw) if qw.act is not None else x2
@@ -243,7 +249,8 @@ class PackedWeight:
     """A weight in the layout kernels/gemm.cu reads: ``w`` uint8 (N/16, K/64, 32, 16 | 32), each
     lane's MMA fragments of a 16 x 64 tile contiguous; ``meta`` in the activation dtype, (G, N)
     scales (``zeros`` "sym") or (G, N, 2) {scale, magic + zero point} ("points") / {scale,
-    minimum} ("mins")."""
+    minimum} ("mins"). W8A8 (kernels/gemm_w8a8.cu): ``w`` the (N, K) codes themselves, ``meta``
+    their float32 channel scales (N,)."""
     w: "torch.Tensor"
     meta: "torch.Tensor"
     zeros: str
@@ -253,15 +260,15 @@ class PackedWeight:
 
 
 def kernel_supports(qw: QuantizedWeight, dtype) -> Optional[str]:
-    """None when the CUDA weight-only kernel takes this weight for activations of ``dtype``,
-    else why not (the caller falls back to dequantize + matmul)."""
+    """None when a CUDA kernel (weight-only, or W8A8 on Hopper) takes this weight for
+    activations of ``dtype``, else why not (the caller falls back to dequantize + matmul)."""
     n, k, g = qw.out_features, qw.in_features, qw.group_size
-    if qw.act is not None:
-        return "W8A8 formats have no fused kernel yet"
     if dtype not in _MAGIC:
         return f"activations are {dtype}; the kernel takes float16 or bfloat16"
     if n % 64 or k % 64:
         return f"N = {n} and K = {k} must be multiples of 64"
+    if qw.act is not None:
+        return None  # the W8A8 kernel (Hopper: see _kernel_runs_on)
     if not (g == 32 or g % 64 == 0):
         return f"group_size {g} must be 32 or a multiple of 64"
     if qw.bits == 8 and qw.zeros is not None:
@@ -276,6 +283,10 @@ def pack(qw: QuantizedWeight, dtype) -> PackedWeight:
     if why is not None:
         raise NotImplementedError(f"the CUDA low-bit kernel does not take this weight: {why}")
     n, k = qw.out_features, qw.in_features
+    if qw.act is not None:
+        # The W8A8 kernel reads the codes as they are (through TMA) and float32 channel scales.
+        return PackedWeight(qw.qweight.contiguous(), qw.scales.to(torch.float32).reshape(n).contiguous(), "sym", 8, k,
+                            None)
     if qw.bits == 4:
         c = unpack_int4(qw.qweight)
         # row = nt*16 + rh*8 + g, k = kt*64 + i*16 + kh*8 + t*2 + e; lane = g*4 + t;
@@ -340,25 +351,54 @@ def dequantize_packed(pw: PackedWeight, out_features: int, in_features: int, dty
     return w
 
 
+def _kernel_runs_on(qw: QuantizedWeight, device) -> bool:
+    """The weight-only kernel runs on sm_80 and later; the W8A8 one uses Hopper's wgmma."""
+    cap = torch.cuda.get_device_capability(device)
+    return cap[0] == 9 if qw.act is not None else cap >= (8, 0)
+
+
+def _split_k_buffers(x2: "torch.Tensor", n: int, k: int, bits: int, act: Optional[str]):
+    """The split-K workspace and tickets the kernel's plan for this problem needs (or None)."""
+    splits, floats, tickets = _native.gemm_plan(x2.device.index, x2.shape[0], n, k, bits, act=act or "")
+    if splits == 1:
+        return None, None
+    ws = torch.empty(floats, dtype=torch.float32, device=x2.device)
+    return ws, _counters(x2.device, stream_of(x2), tickets)
+
+
+def _linear_w8a8(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
+    """The Hopper W8A8 kernel: a pre-pass quantizes x per token into ``xq`` / ``xs``, then one
+    GEMM over the codes of both operands."""
+    pw = _packed_for(qw, x2.dtype)
+    m, n, k = x2.shape[0], qw.out_features, qw.in_features
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    xq = torch.empty(m, k, dtype=torch.uint8, device=x2.device)
+    xs = torch.empty(m, dtype=torch.float32, device=x2.device)
+    ws, counters = _split_k_buffers(x2, n, k, 8, qw.act)
+    act_scale = None if qw.act_scale is None else qw.act_scale.to(device=x2.device, dtype=torch.float32)
+    _native.gemm_w8a8_fwd(x2, pw.w, pw.meta, out, xq=xq, x_scale=xs, bias=bias, act_scale=act_scale, workspace=ws,
+                          counters=counters, act=qw.act, stream=stream_of(x2))
+    return out
+
+
 def _linear_cuda(x2: "torch.Tensor", qw: QuantizedWeight, bias) -> "torch.Tensor":
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.to(x2.dtype).contiguous()
+    if qw.act is not None:
+        return _linear_w8a8(x2, qw, bias)
     pw = _packed_for(qw, x2.dtype)
     if pw.perm is not None:
         x2 = x2.index_select(1, pw.perm)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
     m, n, k = x2.shape[0], qw.out_features, qw.in_features
-    if bias is not None:
-        bias = bias.to(x2.dtype).contiguous()
     if m > fused_max_m():
         w = dequantize_packed(pw, n, k, x2.dtype)
         return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    stream = stream_of(x2)
-    splits, floats, tickets = _native.gemm_plan(x2.device.index, m, n, k, qw.bits)
-    ws = torch.empty(floats, dtype=torch.float32, device=x2.device) if splits > 1 else None
-    counters = _counters(x2.device, stream, tickets) if splits > 1 else None
+    ws, counters = _split_k_buffers(x2, n, k, qw.bits, None)
     _native.gemm_packed_fwd(x2, pw.w, pw.meta, out, bias=bias, workspace=ws, counters=counters, bits=pw.bits,
-                            group_size=pw.group_size, zeros=pw.zeros, stream=stream)
+                            group_size=pw.group_size, zeros=pw.zeros, stream=stream_of(x2))
     return out
 
 
@@ -366,14 +406,15 @@ def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"
     """``x @ W^T (+ bias)`` for x (..., K) float16/bfloat16 (CPU also float32) and W quantized;
     output in x's dtype. CPU: rayon, f32 accumulation (dequantize a block of rows, multiply).
     CUDA: weight-only formats run the fused low-bit kernel (the weight repacked once and cached
-    on ``qw``); W8A8 and shapes it does not tile (``kernel_supports``) dequantize and matmul."""
+    on ``qw``), W8A8 formats the Hopper W8A8 kernel; shapes they do not tile
+    (``kernel_supports``) and W8A8 off Hopper dequantize and matmul."""
     if x.shape[-1] != qw.in_features:
         raise _native.ShapeError(f"x has {x.shape[-1]} input features; the weight expects {qw.in_features}")
     x2 = x.reshape(-1, qw.in_features)
     if x.is_cuda:
         if x2.shape[0] == 0:
             out = torch.empty(0, qw.out_features, dtype=x.dtype, device=x.device)
-        elif kernel_supports(qw, x.dtype) is None and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        elif kernel_supports(qw, x.dtype) is None and _kernel_runs_on(qw, x.device):
             out = _linear_cuda(x2, qw, bias)
         else:
             out = _linear_dequantized(x2, qw, bias).to(x.dtype)

@@ -37,8 +37,9 @@ fn run_w8a8<T: Element>(a: &GemmArgs, d: &GemmDims) {
     xq.par_chunks_mut(k).zip(sx.par_iter_mut()).enumerate().for_each(|(i, (row, s))| {
         let src = &x[i * k..(i + 1) * k];
         *s = fixed.unwrap_or_else(|| (src.iter().fold(0f32, |acc, v| acc.max(v.abs())) / qmax).max(1e-12));
+        let inv = 1.0 / *s;
         for (dst, v) in row.iter_mut().zip(src) {
-            let t = v / *s;
+            let t = v * inv;
             *dst = if a.act == Act::Int8 { t.round_ties_even().clamp(-127.0, 127.0) } else { e4m3_to_f32(f32_to_e4m3(t)) };
         }
     });

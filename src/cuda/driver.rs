@@ -165,4 +165,33 @@ impl Device {
         }
         Ok(())
     }
+
+    /// Launches `f` as a programmatic dependent of the kernel before it on the stream (sm_90):
+    /// its CTAs may start once every CTA of that kernel has run `griddepcontrol.launch_dependents`,
+    /// and must run `griddepcontrol.wait` before touching what that kernel writes. Work that does
+    /// not depend on it (loading weights) overlaps its tail and the launch gap.
+    pub fn launch_dependent(&self, f: Function, cfg: LaunchConfig, stream: usize, params: &mut [*mut c_void]) -> Result<()> {
+        self.make_current()?;
+        // Zeroed: the attribute value is a C union of which one int is set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid.0,
+            gridDimY: cfg.grid.1,
+            gridDimZ: cfg.grid.2,
+            blockDimX: cfg.block.0,
+            blockDimY: cfg.block.1,
+            blockDimZ: cfg.block.2,
+            sharedMemBytes: cfg.smem_bytes,
+            hStream: stream as sys::CUstream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let r = unsafe { sys::cuLaunchKernelEx(&config, f.0, params.as_mut_ptr(), std::ptr::null_mut()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda(format!("cuLaunchKernelEx (programmatic dependent launch) failed: {r:?}")));
+        }
+        Ok(())
+    }
 }

@@ -42,11 +42,13 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/attention.cuh", include_str!("../../kernels/common/attention.cuh")),
     ("common/hopper.cuh", include_str!("../../kernels/common/hopper.cuh")),
     ("common/wgmma.cuh", include_str!("../../kernels/common/wgmma.cuh")),
+    ("common/splitk.cuh", include_str!("../../kernels/common/splitk.cuh")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
+    ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),
 ];
 
 /// What ptxas reported for one kernel.

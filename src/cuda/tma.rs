@@ -27,21 +27,36 @@ pub fn tiled_4d_16bit(bf16: bool, ptr: usize, dims: [u64; 4], strides: [i64; 3],
         }
         byte_strides[i] = (s * 2) as u64;
     }
-    if ptr % 16 != 0 {
-        return Err(Error::Layout("TMA needs a 16-byte aligned base".into()));
-    }
     let dtype = if bf16 {
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
     } else {
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
     };
-    let elem_strides = [1u32; 4];
+    encode(dtype, ptr, &dims, &byte_strides, &box_dims)
+}
+
+/// A 2-D tensor of bytes (int8 / float8 codes): `cols` bytes per row, rows `row_stride` bytes
+/// apart, boxes of `box_cols` (at most 128: the swizzle span) x `box_rows`, 128-byte swizzled.
+pub fn tiled_2d_bytes(ptr: usize, cols: u64, rows: u64, row_stride: u64, box_cols: u32, box_rows: u32) -> Result<TensorMap> {
+    if row_stride % 16 != 0 || row_stride >= 1u64 << 40 {
+        return Err(Error::Layout(format!("row stride of {row_stride} bytes is not addressable by TMA")));
+    }
+    encode(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, ptr, &[cols, rows], &[row_stride], &[box_cols, box_rows])
+}
+
+/// cuTensorMapEncodeTiled with a 128-byte swizzle and zero fill: `dims` and `box_dims` innermost
+/// first, `byte_strides` of dims 1.. in bytes.
+fn encode(dtype: sys::CUtensorMapDataType, ptr: usize, dims: &[u64], byte_strides: &[u64], box_dims: &[u32]) -> Result<TensorMap> {
+    if ptr % 16 != 0 {
+        return Err(Error::Layout("TMA needs a 16-byte aligned base".into()));
+    }
+    let elem_strides = [1u32; 5];
     let mut map = TensorMap::ZERO;
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map as *mut TensorMap as *mut sys::CUtensorMap,
             dtype,
-            4,
+            dims.len() as u32,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             byte_strides.as_ptr(),
@@ -55,7 +70,7 @@ pub fn tiled_4d_16bit(bf16: bool, ptr: usize, dims: [u64; 4], strides: [i64; 3],
     };
     if r != sys::CUresult::CUDA_SUCCESS {
         // Layout, not Cuda: callers treat it as "this kernel cannot read these tensors".
-        return Err(Error::Layout(format!("cuTensorMapEncodeTiled refused ({r:?}) dims {dims:?}, strides {strides:?}")));
+        return Err(Error::Layout(format!("cuTensorMapEncodeTiled refused ({r:?}) dims {dims:?}, byte strides {byte_strides:?}")));
     }
     Ok(map)
 }

@@ -28,7 +28,7 @@ pub enum Zeros {
 }
 
 /// Activation quantization of W8A8 formats (per token, or one static scale).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Act {
     /// Weight-only: activations stay in their dtype.
     None,
@@ -86,7 +86,7 @@ pub struct GemmDims {
     pub zeros: Zeros,
 }
 
-fn expect_contiguous(t: &TensorView) -> Result<()> {
+pub(crate) fn expect_contiguous(t: &TensorView) -> Result<()> {
     let want = crate::dlpack::contiguous_strides(&t.shape);
     let ok = t.shape.iter().zip(t.strides.iter().zip(&want)).all(|(&d, (&s, &w))| d <= 1 || s == w);
     if ok { Ok(()) } else { Err(Error::Layout(format!("{} must be contiguous", t.name))) }
@@ -332,17 +332,45 @@ pub fn plan(m: usize, n: usize, k: usize, bits: usize, sm_count: usize, smem_per
     let resident = (smem_per_sm / (spec.smem_bytes() as usize + 1024)).clamp(1, 8);
     let wave = sm_count * resident;
     let (m_tiles, n_tiles, kt_total) = (m.div_ceil(mt * 8), n / BLOCK_N, k / TILE_K);
-    let base = (m_tiles * n_tiles).max(1);
-    let max_splits = (kt_total / spec.kts).clamp(1, 16);
+    let (splits, kt_per_split) = split_k(m_tiles * n_tiles, wave, kt_total, kt_total / spec.kts);
+    let (partial_floats, counters) = if splits > 1 { (splits * m * n, m_tiles * n_tiles) } else { (0, 0) };
+    GemmPlan { mt, m_tiles, n_tiles, splits, kt_per_split, partial_floats, counters }
+}
+
+/// The split-K workspace and ticket pointers a plan needs (null when it does not split),
+/// checked against it; `x` names the device.
+pub(crate) fn split_k_buffers(plan: &GemmPlan, workspace: Option<&TensorView>, counters: Option<&TensorView>, x: &TensorView) -> Result<(u64, u64)> {
+    if plan.splits == 1 {
+        return Ok((0, 0));
+    }
+    let ws = workspace.ok_or_else(|| Error::Value("workspace is required when the plan splits K (gemm_plan)".into()))?;
+    let cnt = counters.ok_or_else(|| Error::Value("counters are required when the plan splits K (gemm_plan)".into()))?;
+    ws.expect_same_device(x)?;
+    cnt.expect_same_device(x)?;
+    ws.expect_dtype(&[DType::F32])?;
+    cnt.expect_dtype(&[DType::I32])?;
+    if (ws.numel() as usize) < plan.partial_floats || (cnt.numel() as usize) < plan.counters {
+        return shape_err(format!(
+            "{} / {} hold {} / {} elements; this call needs {} / {} (gemm_plan)",
+            ws.name, cnt.name, ws.numel(), cnt.numel(), plan.partial_floats, plan.counters
+        ));
+    }
+    Ok((ws.ptr as u64, cnt.ptr as u64))
+}
+
+/// (splits, K tiles per split) for `tiles` output tiles over `kt_total` tiles of K, at most
+/// `max_splits` (and 16) ways, filling waves of `wave` resident CTAs; every split gets work.
+/// FERROKERNELS_GEMM_SPLITS forces the count (A/B timing).
+pub(crate) fn split_k(tiles: usize, wave: usize, kt_total: usize, max_splits: usize) -> (usize, usize) {
+    let base = tiles.max(1);
+    let max_splits = max_splits.clamp(1, 16);
     let forced = std::env::var("FERROKERNELS_GEMM_SPLITS").ok().and_then(|s| s.parse::<usize>().ok());
     let splits = forced.unwrap_or_else(|| {
         let cost = |s: usize| (base * s).div_ceil(wave) as f64 / s as f64 * (1.0 + 0.05 * (s - 1) as f64);
         (1..=max_splits).min_by(|&a, &b| cost(a).total_cmp(&cost(b))).unwrap_or(1)
     });
     let kt_per_split = kt_total.div_ceil(splits.clamp(1, kt_total.max(1))).max(1);
-    let splits = kt_total.div_ceil(kt_per_split).max(1);
-    let (partial_floats, counters) = if splits > 1 { (splits * m * n, m_tiles * n_tiles) } else { (0, 0) };
-    GemmPlan { mt, m_tiles, n_tiles, splits, kt_per_split, partial_floats, counters }
+    (kt_total.div_ceil(kt_per_split).max(1), kt_per_split)
 }
 
 /// The plan on GPU `ordinal`, for the Python layer to size the workspace.
@@ -453,7 +481,7 @@ pub fn check_packed(a: &PackedArgs) -> Result<(usize, usize, usize)> {
     Ok((m, n, k))
 }
 
-fn cuda_ordinal(t: &TensorView) -> Result<i32> {
+pub(crate) fn cuda_ordinal(t: &TensorView) -> Result<i32> {
     match t.device {
         Device::Cuda(o) => Ok(o),
         Device::Cpu => Err(Error::Device(format!("{} must be a CUDA tensor: the packed layout is the GPU kernels'; the CPU path reads the canonical one", t.name))),
@@ -507,23 +535,7 @@ pub fn forward_packed(a: &PackedArgs, stream: usize) -> Result<()> {
     if plan.m_tiles > 65535 {
         return shape_err(format!("M = {m} exceeds the CUDA grid"));
     }
-    let (partial, counters) = if plan.splits > 1 {
-        let ws = a.workspace.ok_or_else(|| Error::Value("workspace is required when the plan splits K (gemm_plan)".into()))?;
-        let cnt = a.counters.ok_or_else(|| Error::Value("counters are required when the plan splits K (gemm_plan)".into()))?;
-        ws.expect_same_device(a.x)?;
-        cnt.expect_same_device(a.x)?;
-        ws.expect_dtype(&[DType::F32])?;
-        cnt.expect_dtype(&[DType::I32])?;
-        if (ws.numel() as usize) < plan.partial_floats || (cnt.numel() as usize) < plan.counters {
-            return shape_err(format!(
-                "{} / {} hold {} / {} elements; this call needs {} / {} (gemm_plan)",
-                ws.name, cnt.name, ws.numel(), cnt.numel(), plan.partial_floats, plan.counters
-            ));
-        }
-        (ws.ptr as u64, cnt.ptr as u64)
-    } else {
-        (0, 0)
-    };
+    let (partial, counters) = split_k_buffers(&plan, a.workspace, a.counters, a.x)?;
     let spec = GemmSpec::new(a.x.dtype, a.bits, a.zeros, plan.mt);
     let mut p = GemmParams {
         x: a.x.ptr as u64,

@@ -4,6 +4,7 @@ pub mod append_kv;
 pub mod attention;
 pub mod decode;
 pub mod gemm;
+pub mod gemm_w8a8;
 
 use crate::cuda::KernelSource;
 
@@ -14,5 +15,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(decode::all_kernels());
     v.extend(append_kv::AppendSpec::all().iter().map(|s| s.kernel()));
     v.extend(gemm::GemmSpec::all_kernels());
+    v.extend(gemm_w8a8::W8A8Spec::all_kernels());
     v
 }

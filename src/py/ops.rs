@@ -10,6 +10,7 @@ use crate::ops::attention::{self, AttentionArgs, CausalAlign, Varlen};
 use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
+use crate::ops::gemm_w8a8::{self, W8A8Args};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -362,17 +363,73 @@ fn gemm_dequantize(
     py.detach(|| gemm::dequantize_packed(&w.view, &meta.view, &out.view, bits, zeros, group_size, stream)).map_err(to_py)
 }
 
-/// gemm_plan(device, m, n, k, bits) -> (splits, workspace floats, counters) of the CUDA GEMM.
+/// gemm_plan(device, m, n, k, bits, act="") -> (splits, workspace floats, counters) of the
+/// CUDA weight-only GEMM, or of the W8A8 one when `act` is "int8" / "fp8".
 #[pyfunction]
-fn gemm_plan(device: i32, m: usize, n: usize, k: usize, bits: usize) -> PyResult<(usize, usize, usize)> {
-    let p = gemm::plan_for_device(device, m, n, k, bits).map_err(to_py)?;
+#[pyo3(signature = (device, m, n, k, bits, act=""))]
+fn gemm_plan(device: i32, m: usize, n: usize, k: usize, bits: usize, act: &str) -> PyResult<(usize, usize, usize)> {
+    let p = match Act::parse(act).map_err(to_py)? {
+        Act::None => gemm::plan_for_device(device, m, n, k, bits),
+        _ => gemm_w8a8::plan_for_device(device, m, n, k),
+    }
+    .map_err(to_py)?;
     Ok((p.splits, p.partial_floats, p.counters))
+}
+
+/// gemm_w8a8_fwd(x, qweight, w_scale, out, *, xq, x_scale, bias, act_scale, workspace, counters,
+/// act, stream): the Hopper W8A8 GEMM (ops::gemm_w8a8); `xq` (M, K) uint8 and `x_scale` (M,)
+/// float32 receive the activation codes and scales.
+#[pyfunction]
+#[pyo3(signature = (x, qweight, w_scale, out, *, xq, x_scale, bias=None, act_scale=None, workspace=None,
+                    counters=None, act="fp8", stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn gemm_w8a8_fwd(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    qweight: &Bound<'_, PyAny>,
+    w_scale: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    xq: &Bound<'_, PyAny>,
+    x_scale: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    act_scale: Option<&Bound<'_, PyAny>>,
+    workspace: Option<&Bound<'_, PyAny>>,
+    counters: Option<&Bound<'_, PyAny>>,
+    act: &str,
+    stream: usize,
+) -> PyResult<()> {
+    let act = Act::parse(act).map_err(to_py)?;
+    let x = import(x, "x", stream, false)?;
+    let qw = import(qweight, "qweight", stream, false)?;
+    let ws = import(w_scale, "w_scale", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let xq = import(xq, "xq", stream, true)?;
+    let xs = import(x_scale, "x_scale", stream, true)?;
+    let b = import_opt(bias, "bias", stream, false)?;
+    let sc = import_opt(act_scale, "act_scale", stream, false)?;
+    let wk = import_opt(workspace, "workspace", stream, true)?;
+    let cnt = import_opt(counters, "counters", stream, true)?;
+    let args = W8A8Args {
+        x: &x.view,
+        qweight: &qw.view,
+        w_scale: &ws.view,
+        bias: view(&b),
+        out: &out.view,
+        xq: &xq.view,
+        x_scale: &xs.view,
+        act_scale: view(&sc),
+        workspace: view(&wk),
+        counters: view(&cnt),
+        act,
+    };
+    py.detach(|| gemm_w8a8::forward(&args, stream)).map_err(to_py)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_packed_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_w8a8_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
