@@ -144,27 +144,29 @@ __device__ __forceinline__ void gemm_w8a8_sm90(const W8A8Params& P) {
         bias[h] = P.bias != nullptr ? to_float(static_cast<const T*>(P.bias)[row]) : 0.f;
     }
     const int rows_m = min(BT, P.m - m0);
-    // Visits this thread's outputs in range: f(token, weight row, scaled value, row half).
-    auto for_each_output = [&](auto f) {
-#pragma unroll
-        for (int i = 0; i < BT / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int tok = 8 * i + 2 * t + e;
-                if (tok >= rows_m) continue;
-                const float xs = P.x_scale[m0 + tok];
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    if (row0 + 8 * h < P.n) f(m0 + tok, row0 + 8 * h, (float)acc[i][2 * h + e] * xs * ws[h], h);
-            }
-    };
-    if (P.splits == 1) {
-        T* out = static_cast<T*>(P.out);
-        for_each_output([&](int m, int n, float v, int h) { out[(i64)m * P.out_sm + n] = T(v + bias[h]); });
-        return;
-    }
+    // One pass over this thread's outputs: straight to `out` without split-K, else partials.
+    // (One loop with a branch, not a generic lambda: the device's NVRTC treats an `auto`
+    // parameter lambda as a host function.)
+    const bool direct = P.splits == 1;
+    T* out = static_cast<T*>(P.out);
     float* part = P.partial + (i64)split * P.m * P.n;
-    for_each_output([&](int m, int n, float v, int) { part[(i64)m * P.n + n] = v; });
+#pragma unroll
+    for (int i = 0; i < BT / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int tok = 8 * i + 2 * t + e;
+            if (tok >= rows_m) continue;
+            const float xs = P.x_scale[m0 + tok];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = row0 + 8 * h;
+                if (row >= P.n) continue;
+                const float v = (float)acc[i][2 * h + e] * xs * ws[h];
+                if (direct) out[(i64)(m0 + tok) * P.out_sm + row] = T(v + bias[h]);
+                else part[(i64)(m0 + tok) * P.n + row] = v;
+            }
+        }
+    if (direct) return;
     // The last split of this tile to arrive sums every split's partials (consumers only: the
     // producer warpgroup has left, so the barrier is the named one over 256 threads).
     i32* counter = P.counters + blockIdx.z * gridDim.x + blockIdx.x;
