@@ -279,7 +279,7 @@ __device__ __forceinline__ void gemm_fwd(const GemmParams& p) {
     // The last split of this tile to arrive sums every split's partials.
     i32* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
     if (!splitk_arrive_last(counter, p.splits, threadIdx.x == 0, [] { __syncthreads(); })) return;
-    splitk_reduce<T, BN>(p.partial, p.splits, p.m, p.n, m0, rows_m, n0, BN, bias, static_cast<T*>(p.out), p.out_sm,
+    splitk_reduce<T, BN, 8>(p.partial, p.splits, p.m, p.n, m0, rows_m, n0, BN, bias, static_cast<T*>(p.out), p.out_sm,
                          threadIdx.x, 128);
 }
 

@@ -171,7 +171,7 @@ __device__ __forceinline__ void gemm_w8a8_sm90(const W8A8Params& P) {
     // producer warpgroup has left, so the barrier is the named one over 256 threads).
     i32* counter = P.counters + blockIdx.z * gridDim.x + blockIdx.x;
     if (!splitk_arrive_last(counter, P.splits, tid == 0 && c == 0, [] { named_barrier(1, 256); })) return;
-    splitk_reduce<T, L::BW>(P.partial, P.splits, P.m, P.n, m0, rows_m, n0, min(L::BW, P.n - n0),
+    splitk_reduce<T, L::BW, 8>(P.partial, P.splits, P.m, P.n, m0, rows_m, n0, min(L::BW, P.n - n0),
                             static_cast<const T*>(P.bias), static_cast<T*>(P.out), P.out_sm, tid + 128 * c, 256);
 }
 

@@ -25,12 +25,13 @@ __device__ __forceinline__ bool splitk_arrive_last(i32* counter, int splits, boo
 
 // out[m0 + tok][n0 + col] = bias + sum over splits, for tok < rows_m, col < cols, by
 // `threads` threads (this one is `tid`). R outputs per thread per round keep R * splits loads
-// in flight: one at a time, a 64 x 128 tile took 32 serial L2 round trips (16 us).
-template <typename T, int COLS>
-__device__ __forceinline__ void splitk_reduce(const float* partial, int splits, int m, int n, int m0, int rows_m,
+// in flight: one at a time, a 64 x 128 tile took 32 serial L2 round trips (16 us). Not inlined:
+// it runs once per tile, in one CTA of `splits`, and inlined its registers made ptxas spill in
+// the main loop of some sm_90a weight-only variants.
+template <typename T, int COLS, int R>
+__device__ __noinline__ void splitk_reduce(const float* partial, int splits, int m, int n, int m0, int rows_m,
                                               int n0, int cols, const T* bias, T* out, i64 out_sm, int tid,
                                               int threads) {
-    constexpr int R = 8;
     const int total = rows_m * COLS;
     for (int base = tid; base < total; base += threads * R) {
         float sum[R];
