@@ -103,16 +103,24 @@ def scales_of(xf, qmax):
     return (amax / torch.full_like(amax, qmax)).clamp_min(1e-12)
 
 
+def w8a8_codes(x, qw):
+    """The reference pre-pass: the codes (int8 or float8_e4m3fn, (M, K)) and per-token (or
+    static) scales (M,), formed in float32 as the kernels form them."""
+    qmax = 127.0 if qw.act == "int8" else 448.0
+    xf = x.float()
+    s = qw.act_scale.reshape(1, 1).expand(x.shape[0], 1) if qw.act_scale is not None else scales_of(xf, qmax)
+    t = xf * (torch.ones_like(s) / s)
+    q = torch.round(t).clamp(-127, 127).to(torch.int8) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s.reshape(-1)
+
+
 def w8a8_reference(x, qw, bias):
     """Per-token activation quantization and the product, simulated in float64 from the
     quantized values (exact products; the kernel's f32/i32 sums differ only in order)."""
-    qmax = 127.0 if qw.act == "int8" else 448.0
-    xf = x.float()  # scales and codes in float32, as the kernel forms them
-    s = qw.act_scale.reshape(1, 1) if qw.act_scale is not None else scales_of(xf, qmax)
-    t = xf * (torch.ones_like(s) / s)
-    xq = torch.round(t).clamp(-127, 127) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    w = qw.qweight.double() if qw.act == "int8" else qw.qweight.float().double()
-    return (xq.double() @ w.t()) * s.double() * qw.scales.double().t() + (0 if bias is None else bias.double())
+    q, s = w8a8_codes(x, qw)
+    w = qw.qweight.float().double()
+    return (q.float().double() @ w.t()) * s.double()[:, None] * qw.scales.double().t() + (
+        0 if bias is None else bias.double())
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8"])
@@ -336,16 +344,6 @@ def hopper():
 needs_hopper = pytest.mark.skipif(not hopper(), reason="the W8A8 kernel uses Hopper's wgmma")
 
 
-def w8a8_codes(x, qw):
-    """The reference pre-pass: per-token (or static) scales and the codes' bytes."""
-    qmax = 127.0 if qw.act == "int8" else 448.0
-    xf = x.float()
-    s = qw.act_scale.reshape(1, 1).expand(x.shape[0], 1) if qw.act_scale is not None else scales_of(xf, qmax)
-    t = xf * (torch.ones_like(s) / s)
-    q = torch.round(t).clamp(-127, 127).to(torch.int8) if qw.act == "int8" else t.clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8), s.reshape(-1)
-
-
 @pytest.mark.cuda
 @needs_hopper
 @pytest.mark.parametrize("act", ["int8", "fp8"])
@@ -395,7 +393,7 @@ def test_cuda_w8a8_prepass_codes_are_the_references(act, dtype):
     fk._native.gemm_w8a8_fwd(x, pw.w, pw.meta, out, xq=xq, x_scale=xs, workspace=ws, counters=counters, act=act)
     want_q, want_s = w8a8_codes(x, qw)
     assert torch.equal(xs, want_s)
-    assert torch.equal(xq, want_q)
+    assert torch.equal(xq, want_q.view(torch.uint8))
     assert torch.isfinite(out).all()
 
 
