@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ferrokernels as fk
 from ferrokernels.bench import time_ms
+from ferrokernels.runtime import progress_bar
 
 N_INPUTS = 2
 
@@ -75,7 +76,7 @@ def run(quick: bool = False):
     seqlens = [1024, 4096] if quick else [1024, 4096, 16384]
     dims = [64, 128] if quick else [64, 128, 256]
     for d in dims:
-        for n in seqlens:
+        for n in progress_bar(seqlens, f"attention d={d}"):
             b, h = 32768 // n, 2048 // d
             sets = [tuple(torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                     for _ in range(N_INPUTS)]

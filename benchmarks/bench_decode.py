@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ferrokernels as fk
 from ferrokernels.bench import time_graph_ms
+from ferrokernels.runtime import progress_bar
 
 D = 128
 HEADS = [(32, 8), (64, 8)]
@@ -88,7 +89,7 @@ def run_append(batch=16, n=8192, hk=8):
 def run(quick: bool = False):
     records = run_append()
     for hq, hk in HEADS:
-        for batch, n in (QUICK_SHAPES if quick else SHAPES):
+        for batch, n in progress_bar(QUICK_SHAPES if quick else SHAPES, f"decode {hq}q/{hk}kv"):
             q = torch.randn(batch, 1, hq, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(batch, n, hk, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)

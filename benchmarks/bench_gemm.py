@@ -16,6 +16,7 @@ import torch
 
 import ferrokernels as fk
 from ferrokernels.bench import graph_copies, rotating, time_graph_ms
+from ferrokernels.runtime import progress_bar
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -60,7 +61,7 @@ def clone_qw(qw):
 
 def run(quick: bool = False):
     records = []
-    for n, k in (QUICK_SHAPES if quick else SHAPES):
+    for n, k in progress_bar(QUICK_SHAPES if quick else SHAPES, "gemm shapes"):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         formats = ours(w)
         deq = {name: fk.gemm.dequantize(qw, torch.float32) for name, qw in formats.items()}

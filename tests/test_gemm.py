@@ -314,6 +314,14 @@ def assert_repeatable_and_graph_safe(call, x, first):
 
 
 @pytest.mark.cuda
+def test_linear_names_a_device_mismatch():
+    qw = quantize(torch.randn(128, 256) * 0.05, group_size=64)  # stays on the CPU
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(fk.DeviceError, match="quantized weight on cpu"):
+        fk.gemm.linear(x, qw)
+
+
+@pytest.mark.cuda
 def test_cuda_packed_entry_rejects_bad_tensors():
     qw = quantize(torch.randn(128, 256) * 0.05, group_size=64).to("cuda")
     pw = fk.gemm.pack(qw, torch.float16)

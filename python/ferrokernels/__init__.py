@@ -1,5 +1,7 @@
 """ferrokernels: fast attention and GEMM kernels for PyTorch, in Rust + CUDA (NVRTC JIT)."""
 
+import sys
+
 from . import _native
 from ._native import (
     CompileError,
@@ -22,6 +24,24 @@ from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
 
+
+def patch(model, *args, **kwargs):
+    """Switches a Hugging Face transformers model to ferrokernels in place (see ferrokernels.hf.patch)."""
+    from . import hf
+
+    return hf.patch(model, *args, **kwargs)
+
+
+def unpatch(model):
+    """Undoes ``patch`` (see ferrokernels.hf.unpatch)."""
+    from . import hf
+
+    return hf.unpatch(model)
+
+
+if "transformers" in sys.modules:  # make attn_implementation="ferrokernels" work right away
+    from . import hf  # noqa: F401
+
 __all__ = [
     "attention",
     "attention_varlen",
@@ -31,6 +51,8 @@ __all__ = [
     "PagedKVCache",
     "VirtualKVCache",
     "quantize_model",
+    "patch",
+    "unpatch",
     "info",
     "compile_all",
     "kernel_names",

@@ -59,11 +59,18 @@ def main(argv=None) -> int:
     s = sub.add_parser("warmup", help="pre-compile every kernel variant into the cache")
     s.add_argument("--arch", action="append", help="e.g. sm_90a (repeatable); default: the GPUs present")
     s.set_defaults(fn=cmd_warmup)
-    s = sub.add_parser("demo", help="ferrokernels vs PyTorch: accuracy and speed")
+    s = sub.add_parser("demo", help="SmolLM2-135M through stock transformers and patched: speed and accuracy")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--long", type=int, default=0, metavar="N", help="an N-token context (the model's maximum is 8192)")
+    s.add_argument("--new-tokens", type=int, default=0, help="tokens to generate (default 64 on the GPU, 16 on the CPU)")
+    s.add_argument("--linear", choices=["gguf"], default=None,
+                   help="gguf: run the file's own Q4_1 weights in our 4-bit GEMM instead of transformers' dequantized copy")
+    s.add_argument("--results-dir", default=None, help="on the GPU, also write e2e records to <dir>/<device>.json")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks vs peers; writes benchmarks/results/<device>.json + .md")
-    s.add_argument("which", nargs="?", default="all", choices=["attention", "decode", "gemm", "all"])
+    s.add_argument("which", nargs="?", default="all",
+                   choices=["attention", "decode", "sparse", "quant", "gemm", "kv", "all", "plot"],
+                   help="plot: redraw the PNGs from the results files")
     s.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     s.add_argument("--quick", action="store_true", help="fewer shapes")
     s.set_defaults(fn=cmd_bench)

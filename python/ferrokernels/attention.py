@@ -143,16 +143,24 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
 
     GPU: float16/bfloat16, head dims multiples of 8 up to 256. CPU: float32 too.
     """
-    win, cap = _window(window), _softcap(softcap)
+    o, lse = _dense(q, k, v, out, causal=causal, scale=scale, window=_window(window), softcap=_softcap(softcap),
+                    alibi=alibi_slopes, mask=None, return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
+def _dense(q, k, v, out, *, causal, scale, window, softcap, alibi, mask, return_lse):
+    """`attention` with an optional dense mask (b, h, nq, nk)-broadcastable, bool or additive,
+    applied on top of causal/window (bottom-right): the entry the transformers backend uses.
+    Under torch.compile it goes through the custom op."""
     if is_torch(q) and torch.compiler.is_compiling():
-        o, lse = torch.ops.ferrokernels.attention(q, k, v, causal, scale, list(win), cap, alibi_slopes, return_lse)
+        o, lse = torch.ops.ferrokernels.attention(q, k, v, causal, scale, list(window), softcap, alibi, mask,
+                                                  return_lse)
         if out is not None:
             out.copy_(o)
             o = out
-    else:
-        o, lse = _run(q, k, v, out, causal=causal, bottom_right=True, scale=scale, window=win,
-                      softcap=cap, alibi=alibi_slopes, return_lse=return_lse)
-    return (o, lse) if return_lse else o
+        return o, lse
+    return _run(q, k, v, out, causal=causal, bottom_right=True, scale=scale, window=window, softcap=softcap,
+                alibi=alibi, return_lse=return_lse, mask=mask)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
@@ -265,13 +273,14 @@ if torch is not None:
     @torch.library.custom_op("ferrokernels::attention", mutates_args=())
     def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: Optional[float], window: List[int], softcap: float,
-                      alibi: Optional[torch.Tensor], return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                      alibi: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         o, lse = _run(q, k, v, None, causal=causal, bottom_right=True, scale=scale, window=tuple(window),
-                      softcap=softcap, alibi=alibi, return_lse=return_lse)
+                      softcap=softcap, alibi=alibi, return_lse=return_lse, mask=mask)
         return o, _lse_or_empty(q, lse)
 
     @_attention_op.register_fake
-    def _(q, k, v, causal, scale, window, softcap, alibi, return_lse):
+    def _(q, k, v, causal, scale, window, softcap, alibi, mask, return_lse):
         b, nq, h, _ = q.shape
         o = q.new_empty((b, nq, h, v.shape[3]))
         return o, q.new_empty((b, h, nq) if return_lse else (0,), dtype=torch.float32)

@@ -11,7 +11,7 @@ import os
 import re
 import statistics
 import sys
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -98,8 +98,9 @@ def nvrtc_version() -> str:
     return _native.runtime_info().get("nvrtc_version", "?")
 
 
-def merge_results(results_dir: str, records: List[dict], ceil: dict) -> str:
-    """Rewrites <device>.json with `records` replacing any record of the same bench/impl/params."""
+def merge_results(results_dir: str, records: List[dict], ceil: Optional[dict]) -> str:
+    """Rewrites <device>.json with `records` replacing any record of the same bench/impl/params
+    (ceil None keeps the file's ceilings)."""
     os.makedirs(results_dir, exist_ok=True)
     name = torch.cuda.get_device_name()
     path = os.path.join(results_dir, device_slug(name) + ".json")
@@ -111,7 +112,7 @@ def merge_results(results_dir: str, records: List[dict], ceil: dict) -> str:
     new = {key(r) for r in records}
     data["records"] = [r for r in data.get("records", []) if key(r) not in new] + records
     data.update({"device": name, "torch": torch.__version__, "nvrtc": nvrtc_version(),
-                 "date": datetime.date.today().isoformat(), "ceilings": ceil})
+                 "date": datetime.date.today().isoformat(), "ceilings": ceil or data.get("ceilings", {})})
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     with open(path[:-5] + ".md", "w") as f:
@@ -179,13 +180,96 @@ def load_bench_module(name: str):
 
 
 BENCHES: Sequence[str] = ("attention", "decode", "gemm")
+NOT_BUILT = {"sparse": "sparse attention", "quant": "quantized attention", "kv": "KV-cache compression"}
+X_AXES = ("seqlen", "m", "prompt_tokens", "n_new", "seqs")  # the swept parameter, first one present
+# Parameters that vary with the swept one instead of defining a panel (written beside the points).
+ALONG_X = {"decode": ("batch",)}
+
+
+def _metric(recs):
+    for key, label in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+        if all(r.get(key) for r in recs):
+            return (lambda r, k=key: r[k]), label, False
+    return (lambda r: r["ms"]), "ms (lower is better)", True
+
+
+def plot(data: dict, results_dir: str) -> List[str]:
+    """One PNG per bench (<device>-<bench>.png): a panel per workload family (every parameter
+    but the swept one), throughput against the swept parameter, a line per implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    paths = []
+    slug = device_slug(data["device"])
+    for bench in sorted({r["bench"] for r in data["records"]}):
+        recs = [r for r in data["records"] if r["bench"] == bench]
+        x = next((k for k in X_AXES if k in recs[0]["params"]), None)
+        if x is None:
+            continue
+        along = ALONG_X.get(bench, ())
+        panels = {}
+        for r in recs:
+            rest = {k: v for k, v in r["params"].items() if k != x and k not in along}
+            panels.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
+        keys = sorted(panels, key=lambda k: -len(panels[k]))[:12]
+        cols = min(3, len(keys))
+        rows = -(-len(keys) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            value, label, lower = _metric(panels[key])
+            for impl in sorted({r["impl"] for r in panels[key]}, key=lambda s: (not s.startswith("ferrokernels"), s)):
+                pts = sorted((r["params"][x], value(r)) for r in panels[key] if r["impl"] == impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=2 if impl == "ferrokernels" else 1,
+                        label=impl)
+            if along:
+                for r in panels[key]:
+                    if r["impl"] == "ferrokernels":
+                        ax.annotate(" ".join(f"{k}={r['params'][k]}" for k in along), (r["params"][x], value(r)),
+                                    fontsize=7, textcoords="offset points", xytext=(0, -12), ha="center")
+            ax.set_xscale("log", base=2)
+            if lower:
+                ax.set_yscale("log")
+            ax.set_xlabel(x)
+            ax.set_ylabel(label)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in json.loads(key).items()), fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        fig.suptitle(f"{bench} on {data['device']}")
+        fig.tight_layout()
+        path = os.path.join(results_dir, f"{slug}-{bench}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def replot(results_dir: str) -> int:
+    """Redraws every device's plots from its results file (no GPU needed)."""
+    for name in sorted(os.listdir(results_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                for p in plot(json.load(f), results_dir):
+                    print(f"wrote {p}")
+    return 0
 
 
 def main(args) -> int:
+    results_dir = args.results_dir or os.path.join("benchmarks", "results")
+    if args.which == "plot":
+        return replot(results_dir)
+    if args.which in NOT_BUILT:
+        print(f"{NOT_BUILT[args.which]} is not built yet: no benchmark to run", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("the benchmarks need a CUDA GPU", file=sys.stderr)
         return 1
-    results_dir = args.results_dir or os.path.join("benchmarks", "results")
     ceil = ceilings()
     print(f"ceilings: {ceil}")
     records = []
@@ -193,4 +277,7 @@ def main(args) -> int:
         records += load_bench_module(name).run(quick=args.quick)
     path = merge_results(results_dir, records, ceil)
     print(f"wrote {path}")
+    with open(path) as f:
+        for p in plot(json.load(f), results_dir):
+            print(f"wrote {p}")
     return 0

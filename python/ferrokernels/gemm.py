@@ -410,6 +410,9 @@ def linear(x: "torch.Tensor", qw: QuantizedWeight, bias: Optional["torch.Tensor"
     (``kernel_supports``) and W8A8 off Hopper dequantize and matmul."""
     if x.shape[-1] != qw.in_features:
         raise _native.ShapeError(f"x has {x.shape[-1]} input features; the weight expects {qw.in_features}")
+    if qw.qweight.device != x.device:
+        raise _native.DeviceError(f"x is on {x.device} but the quantized weight on {qw.qweight.device}; "
+                                  "move the module (or QuantizedWeight.to) first")
     x2 = x.reshape(-1, qw.in_features)
     if x.is_cuda:
         if x2.shape[0] == 0:

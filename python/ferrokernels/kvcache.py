@@ -81,11 +81,11 @@ class PagedKVCache:
         flat, w = self.pool.block_table(ids, int(width))
         return torch.tensor(flat, dtype=torch.int32, device=self.device).view(len(ids), w)
 
-    def extend(self, seqs: Seqs, n: Union[int, Sequence[int]] = 1) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    def extend(self, seqs: Seqs, n: Union[int, Sequence[int]] = 1, width: int = 0) -> Tuple["torch.Tensor", "torch.Tensor"]:
         """Makes room for n more tokens per sequence (pages from the free list; a private copy of
-        a shared partial page first) and advances their lengths. Returns the block table and
-        the lengths *before* the extension (where append_kv writes), both on the device.
-        Raises ValueError, changing nothing, when the pool runs out of pages."""
+        a shared partial page first) and advances their lengths. Returns the block table (at
+        least `width` columns) and the lengths *before* the extension (where append_kv writes),
+        both on the device. Raises ValueError, changing nothing, when the pool runs out of pages."""
         ids = _ids(seqs)
         counts = [int(n)] * len(ids) if isinstance(n, int) else [int(x) for x in n]
         before = self.lengths(ids)
@@ -95,7 +95,7 @@ class PagedKVCache:
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
-        return self.block_table(ids), torch.tensor(before, dtype=torch.int32, device=self.device)
+        return self.block_table(ids, width), torch.tensor(before, dtype=torch.int32, device=self.device)
 
 
 _CHUNK = 2 << 20  # CUDA's VMM allocation granularity on NVIDIA GPUs (checked at reservation)

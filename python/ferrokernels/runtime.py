@@ -53,13 +53,18 @@ def compile_all(archs: Optional[Iterable[str]] = None, progress: bool = False) -
     archs = list(archs or default_archs())
     jobs = [(n, a) for a in archs for n in kernel_names(a)]
     reports = []
-    for i, (name, arch) in enumerate(jobs, 1):
+    bar = progress_bar(jobs, "NVRTC compile", disable=not progress)
+    for name, arch in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{name} {arch}")
         reports.append(dict(_native.compile_kernel(name, arch)))
-        if progress:
-            width = 30
-            done = int(width * i / len(jobs))
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{len(jobs)} {name} {arch}   ")
-            sys.stderr.flush()
-    if progress:
-        sys.stderr.write("\n")
     return reports
+
+
+def progress_bar(items, desc: str, disable: bool = False):
+    """tqdm over items when tqdm is installed (a plain iterator otherwise)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iter(items)
+    return tqdm(items, desc=desc, disable=disable, file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,526 @@
+"""Hugging Face transformers integration, through transformers' own extension points.
+
+- ``attn_implementation="ferrokernels"``: ``AttentionInterface`` runs our prefill kernel (dense
+  caches) or our paged decode kernel (``PagedCache``); ``AttentionMaskInterface`` gives it masks it
+  can run without materialising them: ``None`` for plain causal / sliding-window attention, a
+  bool key-padding mask ``(batch, 1, 1, kv_len)`` when the batch is padded (causal and the window
+  are applied by the kernel, bottom-right aligned), and for anything else (packed sequences,
+  static caches, custom mask functions) a complete additive float32 mask.
+- ``PagedCache``: a ``transformers.Cache`` on ``PagedKVCache`` pages. Padding tokens are never
+  stored, so every decode step is one ``decode_attention`` over exact per-sequence lengths.
+- ``patch(model, ...)`` / ``unpatch(model)``; ``generate(...)``: greedy decoding with the decode
+  step captured once in a CUDA graph and replayed.
+
+Importing this module registers the backend (``import ferrokernels`` does too when transformers
+is already imported).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from .attention import _dense
+from .decode import append_kv, decode_attention
+from .kvcache import PagedKVCache
+
+NAME = "ferrokernels"
+MAX_DECODE_Q = 16  # decode_attention takes up to 16 new tokens per sequence
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+def _is_causal_or_sliding(fn) -> bool:
+    """transformers' plain causal mask function, or its sliding-window one
+    (``and_masks(sliding_window_overlay(w), causal_mask_function)``): both are what our kernel
+    computes from (causal, window) alone."""
+    if fn is causal_mask_function:
+        return True
+    if torch.compiler.is_compiling():  # dynamo cannot trace closure cells: the dense mask is always right
+        return False
+    cells = getattr(fn, "__closure__", None) or ()
+    parts = [c.cell_contents for c in cells if isinstance(c.cell_contents, tuple)]
+    return (len(parts) == 1 and len(parts[0]) == 2 and parts[0][1] is causal_mask_function
+            and getattr(parts[0][0], "__qualname__", "").startswith("sliding_window_overlay."))
+
+
+def _checking_is_free() -> bool:
+    """Whether reading mask values on the host is allowed (not while tracing or capturing)."""
+    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=causal_mask_function, attention_mask=None, local_size=None, use_vmap: bool = False,
+                   device="cpu", **kwargs):
+    """The mask for ``attention_forward`` (see the module docstring for the three forms)."""
+    aligned = not isinstance(q_offset, torch.Tensor) and q_offset + q_length == kv_offset + kv_length
+    if aligned and not use_vmap and _is_causal_or_sliding(mask_function):
+        if attention_mask is None:
+            return None
+        pad = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        if _checking_is_free() and bool(pad.all()):
+            return None
+        return pad[:, None, None, :].to(torch.bool)
+    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                      local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                      use_vmap=use_vmap, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=dense.device)
+    return torch.where(dense, zero, float("-inf"))
+
+
+def _is_complete(mask, q_len: int) -> bool:
+    """A mask that already holds causality and the window (ours is additive float; a user's
+    4-D mask is bool with a query axis)."""
+    return mask is not None and (mask.dtype != torch.bool or (mask.shape[2] != 1 and q_len > 1))
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def _window(sliding_window) -> tuple:
+    """transformers' sliding window W keeps keys ``kv > q - W``: W - 1 keys on the left."""
+    return (int(sliding_window) - 1, -1) if sliding_window else (-1, -1)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """``AttentionInterface`` entry: query ``(b, heads_q, q_len, D)``, key/value ``(b, heads_kv,
+    kv_len, D)`` (transformers' layout, read through transposed views) or the handle a
+    ``PagedCache`` returns. Returns ``((b, q_len, heads_q, D), None)``."""
+    if dropout:
+        raise NotImplementedError("the ferrokernels attention backend is inference-only (dropout must be 0); "
+                                  "call model.eval()")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("the ferrokernels attention backend does not return attention weights; "
+                                  "use attn_implementation='eager' for output_attentions=True")
+    softcap = float(softcap) if softcap else 0.0
+    if isinstance(key, _PagedStep):
+        return key.cache._attend(key, query, attention_mask, scaling, _window(sliding_window), softcap), None
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    q_len = query.shape[2]
+    window = _window(sliding_window)
+    if _is_complete(attention_mask, q_len):
+        causal, window = False, (-1, -1)
+    out, _ = _dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, causal=causal,
+                    scale=scaling, window=window, softcap=softcap, alibi=None, mask=attention_mask, return_lse=False)
+    return out, None
+
+
+def register() -> None:
+    """Registers ``"ferrokernels"`` with transformers' attention and mask interfaces."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_interface)
+
+
+register()
+
+
+# --- the paged cache ---------------------------------------------------------------------------
+
+class _PagedStep:
+    """What ``PagedCache.update`` hands the attention function: the layer's new K/V, written
+    into the pages by the attention call itself, which also sees the padding mask."""
+
+    __slots__ = ("cache", "layer", "k", "v")
+
+    def __init__(self, cache, layer, k, v):
+        self.cache, self.layer, self.k, self.v = cache, layer, k, v
+
+
+class _PagedLayer(CacheLayerMixin):
+    """Per-layer view transformers' Cache base class iterates over; the state lives in the cache."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: "PagedCache"):
+        super().__init__()
+        self._cache = weakref.proxy(cache)  # no reference cycle: the pages go when the cache does
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("PagedCache layers are updated through PagedCache.update")
+
+    def get_mask_sizes(self, query_length: int):
+        return self._cache._seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._cache._seen
+
+    def get_max_length(self) -> int:
+        return self._cache.token_slots
+
+    def reset(self) -> None:
+        pass
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class PagedCache(Cache):
+    """A ``transformers.Cache`` whose K/V live in ``PagedKVCache`` pages (needs
+    ``attn_implementation="ferrokernels"``, which ``patch`` sets).
+
+    ``max_batch_size`` sequences of up to ``max_cache_len`` tokens each (padding excluded);
+    ``num_pages`` defaults to enough for all of them. Prefill runs the prefill kernel on the new
+    tokens (or, with earlier tokens cached, on the sequence gathered from its pages); steps of up to
+    16 tokens without padding run the paged decode kernel. Padding tokens (zeros in the 2-D
+    ``attention_mask``) are not stored. Block tables and lengths live in fixed device buffers,
+    so a decode step can be captured in a CUDA graph (see ``generate``)."""
+
+    def __init__(self, config, max_batch_size: int, max_cache_len: int, *, page_size: int = 16,
+                 num_pages: Optional[int] = None, dtype=None, device=None):
+        cfg = _text_config(config)
+        if getattr(cfg, "_attn_implementation", NAME) != NAME:
+            raise ValueError(f"PagedCache runs with attn_implementation='{NAME}', this model uses "
+                             f"'{cfg._attn_implementation}' (ferrokernels.patch(model) sets it)")
+        heads = cfg.num_attention_heads
+        self.heads_kv = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.num_layers = cfg.num_hidden_layers
+        # Not `max_batch_size` / `max_cache_len`: some transformers versions define those as properties.
+        self.batch_slots, self.token_slots = int(max_batch_size), int(max_cache_len)
+        self.max_pages = -(-self.token_slots // page_size)
+        self.pages = PagedKVCache(self.num_layers, num_pages or self.batch_slots * self.max_pages, page_size,
+                                  self.heads_kv, self.head_dim, dtype=dtype or torch.float32, device=device)
+        super().__init__(layers=[_PagedLayer(self) for _ in range(self.num_layers)])
+        dev = self.pages.device
+        self.block_table = torch.full((self.batch_slots, self.max_pages), -1, dtype=torch.int32, device=dev)
+        self.before = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
+        self.seqlens = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
+        self.seqs: Optional[List[int]] = None
+        self._seen = 0  # positions processed, padding included (transformers' notion of length)
+        self._done: set = set()  # layers that ran in the current step
+        self._external_step = False
+        self._step = None
+
+    # transformers' Cache interface -------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        step = _PagedStep(self, layer_idx, key_states, value_states)
+        return step, step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        return self._seen + query_length, 0
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return self.token_slots
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        if self.seqs is not None:
+            self.pages.free(self.seqs)
+        self.seqs, self._seen, self._done, self._step = None, 0, set(), None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """num_return_sequences: every sequence is forked (its pages shared, copied on write)."""
+        if self.seqs is None:
+            return
+        self._check_batch(len(self.seqs) * repeats)
+        self.seqs = [s if r == 0 else self.pages.fork(s) for s in self.seqs for r in range(repeats)]
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Beam search: sequence i continues old sequence beam_idx[i] (a fork: pages shared, the
+        partly filled last page copied when written)."""
+        if self.seqs is None:
+            return
+        old = self.seqs
+        self.seqs = [self.pages.fork(old[int(j)]) for j in beam_idx.tolist()]
+        self.pages.free(old)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("PagedCache cannot be cropped yet (assisted / speculative generation); "
+                                  "use a DynamicCache")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("PagedCache does not support batch_select_indices (contrastive search) yet")
+
+    # the step ----------------------------------------------------------------------------------
+    def _check_batch(self, batch: int) -> None:
+        if batch > self.batch_slots:
+            raise ValueError(f"batch of {batch} sequences; this PagedCache was made with max_batch_size={self.batch_slots}")
+
+    def begin_step(self, counts: Sequence[int], q_len: int, valid=None) -> None:
+        """Makes room for ``counts[b]`` new tokens of sequence b (``valid`` (b, q_len) bool on
+        the host says which of the step's tokens they are; None: all of them), updating the
+        device block table and lengths in place."""
+        counts = [int(c) for c in counts]
+        if self.seqs is None:
+            self._check_batch(len(counts))
+            self.seqs = [self.pages.allocate() for _ in counts]
+        elif len(counts) != len(self.seqs):
+            raise ValueError(f"the cache holds {len(self.seqs)} sequences, the step has {len(counts)}")
+        before = self.pages.lengths(self.seqs)
+        for b, (n0, n) in enumerate(zip(before, counts)):
+            if n0 + n > self.token_slots:
+                raise ValueError(f"sequence {b} would hold {n0 + n} tokens; the cache was made with max_cache_len="
+                                 f"{self.token_slots}")
+        table, _ = self.pages.extend(self.seqs, counts, width=self.max_pages)
+        b = len(counts)
+        self.block_table[:b].copy_(table, non_blocking=True)
+        self.before[:b].copy_(torch.tensor(before, dtype=torch.int32), non_blocking=True)
+        self.seqlens[:b].copy_(torch.tensor([x + n for x, n in zip(before, counts)], dtype=torch.int32),
+                               non_blocking=True)
+        self._seen += q_len
+        self._done = set()
+        self._step = (before, counts, valid)
+
+    def _begin_from_mask(self, batch: int, q_len: int, mask) -> None:
+        if _is_complete(mask, q_len):
+            raise NotImplementedError("PagedCache takes causal or sliding-window attention with padding; this "
+                                      "call has a custom / packed-sequence mask (use a DynamicCache)")
+        valid = None
+        if mask is not None and q_len > 1:  # a decode token is always a real one
+            valid = mask[:, 0, 0, -q_len:].cpu()
+            if bool(valid.all()):
+                valid = None
+        counts = [q_len] * batch if valid is None else valid.sum(1).tolist()
+        self.begin_step(counts, q_len, valid)
+
+    def _write(self, step: _PagedStep, k_pages, v_pages, valid) -> None:
+        k, v = step.k.transpose(1, 2), step.v.transpose(1, 2)  # (b, q_len, heads_kv, D) views
+        b = k.shape[0]
+        if valid is None:
+            append_kv(k, v, k_pages, v_pages, self.before[:b], self.block_table[:b], validate=False)
+            return
+        for i in range(b):
+            idx = valid[i].nonzero().flatten()
+            if len(idx):
+                idx = idx.to(k.device)
+                append_kv(k[i:i + 1, idx], v[i:i + 1, idx], k_pages, v_pages, self.before[i:i + 1],
+                          self.block_table[i:i + 1], validate=False)
+
+    def _attend(self, step: _PagedStep, query, mask, scale, window, softcap):
+        b, _, q_len, _ = query.shape
+        if not self._external_step and (self._step is None or step.layer in self._done):
+            self._begin_from_mask(b, q_len, mask)
+        self._done.add(step.layer)
+        before, counts, valid = self._step
+        k_pages, v_pages = self.pages.layer(step.layer)
+        self._write(step, k_pages, v_pages, valid)
+        q = query.transpose(1, 2)
+        if valid is None and q_len <= MAX_DECODE_Q:
+            return decode_attention(q, k_pages, v_pages, self.seqlens[:b], block_table=self.block_table[:b],
+                                    scale=scale, softcap=softcap, window=window, validate=False)
+        if not any(before):  # a fresh prefill: the new tokens are the whole sequence (padding masked)
+            out, _ = _dense(q, step.k.transpose(1, 2), step.v.transpose(1, 2), None, causal=True, scale=scale,
+                            window=window, softcap=softcap, alibi=None, mask=None if valid is None else mask,
+                            return_lse=False)
+            return out
+        return self._attend_gathered(q, k_pages, v_pages, before, counts, valid, scale, window, softcap)
+
+    def _attend_gathered(self, q, k_pages, v_pages, before, counts, valid, scale, window, softcap):
+        """Padded or chunked prefill: each sequence's real queries against its keys gathered from
+        the pages; padding rows of the output are 0."""
+        out = torch.zeros_like(q)
+        page = self.pages.page_size
+        table = self.block_table[:len(counts)]
+        for i, (n0, n) in enumerate(zip(before, counts)):
+            if n == 0:
+                continue
+            total = n0 + n
+            pages = table[i, :-(-total // page)].long()
+            k = k_pages[pages].flatten(0, 1)[None, :total]
+            v = v_pages[pages].flatten(0, 1)[None, :total]
+            rows = slice(q.shape[1] - n, None) if valid is None else valid[i].nonzero().flatten().to(q.device)
+            o, _ = _dense(q[i:i + 1, rows], k, v, None, causal=True, scale=scale, window=window, softcap=softcap,
+                          alibi=None, mask=None, return_lse=False)
+            out[i:i + 1, rows] = o
+        return out
+
+
+# --- patch / unpatch ---------------------------------------------------------------------------
+
+ATTENTION = ("flash",)
+KV_CACHES = ("paged",)
+_STATE = "_ferrokernels_patch"
+
+
+def _max_len(model, input_ids, kwargs) -> int:
+    gc = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+    if new is not None:
+        return int(input_ids.shape[1]) + int(new)
+    length = kwargs.get("max_length", getattr(gc, "max_length", None))
+    return int(length or _text_config(model.config).max_position_embeddings)
+
+
+def _paged_generate(model, original):
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("past_key_values") is None and isinstance(ids, torch.Tensor):
+            gc = kwargs.get("generation_config") or model.generation_config
+            per_prompt = max(kwargs.get("num_beams", gc.num_beams) or 1,
+                             kwargs.get("num_return_sequences", gc.num_return_sequences) or 1)
+            kwargs["past_key_values"] = PagedCache(model.config, ids.shape[0] * per_prompt,
+                                                   _max_len(model, ids, kwargs), dtype=model.dtype,
+                                                   device=model.device)
+        return original(*args, **kwargs)
+
+    return generate
+
+
+def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "paged",
+          linear: Optional[str] = None, *, group_size: int = 128, skip: Sequence[str] = ("lm_head",)):
+    """Switches a transformers model to ferrokernels, in place; returns it.
+
+    attention : "flash" sets ``attn_implementation="ferrokernels"`` (None leaves it).
+    kv_cache : "paged": ``model.generate`` uses a ``PagedCache`` unless given ``past_key_values``.
+    linear : a ``QuantLinear`` format ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8") every nn.Linear
+        is quantized to (round to nearest), except names matching ``skip``.
+    ``unpatch(model)`` undoes all of it."""
+    from .nn import FORMATS, QuantLinear
+
+    if attention not in (None,) + ATTENTION:
+        raise NotImplementedError(f"attention={attention!r}: supported {ATTENTION} (quantized and sparse "
+                                  "backends are not built yet)")
+    if kv_cache not in (None,) + KV_CACHES:
+        raise NotImplementedError(f"kv_cache={kv_cache!r}: supported {KV_CACHES}")
+    if linear is not None and linear not in FORMATS:
+        raise NotImplementedError(f"linear={linear!r}: supported {list(FORMATS)}")
+    if kv_cache and not attention and model.config._attn_implementation != NAME:
+        raise ValueError("kv_cache='paged' needs the ferrokernels attention backend (attention='flash')")
+    state: Dict = model.__dict__.setdefault(_STATE, {})
+    if attention:
+        state.setdefault("attn", model.config._attn_implementation)
+        model.set_attn_implementation(NAME)
+    if kv_cache and "generate" not in state:
+        state["generate"] = True
+        model.generate = _paged_generate(model, model.generate)
+    if linear:
+        replaced = state.setdefault("linears", {})
+        for name, mod in list(model.named_modules()):
+            if not isinstance(mod, torch.nn.Linear) or any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p
+                                                          for p in skip):
+                continue
+            if linear == "w4a16" and mod.in_features % group_size:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, QuantLinear.from_linear(mod, linear, group_size))
+            replaced.setdefault(name, mod)
+    return model
+
+
+def unpatch(model):
+    """Restores what ``patch`` changed: attention implementation, generate, Linear modules."""
+    state = model.__dict__.pop(_STATE, None)
+    if not state:
+        return model
+    for name, mod in state.get("linears", {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, mod)
+    if state.get("generate"):
+        model.__dict__.pop("generate", None)
+    if "attn" in state:
+        model.set_attn_implementation(state["attn"])
+    return model
+
+
+# --- greedy generation with a CUDA-graphed decode step ------------------------------------------
+
+def _positions(attention_mask) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.inference_mode()
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, eos_token_id=None,
+             pad_token_id=None, cuda_graph: Optional[bool] = None, page_size: int = 16, stats: Optional[dict] = None):
+    """Greedy decoding on a ``PagedCache`` (the model must be patched). The decode step runs in a
+    CUDA graph (captured on the second step, replayed after) when on the GPU, unless
+    ``cuda_graph=False``. Returns ``(batch, prompt + max_new_tokens)`` token ids; after a
+    sequence's ``eos_token_id`` come ``pad_token_id``. ``stats`` (a dict) receives
+    ``prefill_s`` and ``decode_s`` (synchronised wall times)."""
+    import time
+
+    if model.config._attn_implementation != NAME:
+        raise ValueError("ferrokernels.hf.generate needs a patched model (ferrokernels.patch(model))")
+    b, n = input_ids.shape
+    dev = input_ids.device
+    graph = (dev.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+    if graph and dev.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = PagedCache(model.config, b, n + max_new_tokens, page_size=page_size, dtype=model.dtype, device=dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    ids = torch.empty((b, max_new_tokens), dtype=input_ids.dtype, device=dev)
+    ids[:, 0] = logits[:, -1].argmax(-1)
+    pos = _positions(attention_mask)[:, -1:] + 1
+    sync()
+    t1 = time.perf_counter()
+    step = _DecodeStep(model, cache, ids[:, :1], pos, graph)
+    for t in range(1, max_new_tokens):
+        ids[:, t] = step()
+    sync()
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+    if eos_token_id is not None:
+        eos = torch.as_tensor(eos_token_id, device=dev).flatten()
+        done = torch.isin(ids, eos).long().cumsum(1) - torch.isin(ids, eos).long() > 0
+        ids = ids.masked_fill(done, pad_token_id if pad_token_id is not None else int(eos[0]))
+    cache.reset()
+    return torch.cat([input_ids, ids], 1)
+
+
+class _DecodeStep:
+    """One greedy token per sequence: eager for the first step (which compiles kernels and sizes
+    workspaces), then a CUDA graph over static input/position buffers."""
+
+    def __init__(self, model, cache: PagedCache, first_ids, pos, graph: bool):
+        self.model, self.cache, self.use_graph = model, cache, graph
+        self.ids = first_ids.clone()
+        self.pos = pos.clone()
+        self.graph = None
+        self.calls = 0
+
+    def _forward(self):
+        logits = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1)
+        self.ids.copy_(nxt[:, None])
+        self.pos.add_(1)
+        return nxt
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        self.cache.begin_step([1] * self.ids.shape[0], 1)
+        self.cache._external_step = True  # the step was begun above, not by the first layer
+        try:
+            if not self.use_graph or self.calls == 1:
+                return self._forward().clone()
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.out = self._forward()
+            self.graph.replay()
+            return self.out.clone()
+        finally:
+            self.cache._external_step = False

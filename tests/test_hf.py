@@ -1,0 +1,210 @@
+"""transformers integration: tiny random-init Llama, Mistral (sliding window), Qwen2 and Gemma2
+(softcap, sliding window) give transformers' eager logits and greedy tokens when patched, with the
+dense backend, the paged cache, compile and (on the GPU) the CUDA-graphed decode loop."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import ferrokernels as fk  # noqa: E402
+import ferrokernels.hf as fh  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+
+
+def make(arch: str, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A random-init model with windows shorter than the test prompts, so they bite."""
+    t = transformers
+    cls, cfg = {
+        "llama": (t.LlamaForCausalLM, lambda: t.LlamaConfig(**COMMON)),
+        "mistral": (t.MistralForCausalLM, lambda: t.MistralConfig(sliding_window=5, **COMMON)),
+        "qwen2": (t.Qwen2ForCausalLM, lambda: t.Qwen2Config(**COMMON)),
+        "gemma2": (t.Gemma2ForCausalLM, lambda: t.Gemma2Config(sliding_window=6, head_dim=16,
+                                                               attn_logit_softcapping=2.0, query_pre_attn_scalar=20,
+                                                               **COMMON)),
+    }[arch]
+    torch.manual_seed(seed)
+    config = cfg()
+    config._attn_implementation = "eager"
+    return cls(config).eval().to(device, dtype)
+
+
+def padded_batch(n=23, seed=1, device="cpu"):
+    """Three prompts of n, n - 4 and n - 9 real tokens, left-padded as generate expects."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (3, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return ids.to(device), mask.to(device)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_logits_match_eager_on_a_padded_batch(arch):
+    model = make(arch)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        fk.patch(model)
+        assert model.config._attn_implementation == "ferrokernels"
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got - want)[real].abs().max().item() < 1e-4
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_the_paged_cache_gives_eager_greedy_tokens(arch):
+    model = make(arch)
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        fk.patch(model)
+        seen = []
+        cache_cls = fh.PagedCache
+        orig = cache_cls._attend
+        cache_cls._attend = lambda self, *a: seen.append(type(self)) or orig(self, *a)
+        try:
+            got = model.generate(ids, **kw)
+        finally:
+            cache_cls._attend = orig
+    assert seen and all(c is fh.PagedCache for c in seen)  # generate ran on our cache
+    assert torch.equal(got, want)
+    assert torch.equal(fh.generate(model, ids, mask, max_new_tokens=12), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("split", [2, 19])
+def test_paged_cache_chunked_prefill(arch, split):
+    """A prompt fed in two chunks: a long second chunk runs on keys gathered from the pages, a
+    short one (<= 16 tokens) on the decode kernel; both must give the one-shot logits."""
+    model = make(arch)
+    ids, _ = padded_batch()
+    fk.patch(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        cache = fh.PagedCache(model.config, 3, 64, page_size=4)
+        a = model(ids[:, :split], past_key_values=cache).logits
+        b = model(ids[:, split:], past_key_values=cache).logits
+    assert cache.get_seq_length() == ids.shape[1]
+    assert cache.pages.lengths(cache.seqs) == [ids.shape[1]] * 3
+    assert (torch.cat([a, b], 1) - want).abs().max().item() < 1e-4
+
+
+def test_paged_cache_drops_padding_and_frees_pages():
+    model = fk.patch(make("llama"))
+    ids, mask = padded_batch()
+    cache = fh.PagedCache(model.config, 3, 64, page_size=4)
+    free = cache.pages.free_pages
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    assert cache.pages.lengths(cache.seqs) == mask.sum(1).tolist()  # padding is not stored
+    cache.reset()
+    assert cache.pages.free_pages == free
+
+
+def test_num_return_sequences_forks_the_cache():
+    model = make("llama")
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        fk.patch(model)
+        got = model.generate(ids, **kw)
+    assert got.shape[0] == 6
+    assert torch.equal(got, want)
+
+
+def test_beam_search_on_forked_pages():
+    model = make("mistral")
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        fk.patch(model)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_unpatch_restores_the_model():
+    model = make("qwen2")
+    ids, mask = padded_batch()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        fk.patch(model, linear="w8a16", group_size=64)
+        q = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q, fk.nn.QuantLinear)
+        assert isinstance(model.lm_head, torch.nn.Linear)  # skipped by default
+        got = model(ids, attention_mask=mask).logits
+        rel = ((got - want)[mask.bool()].norm() / want[mask.bool()].norm()).item()
+        assert 0 < rel < 2e-2  # 8-bit weights: close, not equal
+        fk.unpatch(model)
+        assert model.config._attn_implementation == "eager"
+        assert "generate" not in model.__dict__
+        assert all(model.get_submodule(n) is m for n, m in linears.items())
+        assert torch.equal(model(ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_compile_fullgraph_has_no_breaks(arch):
+    model = fk.patch(make(arch))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(ids, attention_mask=mask, use_cache=False).logits
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+        step = torch.compile(lambda i, m, p: model(i, attention_mask=m, position_ids=p, past_key_values=cache).logits,
+                             fullgraph=True, backend="aot_eager")
+        last = step(ids[:, -1:], mask, torch.full((3, 1), ids.shape[1] - 1))  # positions as `want` has them
+    real = mask.bool()
+    assert (got - want)[real].abs().max().item() < 1e-4
+    assert (last[:, -1] - want[:, -1]).abs().max().item() < 1e-4
+
+
+def test_bad_use_raises_clearly():
+    model = make("llama")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        fh.PagedCache(model.config, 1, 16)
+    with pytest.raises(NotImplementedError, match="attention="):
+        fk.patch(model, attention="sparse")
+    with pytest.raises(NotImplementedError, match="linear="):
+        fk.patch(model, linear="w2a16")
+    fk.patch(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        cache = fh.PagedCache(model.config, 3, 16)
+        with pytest.raises(ValueError, match="max_cache_len"):
+            model(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="max_batch_size"):
+            model(ids, past_key_values=fh.PagedCache(model.config, 2, 64))
+        model.train()
+        model.model.layers[0].self_attn.attention_dropout = 0.1
+        with pytest.raises(NotImplementedError, match="inference-only"):
+            model(ids)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_cuda_graph_generate_matches_eager_paged(arch):
+    """bf16 on the GPU: the graphed decode loop replays exactly what the eager paged loop does,
+    and the logits stay within bf16 rounding of transformers' eager attention."""
+    model = make(arch, dtype=torch.bfloat16, device="cuda")
+    ids, mask = padded_batch(n=40, device="cuda")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits.float()
+        fk.patch(model)
+        got = model(ids, attention_mask=mask).logits.float()
+        real = mask.bool()
+        assert ((got - want)[real].norm() / want[real].norm()).item() < 2e-2
+        eager = fh.generate(model, ids, mask, max_new_tokens=24, cuda_graph=False)
+        graphed = fh.generate(model, ids, mask, max_new_tokens=24, cuda_graph=True)
+    assert torch.equal(graphed, eager)
