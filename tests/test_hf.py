@@ -208,3 +208,76 @@ def test_cuda_graph_generate_matches_eager_paged(arch):
         eager = fh.generate(model, ids, mask, max_new_tokens=24, cuda_graph=False)
         graphed = fh.generate(model, ids, mask, max_new_tokens=24, cuda_graph=True)
     assert torch.equal(graphed, eager)
+
+
+def _gptq_checkpoint(tmp_path, group=32):
+    """A tiny Llama saved as AutoGPTQ writes it (v1: zeros stored minus one, rows packed 8 per
+    int32 along K, zeros and columns along N), and the same model with the dequantized weights."""
+    from safetensors.torch import save_file
+
+    from test_gemm_formats import pack_cols, pack_rows
+
+    model = make("llama")
+    model.config._attn_implementation = "sdpa"
+    g = torch.Generator().manual_seed(7)
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
+            continue
+        k, n = mod.in_features, mod.out_features
+        w = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+        z = torch.randint(0, 16, (k // group, n), generator=g, dtype=torch.int32)
+        s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.005).to(torch.float16)
+        gi = torch.arange(k) // group
+        mod.weight.data = (s[gi] * (w - z[gi]).to(torch.float16)).t().float()  # GPTQ's dequantization
+        del state[name + ".weight"]
+        state.update({name + ".qweight": pack_rows(w), name + ".qzeros": pack_cols((z - 1) & 0xF),
+                      name + ".scales": s, name + ".g_idx": gi.to(torch.int32)})
+    model.config.save_pretrained(tmp_path)
+    import json
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                  "sym": False, "checkpoint_format": "gptq"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    return model
+
+
+def test_quantizer_loads_a_gptq_checkpoint_into_quant_linear(tmp_path):
+    want_model = _gptq_checkpoint(tmp_path)
+    model = fh.load_quantized(str(tmp_path), dtype=torch.float32).eval()
+    q = model.model.layers[1].mlp.down_proj
+    assert isinstance(q, fk.nn.QuantLinear) and q.bits == 4 and q.group_size == 32
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    # GPTQ dequantizes in fp16, bit for bit:
+    assert torch.equal(q.dequantized_weight(torch.float16).float(), want_model.model.layers[1].mlp.down_proj.weight)
+    # Our CPU kernel dequantizes in float32 (no fp16 rounding of scale * code): the reference
+    # model gets exactly those weights.
+    for name, mod in model.named_modules():
+        if isinstance(mod, fk.nn.QuantLinear):
+            want_model.get_submodule(name).weight.data = mod.dequantized_weight(torch.float32)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = want_model(ids, attention_mask=mask).logits
+        got = fk.patch(model)(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert ((got - want)[real].norm() / want[real].norm()).item() < 1e-5
+
+
+def test_quantizer_quantizes_a_full_precision_checkpoint(tmp_path):
+    model = make("qwen2")
+    model.save_pretrained(tmp_path)
+    cfg = fh.FerrokernelsConfig(format="w8a16")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=cfg,
+                                                               dtype=torch.float32).eval()
+    assert isinstance(loaded.model.layers[0].self_attn.k_proj, fk.nn.QuantLinear)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = loaded(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert 0 < ((got - want)[real].norm() / want[real].norm()).item() < 2e-2
+    with pytest.raises(NotImplementedError, match="format="):
+        fh.FerrokernelsConfig(format="w3a16")
+    with pytest.raises(NotImplementedError, match="4-bit only"):
+        fk.hf_quantizer.config_from_checkpoint({"quant_method": "gptq", "bits": 8})

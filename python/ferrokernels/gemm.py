@@ -102,7 +102,8 @@ def unpack_int4(packed: "torch.Tensor") -> "torch.Tensor":
 def pack_int4(codes: "torch.Tensor") -> "torch.Tensor":
     """uint8 codes in [0, 15] (..., K) -> uint8 (..., K/2), even k in the low nibble."""
     c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    # contiguous: codes are often a transposed view (GPTQ / AWQ unpacking), the kernels read rows
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
 
 
 def dequantize(qw: QuantizedWeight, dtype=None) -> "torch.Tensor":

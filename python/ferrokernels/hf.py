@@ -524,3 +524,6 @@ class _DecodeStep:
             return self.out.clone()
         finally:
             self.cache._external_step = False
+
+
+from .hf_quantizer import FerrokernelsConfig, load_quantized  # noqa: E402,F401  (registers the quantizer)
