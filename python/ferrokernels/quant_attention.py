@@ -1,0 +1,153 @@
+"""Quantized attention (SageAttention-style): INT8 Q·Kᵀ and FP8 P̃·V with f32 accumulation.
+
+The scheme, fixed here so the GPU kernel (to come) and this reference compute the same numbers:
+
+1. ``smooth_k``: K minus its mean over the keys, per (batch, kv head, channel). Exact, since
+   ``q · mean`` is the same for every key of a row and softmax ignores constants.
+   ``smooth_v``: V minus its per-channel mean, added back to the output (the weights of a row sum
+   to 1). This is exact too.
+2. ``balance_qk`` (SmoothQuant between Q and K): channel c of K is divided by
+   ``s_c = sqrt(amax K_c / amax Q_c)`` and channel c of Q multiplied by it (per batch and kv head,
+   over all tokens; exact). Real keys have a few outlier channels, which would otherwise take up
+   the whole INT8 range of every K block. The softmax scale and log2(e) are folded into Q, so
+   the kernel's exponentials are ``exp2``.
+3. Q is quantized to INT8 per block of 64 queries of one head, and K per block of 64 keys of
+   one kv head: ``scale = amax / 127``, codes ``round(x / scale)``. The product of codes is exact
+   in int32.
+4. Blocks of 64 keys go through the online softmax. ``P̃ = exp2(S - m)``, which lies in [0, 1],
+   is rounded to FP8 e4m3 after scaling by 448 (e4m3's largest value). V is FP8 e4m3 per
+   channel (``scale = amax / 448`` over the keys). ``P̃·V`` accumulates in float32, and the row sum
+   ``l`` uses the unrounded P̃.
+
+``quant_attention`` runs this on the CPU (float64 products of the codes, as exact as the
+kernel's int32 / f32 accumulators). The CUDA kernel is not built yet: on a GPU it raises
+NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ._runtime import ShapeError, expect_rank, torch
+from .attention import LAYOUT
+
+BLOCK = 64  # queries per Q scale, keys per K scale and per softmax step
+FP8_MAX = 448.0
+QK_FORMATS = ("int8",)
+PV_FORMATS = ("fp8",)
+
+
+def _int8_blocks(x, scale_dtype=torch.float32):
+    """INT8 codes of x (b, h, n, d) with one scale per block of BLOCK rows: (codes, scales
+    (b, h, ceil(n / BLOCK)))."""
+    b, h, n, d = x.shape
+    pad = (-n) % BLOCK
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, -1, BLOCK, d)
+    amax = xp.abs().amax(dim=(-1, -2))
+    scale = (amax / 127.0).clamp_min(1e-12).to(scale_dtype)
+    codes = torch.round(xp / scale[..., None, None]).clamp(-127, 127)
+    return codes.view(b, h, -1, d)[:, :, :n], scale
+
+
+def _fp8(x):
+    return x.to(torch.float8_e4m3fn).to(torch.float64)
+
+
+def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True):
+    """Steps 1-3 of the scheme on (batch, seqlen, heads, dim) tensors: returns a dict of the
+    codes (float64 holding integers / e4m3 values, (b, h, n, d) layout) and scales."""
+    qf, kf, vf = (x.transpose(1, 2).to(torch.float32) for x in (q, k, v))
+    k_mean = kf.mean(dim=2, keepdim=True) if smooth_k else None
+    v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else None
+    if k_mean is not None:
+        kf = kf - k_mean
+    if v_mean is not None:
+        vf = vf - v_mean
+    if balance_qk:
+        # SmoothQuant between Q and K: channel c of K divided by s_c, of Q multiplied by it (exact),
+        # s_c = sqrt(amax K_c / amax Q_c) evening out K's outlier channels against Q's.
+        group = qf.shape[1] // kf.shape[1]
+        q_amax = qf.abs().amax(dim=2).view(qf.shape[0], kf.shape[1], group, -1).amax(dim=2)  # (b, hk, d)
+        k_amax = kf.abs().amax(dim=2)
+        s_c = torch.sqrt(k_amax.clamp_min(1e-6) / q_amax.clamp_min(1e-6))[:, :, None, :]
+        kf = kf / s_c
+        qf = qf * s_c.repeat_interleave(group, 1)
+    q_codes, q_scale = _int8_blocks(qf * (scale * math.log2(math.e)))
+    k_codes, k_scale = _int8_blocks(kf)
+    v_scale = (vf.abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    v_codes = _fp8(vf / v_scale)
+    return {"q": q_codes.double(), "q_scale": q_scale.double(), "k": k_codes.double(), "k_scale": k_scale.double(),
+            "v": v_codes, "v_scale": v_scale.double(), "v_mean": None if v_mean is None else v_mean.double()}
+
+
+def _check(q, k, v, qk, pv):
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(x, 4, name, LAYOUT)
+    if qk not in QK_FORMATS:
+        raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
+    if pv not in PV_FORMATS:
+        raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
+    b, nq, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ShapeError(f"q, k and v must share the batch size, got {b}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ShapeError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share seqlen_k and heads_kv")
+    if k.shape[3] != d:
+        raise ShapeError(f"q has head_dim {d} but k has {k.shape[3]}")
+    if k.shape[2] == 0 or hq % k.shape[2]:
+        raise ShapeError(f"heads_q {hq} must be a multiple of heads_kv {k.shape[2]}")
+    if d not in (64, 128) or v.shape[3] != d:
+        raise NotImplementedError(f"quant_attention takes head_dim 64 or 128 (q/k and v alike), got {d} and "
+                                  f"{v.shape[3]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a float16/bfloat16/float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str = "fp8", smooth_k: bool = True,
+                    smooth_v: bool = False, balance_qk: bool = True, scale: Optional[float] = None,
+                    return_lse: bool = False):
+    """Attention with INT8 Q·Kᵀ and FP8 P̃·V (the scheme above), for ordinary q/k/v in flash-attn's
+    layout ``(batch, seqlen, heads, head_dim)``: GQA, causal (bottom-right), head_dim 64 or 128.
+    Returns out in q's dtype, and with ``return_lse`` the float32 natural-log LSE
+    ``(batch, heads_q, seqlen_q)``."""
+    _check(q, k, v, qk, pv)
+    if q.is_cuda:
+        raise NotImplementedError("the quantized attention kernel is not built yet; on the CPU quant_attention runs "
+                                  "the reference of its scheme")
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
+    group = hq // hk
+    kc, ks = (c["k"].repeat_interleave(group, 1), c["k_scale"].repeat_interleave(group, 1))
+    vc, vs = c["v"].repeat_interleave(group, 1), c["v_scale"].repeat_interleave(group, 1)
+    q_scale_rows = c["q_scale"].repeat_interleave(BLOCK, dim=2)[:, :, :nq, None]  # (b, hq, nq, 1)
+    m = torch.full((b, hq, nq, 1), -math.inf, dtype=torch.float64)
+    l = torch.zeros_like(m)
+    acc = torch.zeros((b, hq, nq, d), dtype=torch.float64)
+    rows = torch.arange(nq)[:, None] + (nk - nq)
+    for j, start in enumerate(range(0, nk, BLOCK)):
+        cols = slice(start, min(start + BLOCK, nk))
+        s = (c["q"] @ kc[:, :, cols].transpose(-1, -2)) * q_scale_rows * ks[:, :, j, None, None]
+        if causal:
+            s = s.masked_fill(torch.arange(start, cols.stop)[None, :] > rows, -math.inf)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows that have seen no key yet
+        p = torch.exp2(s - safe)
+        alpha = torch.exp2(torch.where(torch.isinf(m), -math.inf, m - safe))
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + (_fp8(p * FP8_MAX) @ vc[:, :, cols]) * (vs / FP8_MAX)
+        m = m_new
+    seen = l > 0
+    out = torch.where(seen, acc / torch.where(seen, l, 1.0), 0.0)
+    if c["v_mean"] is not None:
+        out = torch.where(seen, out + c["v_mean"].repeat_interleave(group, 1), 0.0)
+    out = out.transpose(1, 2).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(seen, (m + torch.log2(torch.where(seen, l, 1.0))) * math.log(2.0), -math.inf)[..., 0]
+    if smooth_k:  # the smoothing shifted each row's scores by scale * q . mean(k): put it back
+        k_mean = k.to(torch.float64).mean(dim=1).repeat_interleave(group, 1)  # (b, hq, d)
+        lse = lse + scale * torch.einsum("bnhd,bhd->bhn", q.to(torch.float64), k_mean)
+    return out, lse.to(torch.float32)
