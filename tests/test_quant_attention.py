@@ -137,3 +137,50 @@ def test_cuda_is_not_built_yet():
     q, k, v = (x.cuda() for x in make("gaussian", 1, 16, 16, 2, 2, 64, torch.float16, seed=10))
     with pytest.raises(NotImplementedError, match="not built yet"):
         fk.quant_attention(q, k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("shape", [(1, 700, 2100, 4, 2), (2, 65, 63, 8, 8)])
+@pytest.mark.parametrize("opts", [dict(), dict(smooth_v=True), dict(smooth_k=False, balance_qk=False)])
+def test_gpu_prepass_codes_match_the_reference(dtype, d, shape, opts):
+    """The GPU pre-pass gives the reference's codes; means summed in another order may move a
+    value across a rounding boundary, so a handful of codes may differ by one step."""
+    from ferrokernels.quant_attention import prepare
+
+    b, nq, nk, hq, hk = shape
+    q, k, v = (x.cuda() for x in make("llm-like", b, nq, nk, hq, hk, d, dtype, seed=d + nq))
+    kv = torch.stack([k, v], 3)  # (b, n, hk, 2, d): K and V as strided views, as a fused projection gives them
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    scale = 1 / math.sqrt(d)
+    ref = quantize_inputs(q.cpu(), k.cpu(), v.cpu(), scale=scale, **opts)
+    for t in ref.values():
+        assert t is None or isinstance(t, torch.Tensor)
+    poison = prepare(q, k, v, scale=scale, **opts)  # run twice: the second output must not depend on the first
+    got = prepare(q, k, v, scale=scale, **opts)
+    torch.cuda.synchronize()
+    for name in ("q", "k"):
+        want = ref[name].transpose(1, 2).cpu()
+        diff = (got[name].cpu().double() - want).abs()
+        assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-3, name
+        assert torch.allclose(got[name + "_scale"].cpu().double(), ref[name + "_scale"], rtol=1e-5), name
+    v_got = got["v"].cpu().double()[..., :nk].transpose(-1, -2)  # (b, hk, nk, d)
+    assert (v_got != ref["v"]).double().mean() < 1e-3
+    assert torch.equal(got["v"][..., nk:].cpu().double(), torch.zeros_like(got["v"][..., nk:].cpu().double()))
+    assert torch.allclose(got["channels"][3].cpu().double(), ref["v_scale"][:, :, 0], rtol=1e-5)
+    assert torch.equal(poison["q"], got["q"])
+
+
+@pytest.mark.cuda
+def test_gpu_prepass_rejects_bad_inputs():
+    from ferrokernels.quant_attention import prepare
+
+    q, k, v = (x.cuda() for x in make("gaussian", 1, 64, 64, 2, 1, 64, torch.float16, seed=11))
+    with pytest.raises(TypeError, match="dtype"):
+        prepare(q.float(), k.float(), v.float(), scale=0.1)
+    with pytest.raises(NotImplementedError, match="head_dim"):
+        prepare(q[..., :32], k[..., :32], v[..., :32], scale=0.1)
+    with pytest.raises(ValueError, match="multiple of heads_kv"):
+        prepare(torch.cat([q, q[:, :, :1]], 2), k[:, :, :1].expand(1, 64, 2, 64), v[:, :, :1].expand(1, 64, 2, 64),
+                scale=0.1)

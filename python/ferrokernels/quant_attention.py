@@ -20,7 +20,9 @@ The scheme, fixed here so the GPU kernel (to come) and this reference compute th
    ``l`` uses the unrounded P̃.
 
 ``quant_attention`` runs this on the CPU (float64 products of the codes, as exact as the
-kernel's int32 / f32 accumulators). The CUDA kernel is not built yet: on a GPU it raises
+kernel's int32 / f32 accumulators). On the GPU, ``prepare`` runs steps 1-3 (and V's codes) as
+CUDA kernels (kernels/quant_attention.cu), matching ``quantize_inputs``; the attention kernel
+that consumes them is not built yet, so ``quant_attention`` on CUDA tensors raises
 NotImplementedError.
 """
 
@@ -79,6 +81,38 @@ def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: b
     v_codes = _fp8(vf / v_scale)
     return {"q": q_codes.double(), "q_scale": q_scale.double(), "k": k_codes.double(), "k_scale": k_scale.double(),
             "v": v_codes, "v_scale": v_scale.double(), "v_mean": None if v_mean is None else v_mean.double()}
+
+
+SPLIT_ROWS = 1024  # tokens per statistics CTA of the GPU pre-pass (kernels/quant_attention.cu)
+
+
+def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True) -> dict:
+    """The GPU pre-pass (CUDA f16/bf16 tensors, head_dim 64 or 128, Hopper): the same codes
+    as ``quantize_inputs``, in the layouts the attention kernel reads:
+    ``q``/``k`` int8 (b, n, h, d), ``q_scale``/``k_scale`` float32 (b, h, ceil(n / 64)),
+    ``v`` float8_e4m3fn (b, h_kv, d, n rounded up to 64; V transposed, zero past n), and
+    ``channels`` float32 (4, b, h_kv, d): K's mean, the Q/K balance factor, V's mean, V's scale."""
+    from . import _native
+    from ._runtime import stream_of
+
+    b, nq, hq, d = (int(x) for x in q.shape)
+    nk, hk = int(k.shape[1]), int(k.shape[2])
+    sq, sk = max(1, -(-nq // SPLIT_ROWS)), max(1, -(-nk // SPLIT_ROWS))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out = {
+        "q": torch.empty((b, nq, hq, d), dtype=torch.int8, device=q.device),
+        "q_scale": torch.empty((b, hq, -(-nq // BLOCK)), **f32),
+        "k": torch.empty((b, nk, hk, d), dtype=torch.int8, device=q.device),
+        "k_scale": torch.empty((b, hk, -(-nk // BLOCK)), **f32),
+        "v": torch.empty((b, hk, d, -(-nk // BLOCK) * BLOCK), dtype=torch.float8_e4m3fn, device=q.device),
+        "channels": torch.empty((4, b, hk, d), **f32),
+    }
+    stats = torch.empty(((sq * b * hq + 2 * sk * b * hk) * 3 * d,), **f32)
+    _native.quant_attention_prepare(q, k, v, stats=stats, channels=out["channels"], q_codes=out["q"],
+                                    q_scale=out["q_scale"], k_codes=out["k"], k_scale=out["k_scale"],
+                                    v_codes=out["v"], q_post=float(scale * math.log2(math.e)),
+                                    smooth_k=smooth_k, smooth_v=smooth_v, balance=balance_qk, stream=stream_of(q))
+    return out
 
 
 def _check(q, k, v, qk, pv):

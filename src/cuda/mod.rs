@@ -49,6 +49,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),
+    ("quant_attention.cu", include_str!("../../kernels/quant_attention.cu")),
 ];
 
 /// What ptxas reported for one kernel.

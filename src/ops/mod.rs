@@ -5,6 +5,7 @@ pub mod attention;
 pub mod decode;
 pub mod gemm;
 pub mod gemm_w8a8;
+pub mod quant_attention;
 
 use crate::cuda::KernelSource;
 
@@ -16,5 +17,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(append_kv::AppendSpec::all().iter().map(|s| s.kernel()));
     v.extend(gemm::GemmSpec::all_kernels());
     v.extend(gemm_w8a8::W8A8Spec::all_kernels());
+    v.extend(quant_attention::PrepSpec::all_kernels());
     v
 }

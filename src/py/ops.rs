@@ -11,6 +11,7 @@ use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
+use crate::ops::quant_attention::{self, PrepArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -425,7 +426,61 @@ fn gemm_w8a8_fwd(
     py.detach(|| gemm_w8a8::forward(&args, stream)).map_err(to_py)
 }
 
+/// quant_attention's quantization pre-pass on CUDA tensors: fills the codes, scales and the
+/// per-channel vectors (K mean, balance factor, V mean, V scale) the caller allocated.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, *, stats, channels, q_codes, q_scale, k_codes, k_scale, v_codes, q_post,
+                    smooth_k=true, smooth_v=false, balance=true, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn quant_attention_prepare(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+    channels: &Bound<'_, PyAny>,
+    q_codes: &Bound<'_, PyAny>,
+    q_scale: &Bound<'_, PyAny>,
+    k_codes: &Bound<'_, PyAny>,
+    k_scale: &Bound<'_, PyAny>,
+    v_codes: &Bound<'_, PyAny>,
+    q_post: f32,
+    smooth_k: bool,
+    smooth_v: bool,
+    balance: bool,
+    stream: usize,
+) -> PyResult<()> {
+    let q = import(q, "q", stream, false)?;
+    let k = import(k, "k", stream, false)?;
+    let v = import(v, "v", stream, false)?;
+    let st = import(stats, "stats", stream, true)?;
+    let ch = import(channels, "channels", stream, true)?;
+    let qc = import(q_codes, "q_codes", stream, true)?;
+    let qs = import(q_scale, "q_scale", stream, true)?;
+    let kc = import(k_codes, "k_codes", stream, true)?;
+    let ks = import(k_scale, "k_scale", stream, true)?;
+    let vc = import(v_codes, "v_codes", stream, true)?;
+    let args = PrepArgs {
+        q: &q.view,
+        k: &k.view,
+        v: &v.view,
+        stats: &st.view,
+        channels: &ch.view,
+        q_codes: &qc.view,
+        q_scale: &qs.view,
+        k_codes: &kc.view,
+        k_scale: &ks.view,
+        v_codes: &vc.view,
+        q_post,
+        smooth_k,
+        smooth_v,
+        balance,
+    };
+    py.detach(|| quant_attention::prepare(&args, stream)).map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quant_attention_prepare, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_packed_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_plan, m)?)?;

@@ -1,0 +1,207 @@
+// The quantization pre-pass of quant_attention. python/ferrokernels/quant_attention.py has the
+// scheme and its reference; every step here rounds as that reference does.
+//   1. qa_stats: per-channel sum / max / min of Q, K or V over blocks of QA_SPLIT_ROWS tokens
+//      (partials, summed later in a fixed order: the result does not depend on scheduling).
+//   2. qa_finalize: per (batch, kv head, channel) K's mean, the Q/K balance factor s_c, V's mean
+//      and FP8 scale. amax |x - mean| over tokens is max(max - mean, mean - min) exactly, since
+//      rounding is monotonic: one read of K and V gives both.
+//   3. qa_quant_rows: INT8 codes of Q or K per block of 64 rows of one head, with its scale.
+//   4. qa_quant_v: FP8 e4m3 codes of V, written transposed (batch, kv head, channel, token): the
+//      FP8 tensor-core instructions take both operands K-major, and P̃·V's K is the token.
+#include "common/types.cuh"
+
+constexpr int QA_BLOCK = 64;          // rows per Q/K scale (quant_attention.py: BLOCK)
+constexpr int QA_SPLIT_ROWS = 1024;   // tokens per statistics CTA
+constexpr int QA_THREADS = 256;
+
+// Rows of one (batch, head): element (b, r, h, c) at b * sb + r * sn + h * sh + c.
+struct QaRows {
+    const void* x;
+    i64 sb, sn, sh;
+    int n, h;
+};
+
+struct QaStatsParams {
+    QaRows x;
+    float* stats;  // (splits, batch, h, 3, d): sum, max, min
+    int batch, d;
+};
+
+template <typename T>
+__device__ __forceinline__ void qa_stats(const QaStatsParams& p) {
+    __shared__ float red[3][QA_THREADS];
+    const int bh = blockIdx.x, split = blockIdx.y;
+    const int b = bh / p.x.h, h = bh % p.x.h;
+    const int lanes = QA_THREADS / p.d, c = threadIdx.x % p.d, lane = threadIdx.x / p.d;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
+    const int lo = split * QA_SPLIT_ROWS, hi = min(p.x.n, lo + QA_SPLIT_ROWS);
+    float s = 0.f, mx = neg_inf(), mn = -neg_inf();
+    for (int r = lo + lane; r < hi; r += lanes) {
+        const float v = to_float(x[(i64)r * p.x.sn]);
+        s += v;
+        mx = fmaxf(mx, v);
+        mn = fminf(mn, v);
+    }
+    red[0][threadIdx.x] = s;
+    red[1][threadIdx.x] = mx;
+    red[2][threadIdx.x] = mn;
+    __syncthreads();
+    if (lane == 0) {
+        for (int l = 1; l < lanes; ++l) {
+            s += red[0][l * p.d + c];
+            mx = fmaxf(mx, red[1][l * p.d + c]);
+            mn = fminf(mn, red[2][l * p.d + c]);
+        }
+        float* out = p.stats + (((i64)split * p.batch + b) * p.x.h + h) * 3 * p.d + c;
+        out[0] = s;
+        out[p.d] = mx;
+        out[2 * p.d] = mn;
+    }
+}
+
+struct QaFinalizeParams {
+    const float* q_stats;  // (splits_q, batch, hq, 3, d)
+    const float* k_stats;  // (splits_k, batch, hk, 3, d)
+    const float* v_stats;
+    float* k_mean;         // (batch, hk, d) each
+    float* s;              // Q/K balance factor (1 without balancing)
+    float* v_mean;
+    float* v_scale;
+    int batch, hq, hk, d, nq, nk, splits_q, splits_k;
+    int smooth_k, smooth_v, balance;
+};
+
+// (sum, max, min) of channel c of one (batch, head) over every split, in split order.
+__device__ __forceinline__ void qa_combine(const float* stats, int splits, int batch, int heads, int b, int h, int d,
+                                           int c, float& s, float& mx, float& mn) {
+    s = 0.f;
+    mx = neg_inf();
+    mn = -neg_inf();
+    for (int i = 0; i < splits; ++i) {
+        const float* st = stats + (((i64)i * batch + b) * heads + h) * 3 * d + c;
+        s += st[0];
+        mx = fmaxf(mx, st[d]);
+        mn = fminf(mn, st[2 * d]);
+    }
+}
+
+__device__ __forceinline__ void qa_finalize_channels(const QaFinalizeParams& p) {
+    const int b = blockIdx.x / p.hk, h = blockIdx.x % p.hk, c = threadIdx.x;
+    if (c >= p.d) return;
+    const i64 o = ((i64)b * p.hk + h) * p.d + c;
+    float s, mx, mn;
+    qa_combine(p.k_stats, p.splits_k, p.batch, p.hk, b, h, p.d, c, s, mx, mn);
+    const float km = p.smooth_k ? __fdiv_rn(s, (float)p.nk) : 0.f;
+    const float k_amax = p.smooth_k ? fmaxf(__fsub_rn(mx, km), __fsub_rn(km, mn)) : fmaxf(fabsf(mx), fabsf(mn));
+    p.k_mean[o] = km;
+    float factor = 1.f;
+    if (p.balance) {
+        const int group = p.hq / p.hk;
+        float q_amax = 0.f;
+        for (int g = 0; g < group; ++g) {
+            qa_combine(p.q_stats, p.splits_q, p.batch, p.hq, b, h * group + g, p.d, c, s, mx, mn);
+            q_amax = fmaxf(q_amax, fmaxf(fabsf(mx), fabsf(mn)));
+        }
+        factor = __fsqrt_rn(__fdiv_rn(fmaxf(k_amax, 1e-6f), fmaxf(q_amax, 1e-6f)));
+    }
+    p.s[o] = factor;
+    qa_combine(p.v_stats, p.splits_k, p.batch, p.hk, b, h, p.d, c, s, mx, mn);
+    const float vm = p.smooth_v ? __fdiv_rn(s, (float)p.nk) : 0.f;
+    const float v_amax = p.smooth_v ? fmaxf(__fsub_rn(mx, vm), __fsub_rn(vm, mn)) : fmaxf(fabsf(mx), fabsf(mn));
+    p.v_mean[o] = vm;
+    p.v_scale[o] = fmaxf(__fdiv_rn(v_amax, 448.f), 1e-12f);
+}
+
+struct QaQuantRowsParams {
+    QaRows x;
+    const float* mean;   // (batch, hk, d): subtracted first (K), or null (Q)
+    const float* s;      // (batch, hk, d): K is divided by it, Q multiplied
+    signed char* codes;  // (batch, n, h, d) contiguous
+    float* scales;       // (batch, h, ceil(n / 64))
+    float post;          // Q: softmax scale * log2(e) after the balance factor; K: 1
+    int batch, hk, d, is_q;
+};
+
+// One CTA per (64-row block, head, batch); each thread keeps its 64 * d / 256 values in registers
+// between the block's amax and its codes.
+template <typename T, int D>
+__device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
+    constexpr int PER = QA_BLOCK * D / QA_THREADS;
+    __shared__ float warp_max[QA_THREADS / 32];
+    const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int group = p.x.h / p.hk, kvh = h / group;
+    const int c = threadIdx.x % D, lane = threadIdx.x / D, lanes = QA_THREADS / D;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
+    const i64 o = ((i64)b * p.hk + kvh) * D + c;
+    const float s = p.s[o], mean = p.mean != nullptr ? p.mean[o] : 0.f;
+    float y[PER];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int r = blk * QA_BLOCK + lane + i * lanes;
+        float v = 0.f;
+        if (r < p.x.n) {
+            v = to_float(x[(i64)r * p.x.sn]);
+            v = p.is_q ? __fmul_rn(__fmul_rn(v, s), p.post) : __fdiv_rn(__fsub_rn(v, mean), s);
+        }
+        y[i] = v;
+        amax = fmaxf(amax, fabsf(v));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = warp_max[0];
+#pragma unroll
+    for (int w = 1; w < QA_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+    const float scale = fmaxf(__fdiv_rn(amax, 127.f), 1e-12f);
+    const int nblocks = (p.x.n + QA_BLOCK - 1) / QA_BLOCK;
+    if (threadIdx.x == 0) p.scales[((i64)b * p.x.h + h) * nblocks + blk] = scale;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int r = blk * QA_BLOCK + lane + i * lanes;
+        if (r < p.x.n) {
+            const int q = max(-127, min(127, __float2int_rn(__fdiv_rn(y[i], scale))));
+            p.codes[(((i64)b * p.x.n + r) * p.x.h + h) * D + c] = (signed char)q;
+        }
+    }
+}
+
+struct QaQuantVParams {
+    QaRows x;
+    const float* mean;     // (batch, hk, d)
+    const float* scale;    // (batch, hk, d)
+    unsigned char* codes;  // (batch, hk, d, n_pad) e4m3, tokens past n zero
+    int batch, d, n_pad;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
+    constexpr int PER = QA_BLOCK * D / QA_THREADS;
+    __shared__ unsigned char tile[D][QA_BLOCK + 4];
+    const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int c = threadIdx.x % D, lane = threadIdx.x / D, lanes = QA_THREADS / D;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
+    const i64 o = ((i64)b * p.x.h + h) * D + c;
+    const float mean = p.mean[o], scale = p.scale[o];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int t = lane + i * lanes, r = blk * QA_BLOCK + t;
+        unsigned char code = 0;
+        if (r < p.x.n) {
+            const float v = __fdiv_rn(__fsub_rn(to_float(x[(i64)r * p.x.sn]), mean), scale);
+            unsigned short pair;
+            asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(0.f), "f"(v));
+            code = (unsigned char)(pair & 0xff);
+        }
+        tile[c][t] = code;
+    }
+    __syncthreads();
+    // Each thread writes 4 consecutive tokens of one channel: rows of the transposed output.
+    for (int e = threadIdx.x; e < D * QA_BLOCK / 4; e += QA_THREADS) {
+        const int ch = e / (QA_BLOCK / 4), t4 = (e % (QA_BLOCK / 4)) * 4;
+        const u32 w = (u32)tile[ch][t4] | ((u32)tile[ch][t4 + 1] << 8) | ((u32)tile[ch][t4 + 2] << 16) |
+                      ((u32)tile[ch][t4 + 3] << 24);
+        *reinterpret_cast<u32*>(p.codes + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + t4) = w;
+    }
+}

@@ -1,0 +1,293 @@
+//! quant_attention's quantization pre-pass on the GPU (kernels/quant_attention.cu): per-channel
+//! statistics, then INT8 codes of Q and K per 64-row block and FP8 codes of V, transposed. The
+//! scheme and its CPU reference live in python/ferrokernels/quant_attention.py; the attention
+//! kernel that consumes these codes is not built yet.
+
+use crate::cuda::KernelSource;
+use crate::cuda::driver::{self, LaunchConfig};
+use crate::dlpack::{DType, Device, TensorView};
+use crate::error::{Error, Result};
+use crate::ops::attention::{ctype, shape_err};
+use crate::ops::gemm::expect_contiguous;
+use std::ffi::c_void;
+
+pub const LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
+const BLOCK: usize = 64;
+const SPLIT_ROWS: usize = 1024;
+const THREADS: u32 = 256;
+
+/// The pre-pass kernels for one input dtype and head dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrepSpec {
+    pub dtype: DType,
+    pub d: usize,
+}
+
+impl PrepSpec {
+    fn suffix(&self) -> String {
+        format!("{}_d{}", if self.dtype == DType::F16 { "f16" } else { "bf16" }, self.d)
+    }
+
+    fn source(&self, name: &str, params: &str, body: &str) -> KernelSource {
+        let source = format!(
+            "#include \"quant_attention.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__({THREADS}) {name}(const __grid_constant__ {params} p) {{\n\
+             \x20   {body};\n}}\n"
+        );
+        // e4m3 conversions need sm_89; the attention kernel these codes are for is Hopper-only.
+        KernelSource { name: name.to_string(), source, sm_range: (90, 90) }
+    }
+
+    pub fn stats(&self) -> KernelSource {
+        let t = ctype(self.dtype);
+        self.source(&format!("qa_stats_{}", self.suffix()), "QaStatsParams", &format!("qa_stats<{t}>(p)"))
+    }
+
+    pub fn finalize() -> KernelSource {
+        PrepSpec { dtype: DType::F16, d: 64 }.source("qa_finalize", "QaFinalizeParams", "qa_finalize_channels(p)")
+    }
+
+    pub fn quant_rows(&self) -> KernelSource {
+        let (t, d) = (ctype(self.dtype), self.d);
+        self.source(&format!("qa_quant_rows_{}", self.suffix()), "QaQuantRowsParams", &format!("qa_quant_rows<{t}, {d}>(p)"))
+    }
+
+    pub fn quant_v(&self) -> KernelSource {
+        let (t, d) = (ctype(self.dtype), self.d);
+        self.source(&format!("qa_quant_v_{}", self.suffix()), "QaQuantVParams", &format!("qa_quant_v<{t}, {d}>(p)"))
+    }
+
+    pub fn all_kernels() -> Vec<KernelSource> {
+        let mut v = vec![Self::finalize()];
+        for dtype in [DType::F16, DType::BF16] {
+            for d in [64, 128] {
+                let s = PrepSpec { dtype, d };
+                v.extend([s.stats(), s.quant_rows(), s.quant_v()]);
+            }
+        }
+        v
+    }
+}
+
+/// Inputs, options and the buffers the pre-pass fills (all on one CUDA device).
+#[derive(Debug, Clone, Copy)]
+pub struct PrepArgs<'a> {
+    pub q: &'a TensorView,
+    pub k: &'a TensorView,
+    pub v: &'a TensorView,
+    /// float32 (splits_q * batch * heads_q + 2 * splits_k * batch * heads_kv) * 3 * head_dim.
+    pub stats: &'a TensorView,
+    /// float32 (4, batch, heads_kv, head_dim): K mean, balance factor, V mean, V scale.
+    pub channels: &'a TensorView,
+    /// int8 (batch, seqlen_q, heads_q, head_dim) and float32 (batch, heads_q, ceil(seqlen_q / 64)).
+    pub q_codes: &'a TensorView,
+    pub q_scale: &'a TensorView,
+    pub k_codes: &'a TensorView,
+    pub k_scale: &'a TensorView,
+    /// float8_e4m3fn (batch, heads_kv, head_dim, seqlen_k rounded up to 64).
+    pub v_codes: &'a TensorView,
+    /// The softmax scale times log2(e), applied to Q after the balance factor.
+    pub q_post: f32,
+    pub smooth_k: bool,
+    pub smooth_v: bool,
+    pub balance: bool,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QaRows {
+    x: u64,
+    sb: i64,
+    sn: i64,
+    sh: i64,
+    n: i32,
+    h: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QaStatsParams {
+    x: QaRows,
+    stats: u64,
+    batch: i32,
+    d: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QaFinalizeParams {
+    q_stats: u64,
+    k_stats: u64,
+    v_stats: u64,
+    k_mean: u64,
+    s: u64,
+    v_mean: u64,
+    v_scale: u64,
+    batch: i32,
+    hq: i32,
+    hk: i32,
+    d: i32,
+    nq: i32,
+    nk: i32,
+    splits_q: i32,
+    splits_k: i32,
+    smooth_k: i32,
+    smooth_v: i32,
+    balance: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QaQuantRowsParams {
+    x: QaRows,
+    mean: u64,
+    s: u64,
+    codes: u64,
+    scales: u64,
+    post: f32,
+    batch: i32,
+    hk: i32,
+    d: i32,
+    is_q: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QaQuantVParams {
+    x: QaRows,
+    mean: u64,
+    scale: u64,
+    codes: u64,
+    batch: i32,
+    d: i32,
+    n_pad: i32,
+}
+
+/// (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim) after checking every tensor.
+pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    let (q, k, v) = (a.q, a.k, a.v);
+    for t in [k, v, a.stats, a.channels, a.q_codes, a.q_scale, a.k_codes, a.k_scale, a.v_codes] {
+        t.expect_same_device(q)?;
+    }
+    q.expect_dtype(&[DType::F16, DType::BF16])?;
+    k.expect_same_dtype(q)?;
+    v.expect_same_dtype(q)?;
+    for t in [q, k, v] {
+        t.expect_rank(4, LAYOUT)?;
+        t.expect_last_contiguous()?;
+    }
+    let (b, nq, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let (nk, hk) = (k.dim(1), k.dim(2));
+    v.expect_shape(&k.shape)?;
+    k.expect_dim(0, b, "batch (must match q)")?;
+    k.expect_dim(3, d, "head_dim (must match q)")?;
+    if d != 64 && d != 128 {
+        return Err(Error::NotImplemented(format!("quant_attention takes head_dim 64 or 128, got {d}")));
+    }
+    if hk == 0 || hq % hk != 0 {
+        return shape_err(format!("heads_q {hq} must be a multiple of heads_kv {hk}"));
+    }
+    let (sq, sk) = (nq.div_ceil(SPLIT_ROWS).max(1), nk.div_ceil(SPLIT_ROWS).max(1));
+    let want: [(&TensorView, DType, Vec<usize>); 7] = [
+        (a.stats, DType::F32, vec![(sq * b * hq + 2 * sk * b * hk) * 3 * d]),
+        (a.channels, DType::F32, vec![4, b, hk, d]),
+        (a.q_codes, DType::I8, vec![b, nq, hq, d]),
+        (a.q_scale, DType::F32, vec![b, hq, nq.div_ceil(BLOCK)]),
+        (a.k_codes, DType::I8, vec![b, nk, hk, d]),
+        (a.k_scale, DType::F32, vec![b, hk, nk.div_ceil(BLOCK)]),
+        (a.v_codes, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]),
+    ];
+    for (t, dtype, shape) in want {
+        t.expect_dtype(&[dtype])?;
+        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        t.expect_shape(&shape)?;
+        expect_contiguous(t)?;
+    }
+    Ok((b, nq, nk, hq, hk, d))
+}
+
+fn rows(t: &TensorView) -> QaRows {
+    QaRows { x: t.ptr as u64, sb: t.stride(0), sn: t.stride(1), sh: t.stride(2), n: t.dim(1) as i32, h: t.dim(2) as i32 }
+}
+
+pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
+    let (b, nq, nk, hq, hk, d) = check(a)?;
+    let Device::Cuda(ordinal) = a.q.device else {
+        return Err(Error::Device("the quantization pre-pass runs on CUDA tensors; on the CPU quant_attention \
+                                  quantizes in torch".into()));
+    };
+    if b == 0 || nq == 0 || nk == 0 {
+        return Ok(());
+    }
+    if b * hq.max(hk) > 65535 || nq.div_ceil(BLOCK) > i32::MAX as usize {
+        return shape_err(format!("batch {b} x heads {hq} exceed the CUDA grid"));
+    }
+    let dev = driver::device(ordinal)?;
+    let spec = PrepSpec { dtype: a.q.dtype, d };
+    let (sq, sk) = (nq.div_ceil(SPLIT_ROWS), nk.div_ceil(SPLIT_ROWS));
+    let f4 = 4u64;
+    let q_stats = a.stats.ptr as u64;
+    let k_stats = q_stats + (sq * b * hq * 3 * d) as u64 * f4;
+    let v_stats = k_stats + (sk * b * hk * 3 * d) as u64 * f4;
+    let channel = |i: usize| a.channels.ptr as u64 + (i * b * hk * d) as u64 * f4;
+
+    let stats_f = dev.function(&spec.stats(), 0)?;
+    for (t, heads, splits, out) in [(a.q, hq, sq, q_stats), (a.k, hk, sk, k_stats), (a.v, hk, sk, v_stats)] {
+        let mut p = QaStatsParams { x: rows(t), stats: out, batch: b as i32, d: d as i32 };
+        let cfg = LaunchConfig { grid: ((b * heads) as u32, splits as u32, 1), block: (THREADS, 1, 1), smem_bytes: 0 };
+        dev.launch(stats_f, cfg, stream, &mut [&mut p as *mut QaStatsParams as *mut c_void])?;
+    }
+    let mut p = QaFinalizeParams {
+        q_stats,
+        k_stats,
+        v_stats,
+        k_mean: channel(0),
+        s: channel(1),
+        v_mean: channel(2),
+        v_scale: channel(3),
+        batch: b as i32,
+        hq: hq as i32,
+        hk: hk as i32,
+        d: d as i32,
+        nq: nq as i32,
+        nk: nk as i32,
+        splits_q: sq as i32,
+        splits_k: sk as i32,
+        smooth_k: a.smooth_k as i32,
+        smooth_v: a.smooth_v as i32,
+        balance: a.balance as i32,
+    };
+    let cfg = LaunchConfig { grid: ((b * hk) as u32, 1, 1), block: (d as u32, 1, 1), smem_bytes: 0 };
+    dev.launch(dev.function(&PrepSpec::finalize(), 0)?, cfg, stream, &mut [&mut p as *mut QaFinalizeParams as *mut c_void])?;
+
+    let rows_f = dev.function(&spec.quant_rows(), 0)?;
+    let jobs = [(a.q, hq, 0u64, a.q_codes, a.q_scale, a.q_post, 1), (a.k, hk, channel(0), a.k_codes, a.k_scale, 1.0, 0)];
+    for (t, heads, mean, codes, scales, post, is_q) in jobs {
+        let mut p = QaQuantRowsParams {
+            x: rows(t),
+            mean,
+            s: channel(1),
+            codes: codes.ptr as u64,
+            scales: scales.ptr as u64,
+            post,
+            batch: b as i32,
+            hk: hk as i32,
+            d: d as i32,
+            is_q,
+        };
+        let blocks = t.dim(1).div_ceil(BLOCK) as u32;
+        let cfg = LaunchConfig { grid: (blocks, heads as u32, b as u32), block: (THREADS, 1, 1), smem_bytes: 0 };
+        dev.launch(rows_f, cfg, stream, &mut [&mut p as *mut QaQuantRowsParams as *mut c_void])?;
+    }
+    let mut p = QaQuantVParams {
+        x: rows(a.v),
+        mean: channel(2),
+        scale: channel(3),
+        codes: a.v_codes.ptr as u64,
+        batch: b as i32,
+        d: d as i32,
+        n_pad: (nk.div_ceil(BLOCK) * BLOCK) as i32,
+    };
+    let cfg = LaunchConfig { grid: (nk.div_ceil(BLOCK) as u32, hk as u32, b as u32), block: (THREADS, 1, 1), smem_bytes: 0 };
+    dev.launch(dev.function(&spec.quant_v(), 0)?, cfg, stream, &mut [&mut p as *mut QaQuantVParams as *mut c_void])
+}
