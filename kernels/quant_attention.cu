@@ -27,35 +27,60 @@ struct QaStatsParams {
     int batch, d;
 };
 
+// Each thread owns 8 consecutive channels (one 16-byte load per row) and walks rows with a
+// stride of the rows in flight, 4 loads in the air.
 template <typename T>
 __device__ __forceinline__ void qa_stats(const QaStatsParams& p) {
-    __shared__ float red[3][QA_THREADS];
+    __shared__ float red[3][QA_THREADS * 8];
     const int bh = blockIdx.x, split = blockIdx.y;
     const int b = bh / p.x.h, h = bh % p.x.h;
-    const int lanes = QA_THREADS / p.d, c = threadIdx.x % p.d, lane = threadIdx.x / p.d;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
+    const int cols = p.d / 8, lanes = QA_THREADS / cols;
+    const int c0 = (threadIdx.x % cols) * 8, lane = threadIdx.x / cols;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
     const int lo = split * QA_SPLIT_ROWS, hi = min(p.x.n, lo + QA_SPLIT_ROWS);
-    float s = 0.f, mx = neg_inf(), mn = -neg_inf();
-    for (int r = lo + lane; r < hi; r += lanes) {
-        const float v = to_float(x[(i64)r * p.x.sn]);
-        s += v;
-        mx = fmaxf(mx, v);
-        mn = fminf(mn, v);
+    float s[8], mx[8], mn[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s[j] = 0.f, mx[j] = neg_inf(), mn[j] = -neg_inf();
+    auto take = [&](uint4 raw) {
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float v = to_float(e[j]);
+            s[j] += v;
+            mx[j] = fmaxf(mx[j], v);
+            mn[j] = fminf(mn[j], v);
+        }
+    };
+    int r = lo + lane;
+    for (; r + 3 * lanes < hi; r += 4 * lanes) {
+        uint4 raw[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + (i64)(r + u * lanes) * p.x.sn);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) take(raw[u]);
     }
-    red[0][threadIdx.x] = s;
-    red[1][threadIdx.x] = mx;
-    red[2][threadIdx.x] = mn;
+    for (; r < hi; r += lanes) take(*reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn));
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        red[0][threadIdx.x * 8 + j] = s[j];
+        red[1][threadIdx.x * 8 + j] = mx[j];
+        red[2][threadIdx.x * 8 + j] = mn[j];
+    }
     __syncthreads();
-    if (lane == 0) {
-        for (int l = 1; l < lanes; ++l) {
-            s += red[0][l * p.d + c];
-            mx = fmaxf(mx, red[1][l * p.d + c]);
-            mn = fminf(mn, red[2][l * p.d + c]);
+    // One thread per channel sums the row lanes in lane order.
+    for (int c = threadIdx.x; c < p.d; c += QA_THREADS) {
+        const int owner = c / 8, j = c % 8;
+        float ss = 0.f, mmx = neg_inf(), mmn = -neg_inf();
+        for (int l = 0; l < lanes; ++l) {
+            const int t = (l * cols + owner) * 8 + j;
+            ss += red[0][t];
+            mmx = fmaxf(mmx, red[1][t]);
+            mmn = fminf(mmn, red[2][t]);
         }
         float* out = p.stats + (((i64)split * p.batch + b) * p.x.h + h) * 3 * p.d + c;
-        out[0] = s;
-        out[p.d] = mx;
-        out[2 * p.d] = mn;
+        out[0] = ss;
+        out[p.d] = mmx;
+        out[2 * p.d] = mmn;
     }
 }
 
@@ -122,30 +147,39 @@ struct QaQuantRowsParams {
     int batch, hk, d, is_q;
 };
 
-// One CTA per (64-row block, head, batch); each thread keeps its 64 * d / 256 values in registers
-// between the block's amax and its codes.
+// One CTA per (64-row block, head, batch). Each thread loads 8 channels of a row at a time
+// (16 bytes) and keeps its 64 * D / 256 values in registers between the block's amax and the
+// codes. Divisions are by reciprocal, as the reference computes them.
 template <typename T, int D>
 __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
-    constexpr int PER = QA_BLOCK * D / QA_THREADS;
+    constexpr int COLS = D / 8, LANES = QA_THREADS / COLS, VECS = QA_BLOCK / LANES;
     __shared__ float warp_max[QA_THREADS / 32];
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int group = p.x.h / p.hk, kvh = h / group;
-    const int c = threadIdx.x % D, lane = threadIdx.x / D, lanes = QA_THREADS / D;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
-    const i64 o = ((i64)b * p.hk + kvh) * D + c;
-    const float s = p.s[o], mean = p.mean != nullptr ? p.mean[o] : 0.f;
-    float y[PER];
+    const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
+    const i64 o = ((i64)b * p.hk + kvh) * D + c0;
+    float f[8], mean[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        // K: (x - mean) * (1 / s); Q: (x * s) * post.
+        f[j] = p.is_q ? p.s[o + j] : __fdiv_rn(1.f, p.s[o + j]);
+        mean[j] = p.mean != nullptr ? p.mean[o + j] : 0.f;
+    }
+    float y[VECS][8];
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int r = blk * QA_BLOCK + lane + i * lanes;
-        float v = 0.f;
-        if (r < p.x.n) {
-            v = to_float(x[(i64)r * p.x.sn]);
-            v = p.is_q ? __fmul_rn(__fmul_rn(v, s), p.post) : __fdiv_rn(__fsub_rn(v, mean), s);
+    for (int i = 0; i < VECS; ++i) {
+        const int r = blk * QA_BLOCK + lane + i * LANES;
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        if (r < p.x.n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float v = to_float(e[j]);
+            y[i][j] = r >= p.x.n ? 0.f : p.is_q ? __fmul_rn(__fmul_rn(v, f[j]), p.post) : __fmul_rn(__fsub_rn(v, mean[j]), f[j]);
+            amax = fmaxf(amax, fabsf(y[i][j]));
         }
-        y[i] = v;
-        amax = fmaxf(amax, fabsf(v));
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -154,16 +188,20 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
     amax = warp_max[0];
 #pragma unroll
     for (int w = 1; w < QA_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
-    const float scale = fmaxf(__fdiv_rn(amax, 127.f), 1e-12f);
+    const float scale = fmaxf(__fdiv_rn(amax, 127.f), 1e-12f), inv = __fdiv_rn(1.f, scale);
     const int nblocks = (p.x.n + QA_BLOCK - 1) / QA_BLOCK;
     if (threadIdx.x == 0) p.scales[((i64)b * p.x.h + h) * nblocks + blk] = scale;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int r = blk * QA_BLOCK + lane + i * lanes;
-        if (r < p.x.n) {
-            const int q = max(-127, min(127, __float2int_rn(__fdiv_rn(y[i], scale))));
-            p.codes[(((i64)b * p.x.n + r) * p.x.h + h) * D + c] = (signed char)q;
+    for (int i = 0; i < VECS; ++i) {
+        const int r = blk * QA_BLOCK + lane + i * LANES;
+        if (r >= p.x.n) continue;
+        u32 w[2] = {0, 0};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int q = max(-127, min(127, __float2int_rn(__fmul_rn(y[i][j], inv))));
+            w[j / 4] |= (u32)(q & 0xff) << (8 * (j % 4));
         }
+        *reinterpret_cast<uint2*>(p.codes + (((i64)b * p.x.n + r) * p.x.h + h) * D + c0) = make_uint2(w[0], w[1]);
     }
 }
 
@@ -177,24 +215,32 @@ struct QaQuantVParams {
 
 template <typename T, int D>
 __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
-    constexpr int PER = QA_BLOCK * D / QA_THREADS;
+    constexpr int COLS = D / 8, LANES = QA_THREADS / COLS, VECS = QA_BLOCK / LANES;
     __shared__ unsigned char tile[D][QA_BLOCK + 4];
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int c = threadIdx.x % D, lane = threadIdx.x / D, lanes = QA_THREADS / D;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c;
-    const i64 o = ((i64)b * p.x.h + h) * D + c;
-    const float mean = p.mean[o], scale = p.scale[o];
+    const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
+    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
+    const i64 o = ((i64)b * p.x.h + h) * D + c0;
+    float mean[8], inv[8];
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int t = lane + i * lanes, r = blk * QA_BLOCK + t;
-        unsigned char code = 0;
-        if (r < p.x.n) {
-            const float v = __fdiv_rn(__fsub_rn(to_float(x[(i64)r * p.x.sn]), mean), scale);
-            unsigned short pair;
-            asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(0.f), "f"(v));
-            code = (unsigned char)(pair & 0xff);
+    for (int j = 0; j < 8; ++j) mean[j] = p.mean[o + j], inv[j] = __fdiv_rn(1.f, p.scale[o + j]);
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+        const int t = lane + i * LANES, r = blk * QA_BLOCK + t;
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        if (r < p.x.n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            unsigned char code = 0;
+            if (r < p.x.n) {
+                const float v = __fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]);
+                unsigned short pair;
+                asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(0.f), "f"(v));
+                code = (unsigned char)(pair & 0xff);
+            }
+            tile[c0 + j][t] = code;
         }
-        tile[c][t] = code;
     }
     __syncthreads();
     // Each thread writes 4 consecutive tokens of one channel: rows of the transposed output.

@@ -124,6 +124,9 @@ def test_bad_inputs():
         fk.quant_attention(q, k, v, pv="fp16")
     with pytest.raises(NotImplementedError, match="head_dim"):
         fk.quant_attention(q[..., :32], k[..., :32], v[..., :32])
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape).copy_(q)
+    with pytest.raises(fk.LayoutError, match="aligned"):
+        prepare(shifted, k, v, scale=0.1)
     with pytest.raises(ValueError, match="multiple of heads_kv"):
         fk.quant_attention(q[:, :, :3], k, v)
     with pytest.raises(TypeError, match="dtype"):
@@ -181,6 +184,9 @@ def test_gpu_prepass_rejects_bad_inputs():
         prepare(q.float(), k.float(), v.float(), scale=0.1)
     with pytest.raises(NotImplementedError, match="head_dim"):
         prepare(q[..., :32], k[..., :32], v[..., :32], scale=0.1)
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape).copy_(q)
+    with pytest.raises(fk.LayoutError, match="aligned"):
+        prepare(shifted, k, v, scale=0.1)
     with pytest.raises(ValueError, match="multiple of heads_kv"):
         prepare(torch.cat([q, q[:, :, :1]], 2), k[:, :, :1].expand(1, 64, 2, 64), v[:, :, :1].expand(1, 64, 2, 64),
                 scale=0.1)

@@ -12,7 +12,8 @@ The scheme, fixed here so the GPU kernel (to come) and this reference compute th
    the whole INT8 range of every K block. The softmax scale and log2(e) are folded into Q, so
    the kernel's exponentials are ``exp2``.
 3. Q is quantized to INT8 per block of 64 queries of one head, and K per block of 64 keys of
-   one kv head: ``scale = amax / 127``, codes ``round(x / scale)``. The product of codes is exact
+   one kv head: ``scale = amax / 127``, codes ``round(x * (1 / scale))`` (every division in the
+   scheme is a multiplication by a reciprocal, as in the kernels). The product of codes is exact
    in int32.
 4. Blocks of 64 keys go through the online softmax. ``P̃ = exp2(S - m)``, which lies in [0, 1],
    is rounded to FP8 e4m3 after scaling by 448 (e4m3's largest value). V is FP8 e4m3 per
@@ -48,7 +49,7 @@ def _int8_blocks(x, scale_dtype=torch.float32):
     xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, -1, BLOCK, d)
     amax = xp.abs().amax(dim=(-1, -2))
     scale = (amax / 127.0).clamp_min(1e-12).to(scale_dtype)
-    codes = torch.round(xp / scale[..., None, None]).clamp(-127, 127)
+    codes = torch.round(xp * (1.0 / scale)[..., None, None]).clamp(-127, 127)  # by reciprocal, as the kernel
     return codes.view(b, h, -1, d)[:, :, :n], scale
 
 
@@ -73,12 +74,12 @@ def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: b
         q_amax = qf.abs().amax(dim=2).view(qf.shape[0], kf.shape[1], group, -1).amax(dim=2)  # (b, hk, d)
         k_amax = kf.abs().amax(dim=2)
         s_c = torch.sqrt(k_amax.clamp_min(1e-6) / q_amax.clamp_min(1e-6))[:, :, None, :]
-        kf = kf / s_c
+        kf = kf * (1.0 / s_c)
         qf = qf * s_c.repeat_interleave(group, 1)
     q_codes, q_scale = _int8_blocks(qf * (scale * math.log2(math.e)))
     k_codes, k_scale = _int8_blocks(kf)
     v_scale = (vf.abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    v_codes = _fp8(vf / v_scale)
+    v_codes = _fp8(vf * (1.0 / v_scale))
     return {"q": q_codes.double(), "q_scale": q_scale.double(), "k": k_codes.double(), "k_scale": k_scale.double(),
             "v": v_codes, "v_scale": v_scale.double(), "v_mean": None if v_mean is None else v_mean.double()}
 

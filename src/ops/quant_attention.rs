@@ -175,6 +175,7 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
     for t in [q, k, v] {
         t.expect_rank(4, LAYOUT)?;
         t.expect_last_contiguous()?;
+        t.expect_aligned(16)?; // 8 channels per load
     }
     let (b, nq, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
     let (nk, hk) = (k.dim(1), k.dim(2));
