@@ -155,16 +155,29 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
     group = hq // hk
-    kc, ks = (c["k"].repeat_interleave(group, 1), c["k_scale"].repeat_interleave(group, 1))
-    vc, vs = c["v"].repeat_interleave(group, 1), c["v_scale"].repeat_interleave(group, 1)
     q_scale_rows = c["q_scale"].repeat_interleave(BLOCK, dim=2)[:, :, :nq, None]  # (b, hq, nq, 1)
+    m, l, acc = _attend_codes(c["q"], q_scale_rows, c["k"].repeat_interleave(group, 1),
+                              c["k_scale"].repeat_interleave(group, 1), c["v"].repeat_interleave(group, 1),
+                              c["v_scale"].repeat_interleave(group, 1), causal)
+    v_mean = None if c["v_mean"] is None else c["v_mean"].repeat_interleave(group, 1)
+    k_mean = k.to(torch.float64).mean(dim=1).repeat_interleave(group, 1) if smooth_k else None
+    return _finish(q, m, l, acc, v_mean, k_mean, scale, return_lse)
+
+
+def _attend_codes(qc, q_scale_rows, kc, k_scale_blocks, vc, v_scale, causal):
+    """Steps 4 of the scheme on codes (float64, (b, h, n, d), K/V already repeated to the q
+    heads): S per 64-key block in log2 units, online softmax, FP8 P̃ times V's codes.
+    q_scale_rows (b, h, nq, 1), k_scale_blocks (b, h, ceil(nk / 64)), v_scale broadcastable to
+    (b, h, 1, d). Returns the running max, row sum and unnormalised output."""
+    b, hq, nq, d = qc.shape
+    nk = kc.shape[2]
     m = torch.full((b, hq, nq, 1), -math.inf, dtype=torch.float64)
     l = torch.zeros_like(m)
-    acc = torch.zeros((b, hq, nq, d), dtype=torch.float64)
+    acc = torch.zeros((b, hq, nq, vc.shape[-1]), dtype=torch.float64)
     rows = torch.arange(nq)[:, None] + (nk - nq)
     for j, start in enumerate(range(0, nk, BLOCK)):
         cols = slice(start, min(start + BLOCK, nk))
-        s = (c["q"] @ kc[:, :, cols].transpose(-1, -2)) * q_scale_rows * ks[:, :, j, None, None]
+        s = (qc @ kc[:, :, cols].transpose(-1, -2)) * q_scale_rows * k_scale_blocks[:, :, j, None, None]
         if causal:
             s = s.masked_fill(torch.arange(start, cols.stop)[None, :] > rows, -math.inf)
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
@@ -172,17 +185,100 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
         p = torch.exp2(s - safe)
         alpha = torch.exp2(torch.where(torch.isinf(m), -math.inf, m - safe))
         l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + (_fp8(p * FP8_MAX) @ vc[:, :, cols]) * (vs / FP8_MAX)
+        acc = acc * alpha + (_fp8(p * FP8_MAX) @ vc[:, :, cols]) * (v_scale / FP8_MAX)
         m = m_new
+    return m, l, acc
+
+
+def _finish(q, m, l, acc, v_mean, k_mean, scale, return_lse):
+    """Normalises, adds V's mean back, and the LSE (natural log) with K's mean put back."""
     seen = l > 0
     out = torch.where(seen, acc / torch.where(seen, l, 1.0), 0.0)
-    if c["v_mean"] is not None:
-        out = torch.where(seen, out + c["v_mean"].repeat_interleave(group, 1), 0.0)
-    out = out.transpose(1, 2).to(q.dtype)
+    if v_mean is not None:
+        out = torch.where(seen, out + v_mean, 0.0)
+    out = out.transpose(1, 2).to(q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                                 else torch.bfloat16)
     if not return_lse:
         return out
     lse = torch.where(seen, (m + torch.log2(torch.where(seen, l, 1.0))) * math.log(2.0), -math.inf)[..., 0]
-    if smooth_k:  # the smoothing shifted each row's scores by scale * q . mean(k): put it back
-        k_mean = k.to(torch.float64).mean(dim=1).repeat_interleave(group, 1)  # (b, hq, d)
+    if k_mean is not None:  # the smoothing shifted each row's scores by scale * q . mean(k): put it back
         lse = lse + scale * torch.einsum("bnhd,bhd->bhn", q.to(torch.float64), k_mean)
     return out, lse.to(torch.float32)
+
+
+# --- FP8 attention (FlashAttention-3 style) --------------------------------------------------
+
+def hadamard(d: int, dtype=torch.float32, device=None) -> "torch.Tensor":
+    """The orthonormal Hadamard matrix of order d (a power of two), Sylvester's construction."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(d)).to(dtype=dtype, device=device)
+
+
+def fp8_quantize(x, *, rotate: bool = False):
+    """e4m3 codes of x (batch, seqlen, heads, head_dim) with one descale per (batch, head)
+    (``x ≈ codes * descale``). ``rotate`` first multiplies the head dim by the orthonormal
+    Hadamard matrix (incoherent processing: outlier channels spread over all channels; apply it
+    to q and k alike, which leaves q · k unchanged). Returns (codes, descale float32 (b, h))."""
+    xf = x.to(torch.float32)
+    if rotate:
+        xf = xf @ hadamard(x.shape[-1], device=x.device)
+    amax = xf.abs().amax(dim=(1, 3))  # (b, h)
+    descale = (amax / FP8_MAX).clamp_min(1e-12)
+    codes = (xf * (1.0 / descale)[:, None, :, None]).to(torch.float8_e4m3fn)
+    return codes, descale
+
+
+def fp8_attention(q, k, v, descale_q=None, descale_k=None, descale_v=None, *, causal: bool = False,
+                  scale: Optional[float] = None, smooth_k: bool = True, hadamard_qk: bool = False,
+                  return_lse: bool = False):
+    """Attention on FP8 e4m3 inputs, FlashAttention-3 style: ``q``/``k``/``v`` are e4m3 codes
+    ``(batch, seqlen, heads, head_dim)`` with float32 descales ``(batch, heads)`` (``x ≈ codes *
+    descale``; None = 1). S = q·kᵀ in FP8 with f32 accumulation, P̃ in FP8, P̃·V in FP8 with f32
+    accumulation. float16/bfloat16 inputs are quantized here first (``fp8_quantize``, per
+    (batch, head)): ``smooth_k`` subtracts K's per-channel mean first (exact, see quant_attention;
+    real keys' large channel means would otherwise set the scale), ``hadamard_qk`` rotates q and k
+    by a Hadamard matrix before they are quantized. GQA, causal (bottom-right), head_dim 64 or 128. Output bfloat16 for e4m3 inputs
+    (else the inputs' dtype), and the float32 LSE with ``return_lse``."""
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(x, 4, name, LAYOUT)
+    fp8_in = q.dtype == torch.float8_e4m3fn
+    if fp8_in != (k.dtype == torch.float8_e4m3fn) or fp8_in != (v.dtype == torch.float8_e4m3fn):
+        raise TypeError(f"q, k, v must all be float8_e4m3fn, or all float16/bfloat16, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if fp8_in and hadamard_qk:
+        raise ValueError("hadamard_qk rotates q and k before they are quantized; e4m3 inputs are already quantized "
+                         "(rotate them with ferrokernels.quant_attention.fp8_quantize(x, rotate=True))")
+    _check(q.float() if fp8_in else q, k.float() if fp8_in else k, v.float() if fp8_in else v, "int8", "fp8")
+    if q.is_cuda:
+        raise NotImplementedError("the FP8 attention kernel is not built yet; on the CPU fp8_attention runs the "
+                                  "reference of its arithmetic")
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    k_mean = None
+    q_in = q
+    if not fp8_in:
+        if smooth_k:
+            k_mean = k.to(torch.float32).mean(dim=1, keepdim=True)
+            k = k.to(torch.float32) - k_mean
+            k_mean = k_mean[:, 0].double().repeat_interleave(hq // hk, 1)  # (b, hq, d), for the LSE
+        (q, descale_q), (k, descale_k), (v, descale_v) = (fp8_quantize(q, rotate=hadamard_qk),
+                                                          fp8_quantize(k, rotate=hadamard_qk), fp8_quantize(v))
+    ones = lambda h: torch.ones(b, h)  # noqa: E731
+    dq = (ones(hq) if descale_q is None else descale_q).double()
+    dk = (ones(hk) if descale_k is None else descale_k).double()
+    dv = (ones(hk) if descale_v is None else descale_v).double()
+    for t, h, name in ((dq, hq, "descale_q"), (dk, hk, "descale_k"), (dv, hk, "descale_v")):
+        if tuple(t.shape) != (b, h):
+            raise ShapeError(f"{name} must be float32 (batch, heads) = ({b}, {h}), got {tuple(t.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    group = hq // hk
+    qc, kc, vc = (x.transpose(1, 2).double() for x in (q, k, v))
+    q_scale_rows = (dq * scale * math.log2(math.e))[:, :, None, None]
+    k_blocks = dk.repeat_interleave(group, 1)[:, :, None].expand(b, hq, -(-nk // BLOCK))
+    m, l, acc = _attend_codes(qc, q_scale_rows, kc.repeat_interleave(group, 1), k_blocks,
+                              vc.repeat_interleave(group, 1), dv.repeat_interleave(group, 1)[:, :, None, None], causal)
+    return _finish(q.to(torch.bfloat16) if fp8_in else q_in, m, l, acc, None, k_mean, scale, return_lse)
