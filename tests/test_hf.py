@@ -14,11 +14,11 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_key_value_heads=2, max_position_embeddings=512)
 
 
-def make(arch: str, seed: int = 0, dtype=torch.float32, device="cpu"):
+def make(arch: str, seed: int = 0, dtype=torch.float32, device="cpu", **extra):
     """A random-init model with windows shorter than the test prompts, so they bite."""
     t = transformers
     cls, cfg = {
-        "llama": (t.LlamaForCausalLM, lambda: t.LlamaConfig(**COMMON)),
+        "llama": (t.LlamaForCausalLM, lambda: t.LlamaConfig(**{**COMMON, **extra})),
         "mistral": (t.MistralForCausalLM, lambda: t.MistralConfig(sliding_window=5, **COMMON)),
         "qwen2": (t.Qwen2ForCausalLM, lambda: t.Qwen2Config(**COMMON)),
         "gemma2": (t.Gemma2ForCausalLM, lambda: t.Gemma2Config(sliding_window=6, head_dim=16,
@@ -281,3 +281,39 @@ def test_quantizer_quantizes_a_full_precision_checkpoint(tmp_path):
         fh.FerrokernelsConfig(format="w3a16")
     with pytest.raises(NotImplementedError, match="4-bit only"):
         fk.hf_quantizer.config_from_checkpoint({"quant_method": "gptq", "bits": 8})
+
+
+@pytest.mark.parametrize("kind", ["quant", "fp8"])
+def test_quantized_attention_backend_per_layer(kind):
+    """patch(attention="quant"|"fp8", quant_layers=[1]): layer 1's prefill runs the quantized
+    op, layer 0 stays exact; logits stay close to eager, generate works, unpatch clears it."""
+    import sys
+
+    qa = sys.modules["ferrokernels.quant_attention"]  # the module (fk.quant_attention is the function)
+
+    model = make("llama", head_dim=64)  # the quantized ops take head_dim 64 or 128
+    ids = padded_batch()[0][:1]  # one unpadded prompt: quantized layers take plain causal attention
+    calls = []
+    name = "quant_attention" if kind == "quant" else "fp8_attention"
+    orig = getattr(qa, name)
+    with torch.no_grad():
+        want = model(ids).logits
+        fk.patch(model, attention=kind, quant_layers=[1])
+        setattr(qa, name, lambda *a, **k: calls.append(1) or orig(*a, **k))
+        try:
+            got = model(ids).logits
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        finally:
+            setattr(qa, name, orig)
+    assert len(calls) >= 2  # the prefill of the forward and of generate's prompt, layer 1 only
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    assert 0.99 < cos < 1.0
+    assert out.shape == (1, ids.shape[1] + 4)
+    fk.unpatch(model)
+    assert all(not hasattr(m, "_ferrokernels_quant") for m in model.modules())
+    with torch.no_grad():
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        fk.patch(model, attention=kind)
+        with pytest.raises(NotImplementedError, match="no padding"):
+            model(ids, attention_mask=mask)

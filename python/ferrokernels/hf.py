@@ -94,6 +94,32 @@ def _window(sliding_window) -> tuple:
     return (int(sliding_window) - 1, -1) if sliding_window else (-1, -1)
 
 
+QUANT_KEY = "_ferrokernels_quant"  # on an attention module: "int8" or "fp8", set by patch
+
+
+def _quantized(module, mask, window, softcap) -> Optional[str]:
+    """The quantized kind this layer runs ("int8": quant_attention, "fp8": fp8_attention), or
+    None. Only plain causal attention is quantized; a layer with padding, a window or a softcap
+    raises rather than silently running at full precision."""
+    kind = getattr(module, QUANT_KEY, None)
+    if kind is None:
+        return None
+    if mask is not None or window != (-1, -1) or softcap:
+        raise NotImplementedError(f"quantized attention (layer {getattr(module, 'layer_idx', '?')}) takes plain "
+                                  "causal attention: no padding, sliding window or softcap; leave this layer out "
+                                  "of quant_layers")
+    return kind
+
+
+def _run_quantized(kind, q, k, v, scale):
+    """q (b, n, heads_q, D), k/v (b, n_k, heads_kv, D) views: the quantized op, causal."""
+    from .quant_attention import fp8_attention, quant_attention
+
+    if kind == "int8":
+        return quant_attention(q, k, v, causal=True, scale=scale)
+    return fp8_attention(q, k, v, causal=True, scale=scale).to(q.dtype)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """``AttentionInterface`` entry: query ``(b, heads_q, q_len, D)``, key/value ``(b, heads_kv,
@@ -107,10 +133,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                   "use attn_implementation='eager' for output_attentions=True")
     softcap = float(softcap) if softcap else 0.0
     if isinstance(key, _PagedStep):
-        return key.cache._attend(key, query, attention_mask, scaling, _window(sliding_window), softcap), None
+        return key.cache._attend(key, query, attention_mask, scaling, _window(sliding_window), softcap, module), None
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     q_len = query.shape[2]
     window = _window(sliding_window)
+    kind = _quantized(module, attention_mask, window, softcap) if causal else None
+    if kind is not None:
+        return _run_quantized(kind, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling), None
     if _is_complete(attention_mask, q_len):
         causal, window = False, (-1, -1)
     out, _ = _dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, causal=causal,
@@ -311,7 +340,7 @@ class PagedCache(Cache):
                 append_kv(k[i:i + 1, idx], v[i:i + 1, idx], k_pages, v_pages, self.before[i:i + 1],
                           self.block_table[i:i + 1], validate=False)
 
-    def _attend(self, step: _PagedStep, query, mask, scale, window, softcap):
+    def _attend(self, step: _PagedStep, query, mask, scale, window, softcap, module=None):
         b, _, q_len, _ = query.shape
         if not self._external_step and (self._step is None or step.layer in self._done):
             self._begin_from_mask(b, q_len, mask)
@@ -324,6 +353,9 @@ class PagedCache(Cache):
             return decode_attention(q, k_pages, v_pages, self.seqlens[:b], block_table=self.block_table[:b],
                                     scale=scale, softcap=softcap, window=window, validate=False)
         if not any(before):  # a fresh prefill: the new tokens are the whole sequence (padding masked)
+            kind = _quantized(module, None if valid is None else mask, window, softcap)
+            if kind is not None:
+                return _run_quantized(kind, q, step.k.transpose(1, 2), step.v.transpose(1, 2), scale)
             out, _ = _dense(q, step.k.transpose(1, 2), step.v.transpose(1, 2), None, causal=True, scale=scale,
                             window=window, softcap=softcap, alibi=None, mask=None if valid is None else mask,
                             return_lse=False)
@@ -352,7 +384,7 @@ class PagedCache(Cache):
 
 # --- patch / unpatch ---------------------------------------------------------------------------
 
-ATTENTION = ("flash",)
+ATTENTION = ("flash", "quant", "fp8")
 KV_CACHES = ("paged",)
 _STATE = "_ferrokernels_patch"
 
@@ -382,11 +414,21 @@ def _paged_generate(model, original):
     return generate
 
 
+def _attention_modules(model):
+    """The self-attention modules: those transformers gives a layer index and GQA group count."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+
 def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "paged",
-          linear: Optional[str] = None, *, group_size: int = 128, skip: Sequence[str] = ("lm_head",)):
+          linear: Optional[str] = None, *, group_size: int = 128, skip: Sequence[str] = ("lm_head",),
+          quant_layers: Optional[Sequence[int]] = None):
     """Switches a transformers model to ferrokernels, in place; returns it.
 
-    attention : "flash" sets ``attn_implementation="ferrokernels"`` (None leaves it).
+    attention : "flash" sets ``attn_implementation="ferrokernels"`` (None leaves it); "quant"
+        (INT8 Q·Kᵀ / FP8 P̃·V, ``quant_attention``) or "fp8" (``fp8_attention``) also run the
+        prefill of the layers in ``quant_layers`` (all when None; leave sensitive layers out)
+        quantized. Decode steps on the paged cache stay on the decode kernel. The quantized
+        kernels are not built for the GPU yet: there these raise NotImplementedError.
     kv_cache : "paged": ``model.generate`` uses a ``PagedCache`` unless given ``past_key_values``.
     linear : a ``QuantLinear`` format ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8") every nn.Linear
         is quantized to (round to nearest), except names matching ``skip``.
@@ -402,10 +444,17 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
         raise NotImplementedError(f"linear={linear!r}: supported {list(FORMATS)}")
     if kv_cache and not attention and model.config._attn_implementation != NAME:
         raise ValueError("kv_cache='paged' needs the ferrokernels attention backend (attention='flash')")
+    if attention in ("quant", "fp8") and next(model.parameters()).is_cuda:
+        raise NotImplementedError(f"attention={attention!r}: the quantized attention kernels are not built for the GPU "
+                                  "yet (their CPU references run on CPU models)")
     state: Dict = model.__dict__.setdefault(_STATE, {})
     if attention:
         state.setdefault("attn", model.config._attn_implementation)
         model.set_attn_implementation(NAME)
+        layers = None if quant_layers is None else {int(i) for i in quant_layers}
+        for mod in _attention_modules(model):
+            chosen = attention != "flash" and (layers is None or mod.layer_idx in layers)
+            setattr(mod, QUANT_KEY, ("int8" if attention == "quant" else "fp8") if chosen else None)
     if kv_cache and "generate" not in state:
         state["generate"] = True
         model.generate = _paged_generate(model, model.generate)
@@ -437,6 +486,8 @@ def unpatch(model):
         model.__dict__.pop("generate", None)
     if "attn" in state:
         model.set_attn_implementation(state["attn"])
+        for mod in _attention_modules(model):
+            mod.__dict__.pop(QUANT_KEY, None)
     return model
 
 
