@@ -317,3 +317,10 @@ def test_quantized_attention_backend_per_layer(kind):
         fk.patch(model, attention=kind)
         with pytest.raises(NotImplementedError, match="no padding"):
             model(ids, attention_mask=mask)
+
+
+@pytest.mark.cuda
+def test_quantized_backend_refuses_gpu_models_until_the_kernel_exists():
+    model = make("llama", head_dim=64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(NotImplementedError, match="not built for the GPU"):
+        fk.patch(model, attention="quant")
