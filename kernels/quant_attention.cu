@@ -7,7 +7,8 @@
 //      rounding is monotonic: one read of K and V gives both.
 //   3. qa_quant_rows: INT8 codes of Q or K per block of 64 rows of one head, with its scale.
 //   4. qa_quant_v: FP8 e4m3 codes of V, written transposed (batch, kv head, channel, token): the
-//      FP8 tensor-core instructions take both operands K-major, and P̃·V's K is the token.
+//      FP8 tensor-core instructions take both operands K-major, and P̃·V's K is the token. Tokens
+//      are permuted within each group of 16 (see V_ORDER in quant_attention.py).
 #include "common/types.cuh"
 
 constexpr int QA_BLOCK = 64;          // rows per Q/K scale (quant_attention.py: BLOCK)
@@ -243,11 +244,15 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
         }
     }
     __syncthreads();
-    // Each thread writes 4 consecutive tokens of one channel: rows of the transposed output.
+    // Each thread writes 4 output columns of one channel. Within every 16 tokens, column
+    // 4t + e holds token 8 * (e >> 1) + 2t + (e & 1): the order in which the attention kernel's
+    // S accumulators hand P̃ to the 8-bit wgmma A operand (scripts/probe-wgmma8-a.cu), so P̃·V
+    // pairs them without shuffles.
     for (int e = threadIdx.x; e < D * QA_BLOCK / 4; e += QA_THREADS) {
-        const int ch = e / (QA_BLOCK / 4), t4 = (e % (QA_BLOCK / 4)) * 4;
-        const u32 w = (u32)tile[ch][t4] | ((u32)tile[ch][t4 + 1] << 8) | ((u32)tile[ch][t4 + 2] << 16) |
-                      ((u32)tile[ch][t4 + 3] << 24);
-        *reinterpret_cast<u32*>(p.codes + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + t4) = w;
+        const int ch = e / (QA_BLOCK / 4), col = (e % (QA_BLOCK / 4)) * 4;
+        const int base = (col & ~15) + 2 * ((col & 15) >> 2);
+        const u32 w = (u32)tile[ch][base] | ((u32)tile[ch][base + 1] << 8) | ((u32)tile[ch][base + 8] << 16) |
+                      ((u32)tile[ch][base + 9] << 24);
+        *reinterpret_cast<u32*>(p.codes + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + col) = w;
     }
 }

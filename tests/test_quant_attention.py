@@ -165,9 +165,15 @@ def test_gpu_prepass_codes_match_the_reference(dtype, d, shape, opts):
         diff = (got[name].cpu().double() - want).abs()
         assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-3, name
         assert torch.allclose(got[name + "_scale"].cpu().double(), ref[name + "_scale"], rtol=1e-5), name
-    v_got = got["v"].cpu().double()[..., :nk].transpose(-1, -2)  # (b, hk, nk, d)
+    from ferrokernels.quant_attention import V_ORDER
+
+    n_pad = got["v"].shape[-1]
+    order = torch.tensor([16 * (i // 16) + V_ORDER[i % 16] for i in range(n_pad)])
+    v_tokens = torch.empty_like(got["v"].cpu().double())
+    v_tokens[..., order] = got["v"].cpu().double()  # undo the permutation: column i holds token order[i]
+    v_got = v_tokens[..., :nk].transpose(-1, -2)  # (b, hk, nk, d)
     assert (v_got != ref["v"]).double().mean() < 1e-3
-    assert torch.equal(got["v"][..., nk:].cpu().double(), torch.zeros_like(got["v"][..., nk:].cpu().double()))
+    assert torch.equal(v_tokens[..., nk:], torch.zeros_like(v_tokens[..., nk:]))
     assert torch.allclose(got["channels"][3].cpu().double(), ref["v_scale"][:, :, 0], rtol=1e-5)
     assert torch.equal(poison["q"], got["q"])
 

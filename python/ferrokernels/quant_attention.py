@@ -85,13 +85,17 @@ def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: b
 
 
 SPLIT_ROWS = 1024  # tokens per statistics CTA of the GPU pre-pass (kernels/quant_attention.cu)
+# Column 4t + e of every 16 in the GPU's transposed V holds token 8 * (e >> 1) + 2t + (e & 1): the
+# order the S accumulators give P̃ to the 8-bit wgmma A operand, so P̃·V needs no shuffles.
+V_ORDER = [8 * (e >> 1) + 2 * t + (e & 1) for t in range(4) for e in range(4)]
 
 
 def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True) -> dict:
     """The GPU pre-pass (CUDA f16/bf16 tensors, head_dim 64 or 128, Hopper): the same codes
     as ``quantize_inputs``, in the layouts the attention kernel reads:
     ``q``/``k`` int8 (b, n, h, d), ``q_scale``/``k_scale`` float32 (b, h, ceil(n / 64)),
-    ``v`` float8_e4m3fn (b, h_kv, d, n rounded up to 64; V transposed, zero past n), and
+    ``v`` float8_e4m3fn (b, h_kv, d, n rounded up to 64; V transposed, tokens permuted within
+    every 16 as ``V_ORDER``, zero past n), and
     ``channels`` float32 (4, b, h_kv, d): K's mean, the Q/K balance factor, V's mean, V's scale."""
     from . import _native
     from ._runtime import stream_of
