@@ -20,7 +20,6 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import checkpoints
 from .nn import FORMATS, QuantLinear
 
 METHOD = "ferrokernels"
@@ -162,4 +161,4 @@ def load_quantized(path: str, **kwargs):
 
 
 __all__ = ["FerrokernelsConfig", "FerrokernelsQuantizer", "PackedSlots", "config_from_checkpoint",
-           "load_quantized", "checkpoints"]
+           "load_quantized"]
