@@ -17,7 +17,6 @@ is already imported).
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import weakref
 from typing import Dict, List, Optional, Sequence
@@ -35,6 +34,7 @@ from transformers.masking_utils import (
 from .attention import _dense
 from .decode import append_kv, decode_attention
 from .kvcache import PagedKVCache
+from .nn import FORMATS, quantize_linears, replace_module
 
 NAME = "ferrokernels"
 MAX_DECODE_Q = 16  # decode_attention takes up to 16 new tokens per sequence
@@ -305,10 +305,10 @@ class PagedCache(Cache):
             if n0 + n > self.token_slots:
                 raise ValueError(f"sequence {b} would hold {n0 + n} tokens; the cache was made with max_cache_len="
                                  f"{self.token_slots}")
-        table, _ = self.pages.extend(self.seqs, counts, width=self.max_pages)
+        table, before_dev = self.pages.extend(self.seqs, counts, width=self.max_pages)
         b = len(counts)
         self.block_table[:b].copy_(table, non_blocking=True)
-        self.before[:b].copy_(torch.tensor(before, dtype=torch.int32), non_blocking=True)
+        self.before[:b].copy_(before_dev, non_blocking=True)
         self.seqlens[:b].copy_(torch.tensor([x + n for x, n in zip(before, counts)], dtype=torch.int32),
                                non_blocking=True)
         self._seen += q_len
@@ -433,8 +433,6 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
     linear : a ``QuantLinear`` format ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8") every nn.Linear
         is quantized to (round to nearest), except names matching ``skip``.
     ``unpatch(model)`` undoes all of it."""
-    from .nn import FORMATS, QuantLinear
-
     if attention not in (None,) + ATTENTION:
         raise NotImplementedError(f"attention={attention!r}: supported {ATTENTION} (quantized and sparse "
                                   "backends are not built yet)")
@@ -460,15 +458,7 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
         model.generate = _paged_generate(model, model.generate)
     if linear:
         replaced = state.setdefault("linears", {})
-        for name, mod in list(model.named_modules()):
-            if not isinstance(mod, torch.nn.Linear) or any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p
-                                                          for p in skip):
-                continue
-            if linear == "w4a16" and mod.in_features % group_size:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, QuantLinear.from_linear(mod, linear, group_size))
+        for name, mod in quantize_linears(model, linear, group_size=group_size, skip=skip).items():
             replaced.setdefault(name, mod)
     return model
 
@@ -479,9 +469,7 @@ def unpatch(model):
     if not state:
         return model
     for name, mod in state.get("linears", {}).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, mod)
+        replace_module(model, name, mod)
     if state.get("generate"):
         model.__dict__.pop("generate", None)
     if "attn" in state:

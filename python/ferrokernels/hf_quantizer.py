@@ -13,14 +13,13 @@ model while ``from_pretrained`` builds it:
 
 from __future__ import annotations
 
-import fnmatch
 from typing import List, Optional
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn import FORMATS, QuantLinear
+from .nn import FORMATS, QuantLinear, linear_modules, quantize_model, replace_module
 
 METHOD = "ferrokernels"
 CHECKPOINT_FORMATS = ("gptq", "awq")
@@ -52,19 +51,6 @@ class FerrokernelsConfig(QuantizationConfigMixin):
                                           "supported (4-bit only)")
         elif self.format not in FORMATS:
             raise NotImplementedError(f"format={self.format!r}: supported {list(FORMATS)}")
-
-
-def _skipped(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
-
-
-def _linears(model, patterns):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not _skipped(n, patterns)]
-
-
-def _replace(model, name: str, new) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 class PackedSlots(torch.nn.Module):
@@ -107,21 +93,18 @@ class FerrokernelsQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if self.pre_quantized and cfg.checkpoint_format:
-            for name, mod in _linears(model, cfg.modules_to_not_convert):
-                _replace(model, name, PackedSlots(mod, cfg))
+            for name, mod in linear_modules(model, cfg.modules_to_not_convert):
+                replace_module(model, name, PackedSlots(mod, cfg))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if self.pre_quantized and cfg.checkpoint_format:
             for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedSlots)]:
-                _replace(model, name, mod.to_quant_linear())
+                replace_module(model, name, mod.to_quant_linear())
             return model
-        for name, mod in _linears(model, cfg.modules_to_not_convert):
-            if cfg.format == "w4a16" and cfg.group_size > 0 and mod.in_features % cfg.group_size:
-                continue  # a group size that does not divide K: the layer stays full precision
-            _replace(model, name, QuantLinear.from_linear(mod, cfg.format, cfg.group_size, cfg.sym, cfg.method))
-        return model
+        return quantize_model(model, cfg.format, group_size=cfg.group_size, sym=cfg.sym, method=cfg.method,
+                              skip=cfg.modules_to_not_convert)
 
     def is_serializable(self, **kwargs):
         return False

@@ -85,20 +85,37 @@ class QuantLinear(torch.nn.Module):
                 f"group_size={self.group_size}{act}, bias={self.bias is not None}")
 
 
+def linear_modules(model: "torch.nn.Module", skip: Iterable[str]):
+    """(name, module) of every nn.Linear of `model` whose qualified name matches no pattern in
+    `skip` (fnmatch, e.g. "lm_head", "*.gate"; a bare name also matches the last component)."""
+    skip = list(skip)
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+            and not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in skip)]
+
+
+def replace_module(model: "torch.nn.Module", name: str, new: "torch.nn.Module") -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_linears(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: int = 128, sym: bool = True,
+                     method: str = "rtn", skip: Iterable[str] = ("lm_head",)) -> dict:
+    """``quantize_model``'s work; returns the replaced modules by name (so they can be put back)."""
+    replaced = {}
+    for name, mod in linear_modules(model, skip):
+        if fmt == "w4a16" and mod.in_features % (group_size if group_size > 0 else mod.in_features):
+            continue  # a group size that does not divide K: leave the layer in full precision
+        replace_module(model, name, QuantLinear.from_linear(mod, fmt, group_size, sym, method))
+        replaced[name] = mod
+    return replaced
+
+
 def quantize_model(model: "torch.nn.Module", fmt: str = "w4a16", *, group_size: int = 128, sym: bool = True,
                    method: str = "rtn", skip: Iterable[str] = ("lm_head",)) -> "torch.nn.Module":
     """Replaces every nn.Linear of `model` (in place) by a QuantLinear, except modules whose
     qualified name matches a pattern in `skip` (fnmatch, e.g. "lm_head", "*.gate"). Returns
     the model."""
-    skip = list(skip)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-               and not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in skip)]
-    for name, mod in targets:
-        if fmt == "w4a16" and mod.in_features % (group_size if group_size > 0 else mod.in_features):
-            continue  # a group size that does not divide K: leave the layer in full precision
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(mod, fmt, group_size, sym, method))
+    quantize_linears(model, fmt, group_size=group_size, sym=sym, method=method, skip=skip)
     return model
 
 
