@@ -19,6 +19,7 @@
 #include "common/hopper.cuh"
 #include "common/wgmma.cuh"
 #include "common/splitk.cuh"
+#include "common/quant.cuh"
 
 // Mirrors `W8A8Params` in src/ops/gemm_w8a8.rs field for field.
 struct W8A8Params {
@@ -195,17 +196,10 @@ struct QuantActParams {
 template <int KIND> __device__ __forceinline__ u32 quant_pair(float a, float b);
 
 template <> __device__ __forceinline__ u32 quant_pair<W8_INT8>(float a, float b) {
-    const int qa = max(-127, min(127, __float2int_rn(a)));
-    const int qb = max(-127, min(127, __float2int_rn(b)));
-    return (u32)(qa & 0xff) | ((u32)(qb & 0xff) << 8);
+    return (u32)(int8_code(a) & 0xff) | ((u32)(int8_code(b) & 0xff) << 8);
 }
 
-template <> __device__ __forceinline__ u32 quant_pair<W8_FP8>(float a, float b) {
-    unsigned short r;
-    // The first source lands in the upper byte.
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(b), "f"(a));
-    return r;
-}
+template <> __device__ __forceinline__ u32 quant_pair<W8_FP8>(float a, float b) { return e4m3x2(a, b); }
 
 template <typename T, int KIND>
 __device__ __forceinline__ void w8a8_quantize_act(const QuantActParams& p) {
@@ -227,7 +221,6 @@ __device__ __forceinline__ void w8a8_quantize_act(const QuantActParams& p) {
     if (p.static_scale != nullptr) {
         scale = *p.static_scale;
     } else {
-        __shared__ float warp_max[THREADS / 32];
         float amax = 0.f;
         for (int piece = 0; piece < pieces; ++piece) {
             load_piece(piece);
@@ -239,13 +232,7 @@ __device__ __forceinline__ void w8a8_quantize_act(const QuantActParams& p) {
                 for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
-        __syncthreads();
-        amax = warp_max[0];
-#pragma unroll
-        for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+        amax = block_max<THREADS>(amax);
         scale = fmaxf(__fdiv_rn(amax, KIND == W8_INT8 ? 127.f : 448.f), 1e-12f);
     }
     if (threadIdx.x == 0) p.x_scale[row] = scale;

@@ -10,6 +10,7 @@
 //      FP8 tensor-core instructions take both operands K-major, and P̃·V's K is the token. Tokens
 //      are permuted within each group of 16 (see V_ORDER in quant_attention.py).
 #include "common/types.cuh"
+#include "common/quant.cuh"
 
 constexpr int QA_BLOCK = 64;          // rows per Q/K scale (quant_attention.py: BLOCK)
 constexpr int QA_SPLIT_ROWS = 1024;   // tokens per statistics CTA
@@ -154,7 +155,6 @@ struct QaQuantRowsParams {
 template <typename T, int D>
 __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
     constexpr int COLS = D / 8, LANES = QA_THREADS / COLS, VECS = QA_BLOCK / LANES;
-    __shared__ float warp_max[QA_THREADS / 32];
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int group = p.x.h / p.hk, kvh = h / group;
     const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
@@ -182,13 +182,7 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
             amax = fmaxf(amax, fabsf(y[i][j]));
         }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
-    __syncthreads();
-    amax = warp_max[0];
-#pragma unroll
-    for (int w = 1; w < QA_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+    amax = block_max<QA_THREADS>(amax);
     const float scale = fmaxf(__fdiv_rn(amax, 127.f), 1e-12f), inv = __fdiv_rn(1.f, scale);
     const int nblocks = (p.x.n + QA_BLOCK - 1) / QA_BLOCK;
     if (threadIdx.x == 0) p.scales[((i64)b * p.x.h + h) * nblocks + blk] = scale;
@@ -199,7 +193,7 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
         u32 w[2] = {0, 0};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const int q = max(-127, min(127, __float2int_rn(__fmul_rn(y[i][j], inv))));
+            const int q = int8_code(__fmul_rn(y[i][j], inv));
             w[j / 4] |= (u32)(q & 0xff) << (8 * (j % 4));
         }
         *reinterpret_cast<uint2*>(p.codes + (((i64)b * p.x.n + r) * p.x.h + h) * D + c0) = make_uint2(w[0], w[1]);
@@ -235,10 +229,7 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
         for (int j = 0; j < 8; ++j) {
             unsigned char code = 0;
             if (r < p.x.n) {
-                const float v = __fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]);
-                unsigned short pair;
-                asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(0.f), "f"(v));
-                code = (unsigned char)(pair & 0xff);
+                code = (unsigned char)(e4m3x2(__fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]), 0.f) & 0xff);
             }
             tile[c0 + j][t] = code;
         }

@@ -43,6 +43,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/hopper.cuh", include_str!("../../kernels/common/hopper.cuh")),
     ("common/wgmma.cuh", include_str!("../../kernels/common/wgmma.cuh")),
     ("common/splitk.cuh", include_str!("../../kernels/common/splitk.cuh")),
+    ("common/quant.cuh", include_str!("../../kernels/common/quant.cuh")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
