@@ -120,13 +120,9 @@ def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = Fa
     return out
 
 
-def _check(q, k, v, qk, pv):
+def _check_shapes(q, k, v, op: str):
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         expect_rank(x, 4, name, LAYOUT)
-    if qk not in QK_FORMATS:
-        raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
-    if pv not in PV_FORMATS:
-        raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
     b, nq, hq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ShapeError(f"q, k and v must share the batch size, got {b}, {k.shape[0]}, {v.shape[0]}")
@@ -137,10 +133,23 @@ def _check(q, k, v, qk, pv):
     if k.shape[2] == 0 or hq % k.shape[2]:
         raise ShapeError(f"heads_q {hq} must be a multiple of heads_kv {k.shape[2]}")
     if d not in (64, 128) or v.shape[3] != d:
-        raise NotImplementedError(f"quant_attention takes head_dim 64 or 128 (q/k and v alike), got {d} and "
-                                  f"{v.shape[3]}")
+        raise NotImplementedError(f"{op} takes head_dim 64 or 128 (q/k and v alike), got {d} and {v.shape[3]}")
+
+
+def _check_float_dtypes(q, k, v):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a float16/bfloat16/float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check(q, k, v, qk, pv):
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(x, 4, name, LAYOUT)
+    if qk not in QK_FORMATS:
+        raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
+    if pv not in PV_FORMATS:
+        raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
+    _check_shapes(q, k, v, "quant_attention")
+    _check_float_dtypes(q, k, v)
 
 
 def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str = "fp8", smooth_k: bool = True,
@@ -256,7 +265,9 @@ def fp8_attention(q, k, v, descale_q=None, descale_k=None, descale_v=None, *, ca
     if fp8_in and hadamard_qk:
         raise ValueError("hadamard_qk rotates q and k before they are quantized; e4m3 inputs are already quantized "
                          "(rotate them with ferrokernels.quant_attention.fp8_quantize(x, rotate=True))")
-    _check(q.float() if fp8_in else q, k.float() if fp8_in else k, v.float() if fp8_in else v, "int8", "fp8")
+    _check_shapes(q, k, v, "fp8_attention")
+    if not fp8_in:
+        _check_float_dtypes(q, k, v)
     if q.is_cuda:
         raise NotImplementedError("the FP8 attention kernel is not built yet; on the CPU fp8_attention runs the "
                                   "reference of its arithmetic")
