@@ -22,6 +22,10 @@
 //
 // D and DV are the head dims rounded up to 64; TMA zero-fills columns past the real head dims
 // and rows past the tensor, and masking removes keys past each sequence.
+//
+// What the operands are is a policy (OPS): Sm90Dense below for f16/bf16 Q, K, V; the quantized
+// kernel (quant_attention.cu) supplies INT8 Q/K and FP8 V through the same interface, so the
+// pipeline, scheduling, masking and softmax are this one kernel's.
 #pragma once
 #include "common/types.cuh"
 #include "common/softmax.cuh"
@@ -64,19 +68,98 @@ struct AttentionSm90Params {
     int* counter;  // zeroed before launch: tiles handed out past the first round; null = static
 };
 
-template <int D, int DV, int BN, int STAGES>
+// The operand policy of the 16-bit kernel: Q, K and V in T, both GEMMs on f16/bf16 wgmma.
+// A policy gives the tile sizes, the TMA loads, the two GEMMs, the scores in log2 units and
+// the output's last step; quant_attention.cu's Sm90Quant is the other one.
+template <typename T, int D_, int DV_, int BN_>
+struct Sm90Dense {
+    using Params = AttentionSm90Params;
+    using Out = T;
+    using Acc = float;  // S accumulator element
+    static constexpr int D = D_, DV = DV_, BN = BN_, BM = 128;
+    static constexpr int Q_BYTES = BM * D * 2, K_BYTES = BN * D * 2, V_BYTES = BN * DV * 2;
+    static constexpr int PK = 16;          // keys per P V instruction
+    static constexpr float P_LOG2 = 0.f;   // log2 of the factor P is scaled by before rounding
+    static constexpr bool PINGPONG = true; // the consumers take turns issuing GEMMs
+    struct Row {                           // per consumer and work tile
+        ScoreMod mod;
+    };
+    struct Keys {};                        // per key tile
+    // Where P V accumulates before it joins O: straight into O here (f32 accumulation).
+    struct Pv {
+        __device__ __forceinline__ void fence() {}
+    };
+
+    static __device__ __forceinline__ void load_q(const Params& P, u32 sQ, int h, int row, int b, u32 bar) {
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BM * 128, &P.tq, c * 64, h, row, b, bar);
+    }
+    static __device__ __forceinline__ void load_k(const Params& P, u32 sK, int hk, int row, int b, u32 bar) {
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) tma_load_4d(sK + c * BN * 128, &P.tk, c * 64, hk, row, b, bar);
+    }
+    static __device__ __forceinline__ void load_v(const Params& P, u32 sV, int hk, int row, int b, u32 bar) {
+#pragma unroll
+        for (int c = 0; c < DV / 64; ++c) tma_load_4d(sV + c * BN * 128, &P.tv, c * 64, hk, row, b, bar);
+    }
+    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int, int) {
+        return Row{score_mod(P.p, b, h)};
+    }
+    // S = Q K^T for consumer c's 64 rows of Q.
+    static __device__ __forceinline__ void issue_s(Acc (&s)[BN / 8][4], u32 sQ, int c, u32 sK) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 qa = sQ + (kk / 4) * BM * 128 + c * 64 * 128 + (kk % 4) * 32;
+            const u32 kb = sK + (kk / 4) * BN * 128 + (kk % 4) * 32;
+            Wgmma<T, BN>::ss(s, smem_desc_sw128(qa, 16, 1024), smem_desc_sw128(kb, 16, 1024), kk > 0);
+        }
+    }
+    static __device__ __forceinline__ Keys keys(const Params&, const Row&, int, int) { return Keys{}; }
+    static __device__ __forceinline__ void scores(const Acc (&a)[BN / 8][4], float (&s)[BN / 8][4], const Keys&) {
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = a[i][e];
+    }
+    // P from log2-unit scores (scores_to_log2 left `factor` to apply).
+    static __device__ __forceinline__ void softmax(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2],
+                                                   float (&alpha)[2], float factor, const Keys&) {
+        softmax_p<BN>(s, m_row, l_row, alpha, factor);
+    }
+    static __device__ __forceinline__ void pack_p(const float (&s)[BN / 8][4], u32 (&pf)[BN / PK][4]) {
+        p_fragments<T, BN>(s, pf);
+    }
+    // O += P V, V read N-major.
+    static __device__ __forceinline__ void issue_pv(float (&o)[DV / 8][4], Pv&, const u32 (&pf)[BN / PK][4], u32 sV) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(sV + kk * 16 * 128, BN * 128, 1024), 1);
+    }
+    // Once the P V of the previous tile is done: O *= alpha (the new running max).
+    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], const Pv&, const float (&alpha)[2]) {
+        rescale_o<DV>(o, alpha);
+    }
+    static __device__ __forceinline__ void merge_last(float (&)[DV / 8][4], const Pv&) {}
+    // The output before it is rounded to T: O / l.
+    static __device__ __forceinline__ void finish(float (&o)[DV / 8][4], const float (&inv)[2], const Params&, int, int,
+                                                  int) {
+        rescale_o<DV>(o, inv);
+    }
+};
+
+template <class OPS, int DV, int STAGES>
 struct Sm90Smem {
     static constexpr int BM = 128;
-    static constexpr int Q_BYTES = BM * D * 2;
-    static constexpr int K_BYTES = BN * D * 2;
-    static constexpr int V_BYTES = BN * DV * 2;
+    static constexpr int Q_BYTES = OPS::Q_BYTES;
+    static constexpr int K_BYTES = OPS::K_BYTES;
+    static constexpr int V_BYTES = OPS::V_BYTES;
     static constexpr int BAR_BYTES = 8 * (3 + 4 * STAGES);  // + the next tile's index
     static constexpr int SLACK = 1024;  // to align the base to 1024 bytes
     static constexpr int TILES = Q_BYTES + STAGES * (K_BYTES + V_BYTES);
     // The output gets its own staging area where it fits, so the next tile's Q can load while
     // this one's output is written; otherwise it is staged over Q's rows (each consumer over
-    // its own) and Q is released after the epilogue.
-    static constexpr bool O_OWN = TILES + BM * DV * 2 + BAR_BYTES + SLACK <= 227 * 1024 || DV > D;
+    // its own, where Q is large enough) and Q is released after the epilogue.
+    static constexpr bool O_OWN = TILES + BM * DV * 2 + BAR_BYTES + SLACK <= 227 * 1024 || BM * DV * 2 > Q_BYTES;
     static constexpr int O_BYTES = O_OWN ? BM * DV * 2 : 0;
     static constexpr int Q = 0;
     static constexpr int K = Q + Q_BYTES;
@@ -87,9 +170,11 @@ struct Sm90Smem {
     static constexpr int BYTES = BAR + BAR_BYTES + SLACK;
 };
 
-template <typename T, int D, int DV, int BN, int STAGES, bool EXTRAS>
-__device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P) {
-    using L = Sm90Smem<D, DV, BN, STAGES>;
+template <class OPS, int STAGES, bool EXTRAS>
+__device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P) {
+    using T = typename OPS::Out;
+    constexpr int DV = OPS::DV, BN = OPS::BN;
+    using L = Sm90Smem<OPS, DV, STAGES>;
     constexpr int BM = L::BM;
     const AttentionParams& p = P.p;
     extern __shared__ unsigned char smem_raw[];
@@ -168,20 +253,15 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
             const int bq = p.cu_seqlens_q != nullptr ? 0 : w.b;
             const int q_row = (int)w.seq.q_row0 + w.m0, k_row0 = (int)w.seq.k_row0;
             publish(idx);
-#pragma unroll
-            for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BM * 128, &P.tq, c * 64, w.h, q_row, bq, q_full);
+            OPS::load_q(P, sQ, w.h, q_row, bq, q_full);
             for (int j = w.j_first; j < w.j_end; j = next_tile(w, j + 1), ++n) {
                 const int s = slot_of(n);
                 mbar_wait(k_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(k_full(s), L::K_BYTES);
-#pragma unroll
-                for (int c = 0; c < D / 64; ++c)
-                    tma_load_4d(sK + s * L::K_BYTES + c * BN * 128, &P.tk, c * 64, w.hk, k_row0 + j * BN, bq, k_full(s));
+                OPS::load_k(P, sK + s * L::K_BYTES, w.hk, k_row0 + j * BN, bq, k_full(s));
                 mbar_wait(v_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
-#pragma unroll
-                for (int c = 0; c < DV / 64; ++c)
-                    tma_load_4d(sV + s * L::V_BYTES + c * BN * 128, &P.tv, c * 64, w.hk, k_row0 + j * BN, bq, v_full(s));
+                OPS::load_v(P, sV + s * L::V_BYTES, w.hk, k_row0 + j * BN, bq, v_full(s));
             }
         }
         publish(-1);
@@ -195,13 +275,9 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
 
-    auto issue_s = [&](float (&s)[BN / 8][4], int slot) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u32 qa = sQ + (kk / 4) * BM * 128 + c * 64 * 128 + (kk % 4) * 32;
-            const u32 kb = sK + slot * L::K_BYTES + (kk / 4) * BN * 128 + (kk % 4) * 32;
-            Wgmma<T, BN>::ss(s, smem_desc_sw128(qa, 16, 1024), smem_desc_sw128(kb, 16, 1024), kk > 0);
-        }
+    using Acc = typename OPS::Acc;
+    auto issue_s = [&](Acc (&acc)[BN / 8][4], int slot) {
+        OPS::issue_s(acc, sQ, c, sK + slot * L::K_BYTES);
         wgmma_commit();
     };
     auto release = [&](u32 empty_bar) {
@@ -212,9 +288,13 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
     // one's GEMMs run on the tensor cores while the other is in its softmax. Per work tile each
     // issues tiles + 1 batches (S_0; S_j with PV_{j-1}; PV_last); consumer 0 goes first and
     // consumer 1 skips its last hand-over, so no arrival is left pending between work tiles.
-    auto wait_turn = [&]() { named_barrier(3 + c, 256); };
+    // A policy whose softmax outweighs its GEMMs (PINGPONG false) lets both consumers run at
+    // once instead, so two warps per scheduler hide each other's latencies.
+    auto wait_turn = [&]() {
+        if constexpr (OPS::PINGPONG) named_barrier(3 + c, 256);
+    };
     auto pass_turn = [&](bool last) {
-        if (!(last && c == 1)) named_barrier_arrive(3 + (1 - c), 256);
+        if (OPS::PINGPONG && !(last && c == 1)) named_barrier_arrive(3 + (1 - c), 256);
     };
 
     int n = 0, q_uses = 0;
@@ -229,28 +309,26 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         const int r0 = m0 + 64 * c + 16 * warp;  // this warp's first row
         const int row_a = r0 + g;
         const int w0 = m0 + 64 * c;
-        const ScoreMod mod = score_mod(p, b, h);
+        const typename OPS::Row rc = OPS::row(P, b, h, w.hk, m0 + 64 * c);
+        const ScoreMod& mod = rc.mod;
 
         float o[DV / 8][4];
 #pragma unroll
         for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
         float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
 
-        auto issue_pv = [&](u32 (&pf)[BN / 16][4], int slot) {
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                const u32 vb = sV + slot * L::V_BYTES + kk * 16 * 128;
-                Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(vb, BN * 128, 1024), 1);
-            }
+        typename OPS::Pv pv;
+        auto issue_pv = [&](u32 (&pf)[BN / OPS::PK][4], int slot) {
+            OPS::issue_pv(o, pv, pf, sV + slot * L::V_BYTES);
             wgmma_commit();
         };
         // Scale and mask S_j, then P_j and the rescale factor of O.
-        auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2]) {
+        auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2], const typename OPS::Keys& ks) {
             const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
             const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
             const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
             const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-            softmax_p<BN>(s, m_row, l_row, alpha, factor);
+            OPS::softmax(s, m_row, l_row, alpha, factor, ks);
         };
 
         // Per key tile j the GEMMs are issued so that the softmax of S_j overlaps
@@ -258,20 +336,23 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         // softmax, then wait for PV_{j-1} before O is rescaled.
         int j = w.j_first;
         if (j < w.j_end) {
-            if (c == 1) named_barrier_arrive(3, 256);
+            if (OPS::PINGPONG && c == 1) named_barrier_arrive(3, 256);
+            Acc acc[BN / 8][4];
             float s[BN / 8][4];
-            u32 pf[BN / 16][4];
+            u32 pf[BN / OPS::PK][4];
             float alpha[2];
             mbar_wait(k_full(slot_of(n)), phase_of(n));
             wait_turn();
             wgmma_fence();
-            issue_s(s, slot_of(n));
+            issue_s(acc, slot_of(n));
             pass_turn(false);
+            const typename OPS::Keys ks0 = OPS::keys(P, rc, j, seq.nk);
             wgmma_wait<0>();
-            fence_regs(s);
+            fence_regs(acc);
             release(k_empty(slot_of(n)));
-            softmax_tile(s, j * BN, alpha);  // O is still 0: no rescale
-            p_fragments<T, BN>(s, pf);
+            OPS::scores(acc, s, ks0);
+            softmax_tile(s, j * BN, alpha, ks0);  // O is still 0: no rescale
+            OPS::pack_p(s, pf);
             // Ring position n holds the tile whose V is still to be used.
             for (j = next_tile(w, j + 1); j < w.j_end; j = next_tile(w, j + 1), ++n) {
                 const int slot = slot_of(n + 1), prev = slot_of(n);
@@ -279,19 +360,22 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
                 mbar_wait(v_full(prev), phase_of(n));
                 wait_turn();
                 wgmma_fence();
-                issue_s(s, slot);
+                issue_s(acc, slot);
                 issue_pv(pf, prev);
                 pass_turn(false);
+                const typename OPS::Keys ks = OPS::keys(P, rc, j, seq.nk);
                 wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
-                fence_regs(s);
+                fence_regs(acc);
                 release(k_empty(slot));
-                softmax_tile(s, j * BN, alpha);
+                OPS::scores(acc, s, ks);
+                softmax_tile(s, j * BN, alpha, ks);
                 wgmma_wait<0>();
                 fence_regs(o);
+                pv.fence();
                 fence_regs(pf);
                 release(v_empty(prev));
-                rescale_o<DV>(o, alpha);
-                p_fragments<T, BN>(s, pf);
+                OPS::merge_pv(o, pv, alpha);
+                OPS::pack_p(s, pf);
             }
             mbar_wait(v_full(slot_of(n)), phase_of(n));
             wait_turn();
@@ -300,8 +384,10 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
             pass_turn(true);
             wgmma_wait<0>();
             fence_regs(o);
+            pv.fence();
             fence_regs(pf);
             release(v_empty(slot_of(n)));
+            OPS::merge_last(o, pv);
             ++n;
         }
         // Every S GEMM of this consumer has read its Q rows.
@@ -312,13 +398,14 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
         // bytes per thread, coalesced.
         float inv[2];
         softmax_finish(l_row, inv);
+        OPS::finish(o, inv, P, b, w.hk, t);
         named_barrier(1 + c, 128);  // the last tile's stores (and S GEMMs) are done with sO
         unsigned char* sO = smem + L::O;
 #pragma unroll
         for (int i = 0; i < DV / 8; ++i) {
             const int col = i * 8 + 2 * t, lr = 64 * c + 16 * warp + g;
-            *reinterpret_cast<u32*>(sO + sw128_offset(lr, col, BM)) = pack2<T>(o[i][0] * inv[0], o[i][1] * inv[0]);
-            *reinterpret_cast<u32*>(sO + sw128_offset(lr + 8, col, BM)) = pack2<T>(o[i][2] * inv[1], o[i][3] * inv[1]);
+            *reinterpret_cast<u32*>(sO + sw128_offset(lr, col, BM)) = pack2<T>(o[i][0], o[i][1]);
+            *reinterpret_cast<u32*>(sO + sw128_offset(lr + 8, col, BM)) = pack2<T>(o[i][2], o[i][3]);
         }
         named_barrier(1 + c, 128);
         T* og = static_cast<T*>(p.o) + b * p.o_sb + seq.q_row0 * p.o_ss + h * p.o_sh;
@@ -335,6 +422,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const AttentionSm90Params& P)
             fence_proxy_async();
             release(q_empty);
         }
+        // P was scaled by 2^P_LOG2 before rounding, so l was too.
+        m_row[0] -= OPS::P_LOG2, m_row[1] -= OPS::P_LOG2;
         store_lse(p, seq, b, h, row_a, t, m_row, l_row);
     }
 }

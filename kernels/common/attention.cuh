@@ -249,6 +249,36 @@ __device__ __forceinline__ void softmax_p(float (&s)[BN / 8][4], float (&m_row)[
     }
 }
 
+// softmax_p for scores whose two halves of keys carry their own factor and offset (8-bit
+// scores: one K scale per 64 keys, and the integer accumulators still biased): log2-unit score
+// = s * f + off, with f and off of the half. The offset rides in the exp2's FFMA, so a score
+// costs no instruction before it. Masked scores are -inf.
+template <int BN>
+__device__ __forceinline__ void softmax_p_halves(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2],
+                                                 float (&alpha)[2], const float (&f)[2], const float (&off)[2],
+                                                 float p_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float raw[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) raw[i >= BN / 16] = fmaxf(raw[i >= BN / 16], fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+        const float mx = fmaxf(m_row[r], fmaxf(fmaf(quad_max(raw[0]), f[0], off[0]), fmaf(quad_max(raw[1]), f[1], off[1])));
+        const float base = mx == neg_inf() ? 0.f : mx;
+        alpha[r] = fast_exp2(m_row[r] - base);
+        m_row[r] = mx;
+        const float shift[2] = {off[0] + (p_log2 - base), off[1] + (p_log2 - base)};
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            const int hf = i >= BN / 16;
+            s[i][2 * r] = fast_exp2(fmaf(s[i][2 * r], f[hf], shift[hf]));
+            s[i][2 * r + 1] = fast_exp2(fmaf(s[i][2 * r + 1], f[hf], shift[hf]));
+            sum += s[i][2 * r] + s[i][2 * r + 1];
+        }
+        l_row[r] = l_row[r] * alpha[r] + sum;
+    }
+}
+
 // Online softmax, second half: O *= alpha per row.
 template <int DV>
 __device__ __forceinline__ void rescale_o(float (&o)[DV / 8][4], const float (&alpha)[2]) {

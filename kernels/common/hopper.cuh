@@ -145,6 +145,12 @@ __device__ __forceinline__ u64 smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
     return d;
 }
 
+// The same for 64-byte rows in TMA's 64-byte swizzle (16-byte chunk c of row r at c ^ ((r / 2) % 4)),
+// e.g. 8-bit K-major tiles of 64 channels: 8-row groups are 512 bytes apart.
+__device__ __forceinline__ u64 smem_desc_sw64(u32 addr, u32 lbo, u32 sbo) {
+    return (smem_desc_sw128(addr, lbo, sbo) & ~(3ull << 62)) | (2ull << 62);
+}
+
 // Byte offset of element (row, col) in a swizzled tile of `rows` rows per column block.
 __device__ __forceinline__ u32 sw128_offset(int row, int col, int rows) {
     const int block = col >> 6, chunk = (col >> 3) & 7;

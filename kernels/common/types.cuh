@@ -27,3 +27,11 @@ template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float 
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// std::conditional without the host headers NVRTC lacks.
+template <bool C, typename A, typename B> struct Select {
+    using type = A;
+};
+template <typename A, typename B> struct Select<false, A, B> {
+    using type = B;
+};

@@ -35,6 +35,22 @@ pub fn tiled_4d_16bit(bf16: bool, ptr: usize, dims: [u64; 4], strides: [i64; 3],
     encode(dtype, ptr, &dims, &byte_strides, &box_dims)
 }
 
+/// A 4-D tensor of bytes (int8 / float8 codes): `dims` innermost first, `byte_strides` of dims
+/// 1..3, boxes of `box_dims` whose innermost side is 128 or 64 bytes, swizzled by that much.
+pub fn tiled_4d_bytes(ptr: usize, dims: [u64; 4], byte_strides: [u64; 3], box_dims: [u32; 4]) -> Result<TensorMap> {
+    for (i, &s) in byte_strides.iter().enumerate() {
+        if s % 16 != 0 || s >= 1u64 << 40 {
+            return Err(Error::Layout(format!("stride of {s} bytes (axis {}) is not addressable by TMA", i + 1)));
+        }
+    }
+    let swizzle = match box_dims[0] {
+        128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        w => return Err(Error::Value(format!("byte boxes are 64 or 128 wide, got {w}"))),
+    };
+    encode_swizzled(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, ptr, &dims, &byte_strides, &box_dims, swizzle)
+}
+
 /// A 2-D tensor of bytes (int8 / float8 codes): `cols` bytes per row, rows `row_stride` bytes
 /// apart, boxes of `box_cols` (at most 128: the swizzle span) x `box_rows`, 128-byte swizzled.
 pub fn tiled_2d_bytes(ptr: usize, cols: u64, rows: u64, row_stride: u64, box_cols: u32, box_rows: u32) -> Result<TensorMap> {
@@ -47,6 +63,18 @@ pub fn tiled_2d_bytes(ptr: usize, cols: u64, rows: u64, row_stride: u64, box_col
 /// cuTensorMapEncodeTiled with a 128-byte swizzle and zero fill: `dims` and `box_dims` innermost
 /// first, `byte_strides` of dims 1.. in bytes.
 fn encode(dtype: sys::CUtensorMapDataType, ptr: usize, dims: &[u64], byte_strides: &[u64], box_dims: &[u32]) -> Result<TensorMap> {
+    encode_swizzled(dtype, ptr, dims, byte_strides, box_dims, sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B)
+}
+
+/// The same with another swizzle (64 bytes for 64-byte rows).
+fn encode_swizzled(
+    dtype: sys::CUtensorMapDataType,
+    ptr: usize,
+    dims: &[u64],
+    byte_strides: &[u64],
+    box_dims: &[u32],
+    swizzle: sys::CUtensorMapSwizzle,
+) -> Result<TensorMap> {
     if ptr % 16 != 0 {
         return Err(Error::Layout("TMA needs a 16-byte aligned base".into()));
     }
@@ -63,7 +91,7 @@ fn encode(dtype: sys::CUtensorMapDataType, ptr: usize, dims: &[u64], byte_stride
             box_dims.as_ptr(),
             elem_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )

@@ -251,7 +251,7 @@ impl AttentionSpec {
 /// Mirrors `struct AttentionParams` in kernels/common/attention.cuh.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AttentionParams {
+pub(crate) struct AttentionParams {
     q: u64,
     k: u64,
     v: u64,
@@ -345,7 +345,7 @@ impl AttentionSm90Spec {
         let source = format!(
             "#include \"attention_sm90.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__({threads}, 1) {name}(const __grid_constant__ AttentionSm90Params p) {{\n\
-             \x20   attention_fwd_sm90<{t}, {d}, {dv}, {bn}, {stages}, {x}>(p);\n}}\n",
+             \x20   attention_fwd_sm90<Sm90Dense<{t}, {d}, {dv}, {bn}>, {stages}, {x}>(p);\n}}\n",
             threads = Self::THREADS,
             name = self.name(),
             t = ctype(self.dtype),
@@ -362,7 +362,7 @@ impl AttentionSm90Spec {
 /// Mirrors `struct TileSched` in kernels/attention_sm90.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TileSched {
+pub(crate) struct TileSched {
     m_blocks: i32,
     heads: i32,
     pairs: i32,
@@ -400,14 +400,14 @@ impl TileSched {
 
 /// Mirrors `struct AttentionSm90Params` in kernels/attention_sm90.cu.
 #[repr(C, align(64))]
-struct AttentionSm90Params {
-    tq: TensorMap,
-    tk: TensorMap,
-    tv: TensorMap,
-    p: AttentionParams,
-    sched: TileSched,
-    tiles: i32,
-    counter: u64,
+pub(crate) struct AttentionSm90Params {
+    pub tq: TensorMap,
+    pub tk: TensorMap,
+    pub tv: TensorMap,
+    pub p: AttentionParams,
+    pub sched: TileSched,
+    pub tiles: i32,
+    pub counter: u64,
 }
 
 /// Which kernel family runs on the GPU: FERROKERNELS_ATTENTION_PATH=sm80|sm90|auto (default
@@ -705,7 +705,7 @@ fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Res
     launch_sm80(dev, a, d, params, stream)
 }
 
-fn kernel_params(a: &AttentionArgs, d: &Dims) -> AttentionParams {
+pub(crate) fn kernel_params(a: &AttentionArgs, d: &Dims) -> AttentionParams {
     let vl = d.varlen;
     AttentionParams {
         q: a.q.ptr as u64,
@@ -768,6 +768,45 @@ fn tensor_map(t: &TensorView, varlen: bool, head_dim: usize, rows: usize) -> Res
     )
 }
 
+/// The persistent grid of the Hopper kernels (this one and quant_attention's): the tile
+/// schedule, the tile counter where tile costs differ, and how many CTAs walk the tiles.
+pub(crate) struct Sm90Grid {
+    pub sched: TileSched,
+    pub tiles: i32,
+    pub counter: Option<u64>,
+    ctas: u32,
+}
+
+impl Sm90Grid {
+    /// One CTA per SM (its shared memory and registers fill one) walks the tiles, from a counter
+    /// in `workspace` where their costs differ; FERROKERNELS_ATTENTION_PERSISTENT=0 gives every
+    /// tile its own CTA instead, for comparison.
+    pub(crate) fn new(dev: &driver::Device, d: &Dims, workspace: Option<&TensorView>) -> Result<Sm90Grid> {
+        let persistent = std::env::var("FERROKERNELS_ATTENTION_PERSISTENT").map_or(true, |v| v != "0");
+        let counter = workspace.filter(|_| persistent && d.uneven_tiles());
+        let sched = TileSched::new(d, dev.sm_count as usize, counter.is_some());
+        let tiles = sched.tiles();
+        if tiles > i32::MAX as usize {
+            return shape_err(format!("q has {tiles} blocks of 128 rows x heads; the CUDA kernel supports at most 2^31"));
+        }
+        let ctas = if persistent { tiles.min(dev.sm_count as usize) } else { tiles };
+        Ok(Sm90Grid { sched, tiles: tiles as i32, counter: counter.map(|c| c.ptr as u64), ctas: ctas as u32 })
+    }
+
+    /// Zeroes the tile counter on the stream, then launches `kernel` with its parameter block.
+    pub(crate) fn launch(&self, dev: &driver::Device, kernel: &KernelSource, smem: u32, stream: usize, params: *mut c_void) -> Result<()> {
+        if smem as i32 > dev.max_smem_optin {
+            return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", kernel.name)));
+        }
+        let f = dev.function(kernel, smem)?;
+        if let Some(c) = self.counter {
+            dev.memset_zero(c, 4, stream)?;
+        }
+        let cfg = LaunchConfig { grid: (self.ctas, 1, 1), block: (AttentionSm90Spec::THREADS, 1, 1), smem_bytes: smem };
+        dev.launch(f, cfg, stream, &mut [params])
+    }
+}
+
 fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: AttentionParams, stream: usize) -> Result<()> {
     let spec = AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a));
     let smem = spec.smem_bytes();
@@ -775,37 +814,17 @@ fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: Attent
         return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", spec.name())));
     }
     let bn = spec.block_n();
-    // One CTA per SM (its shared memory and registers fill one) walks the tiles, from a counter
-    // where their costs differ; FERROKERNELS_ATTENTION_PERSISTENT=0 gives every tile its own CTA
-    // instead, for comparison.
-    let persistent = std::env::var("FERROKERNELS_ATTENTION_PERSISTENT").map_or(true, |v| v != "0");
-    let counter = a.workspace.filter(|_| persistent && d.uneven_tiles());
-    let sched = TileSched::new(d, dev.sm_count as usize, counter.is_some());
-    let tiles = sched.tiles();
-    if tiles > i32::MAX as usize {
-        return shape_err(format!("q has {tiles} blocks of 128 rows x heads; the CUDA kernel supports at most 2^31"));
-    }
+    let grid = Sm90Grid::new(dev, d, a.workspace)?;
     let mut p = AttentionSm90Params {
         tq: tensor_map(a.q, d.varlen, d.head_dim, AttentionSm90Spec::BLOCK_M)?,
         tk: tensor_map(a.k, d.varlen, d.head_dim, bn)?,
         tv: tensor_map(a.v, d.varlen, d.head_dim_v, bn)?,
         p: params,
-        sched,
-        tiles: tiles as i32,
-        counter: ptr(counter),
+        sched: grid.sched,
+        tiles: grid.tiles,
+        counter: grid.counter.unwrap_or(0),
     };
-    let f = dev.function(&spec.kernel(), smem)?;
-    if let Some(c) = counter {
-        dev.memset_zero(c.ptr as u64, 4, stream)?;
-    }
-    let ctas = if persistent { tiles.min(dev.sm_count as usize) } else { tiles };
-    let cfg = LaunchConfig {
-        grid: (ctas as u32, 1, 1),
-        block: (AttentionSm90Spec::THREADS, 1, 1),
-        smem_bytes: smem,
-    };
-    let mut args = [&mut p as *mut AttentionSm90Params as *mut c_void];
-    dev.launch(f, cfg, stream, &mut args)
+    grid.launch(dev, &spec.kernel(), smem, stream, &mut p as *mut AttentionSm90Params as *mut c_void)
 }
 
 #[cfg(test)]
@@ -869,7 +888,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 768);
         let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96, true);
         assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128_x", 128));
-        assert!(s.kernel().source.contains("attention_fwd_sm90<__nv_bfloat16, 128, 128, 128, 2, true>"));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Dense<__nv_bfloat16, 128, 128, 128>, 2, true>"));
         for s in AttentionSm90Spec::all() {
             assert!(s.smem_bytes() <= 232_448, "{} needs {} bytes", s.name(), s.smem_bytes());
         }
