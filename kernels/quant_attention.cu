@@ -247,3 +247,158 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
         *reinterpret_cast<u32*>(p.codes + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + col) = w;
     }
 }
+
+// --- the attention kernel --------------------------------------------------------------------
+// attention_sm90.cu's kernel with 8-bit operands (Sm90Quant): S = Q K^T on s8 wgmma from the
+// pre-pass's codes, scaled per 64-row Q block and 64-key K block (Q's scale carries the softmax
+// scale and log2(e)); the online softmax as for 16-bit; P̃ = 448 exp2(S - m) rounded to e4m3 in
+// registers and fed as the A operand of e4m3 wgmma against V^T. The pre-pass wrote V^T's tokens
+// in the order the accumulators hold P̃ (V_ORDER), so packing P̃ is four cvt per register.
+// The output is O / l times V's channel scale, plus V's mean.
+#include "attention_sm90.cu"
+
+// Mirrors `QuantSm90Params` in src/ops/quant_attention.rs: the dense kernel's block (tensor maps
+// of the codes, output, LSE, causal bounds, schedule), then the scales.
+struct QuantSm90Params : AttentionSm90Params {
+    const float* q_scale;  // (batch, heads_q, q_blocks)
+    const float* k_scale;  // (batch, heads_kv, k_blocks)
+    const float* v_scale;  // (batch, heads_kv, head_dim)
+    const float* v_mean;   // (batch, heads_kv, head_dim); zeros without smooth_v
+    int q_blocks, k_blocks;
+};
+
+// QK = W8_INT8: quant_attention's INT8 Q·Kᵀ. QK = W8_FP8: fp8_attention's e4m3 Q·Kᵀ, whose
+// per-head descales arrive as the same per-block scale arrays (every block of a head alike).
+template <typename T, int D_, int QK = W8_INT8, bool PINGPONG_ = true>
+struct Sm90Quant {
+    using Params = QuantSm90Params;
+    using Out = T;
+    using Acc = typename Select<QK == W8_INT8, int, float>::type;
+    static constexpr int D = D_, DV = D_, BN = 128, BM = 128;
+    // A Q or K row is D bytes: one 128-byte swizzled row at D = 128, a 64-byte one at D = 64.
+    static constexpr int Q_BYTES = BM * D, K_BYTES = BN * D, V_BYTES = DV * BN;
+    static constexpr int PK = 32;
+    static constexpr float P_LOG2 = 8.80735492205760f;  // log2(448): P̃ fills e4m3's range
+    static constexpr bool PINGPONG = PINGPONG_;
+    static_assert(BN == 2 * QA_BLOCK, "a key tile holds two K scale blocks");
+    struct Row {
+        ScoreMod mod;  // scale_log2 = this consumer's Q block scale
+        const float* k_scale;
+        int k_blocks;
+    };
+    struct Keys {
+        float lo, hi;  // scales of the tile's two 64-key blocks
+    };
+    // e4m3 wgmma accumulates in reduced precision (about 13 mantissa bits, not f32's 23): a
+    // whole row's P̃·V summed in the tensor core drifts by percents where V has an offset. Each
+    // tile's P̃·V starts from zero here and is added to O in f32 registers.
+    struct Pv {
+        float o[DV / 8][4];
+        __device__ __forceinline__ void fence() { fence_regs(o); }
+    };
+
+    static __device__ __forceinline__ u64 qk_desc(u32 addr) {
+        return D == 128 ? smem_desc_sw128(addr, 16, 1024) : smem_desc_sw64(addr, 16, 512);
+    }
+    static __device__ __forceinline__ void load_q(const Params& P, u32 sQ, int h, int row, int b, u32 bar) {
+        tma_load_4d(sQ, &P.tq, 0, h, row, b, bar);
+    }
+    static __device__ __forceinline__ void load_k(const Params& P, u32 sK, int hk, int row, int b, u32 bar) {
+        tma_load_4d(sK, &P.tk, 0, hk, row, b, bar);
+    }
+    // V^T: the box of BN tokens (innermost) x DV channels.
+    static __device__ __forceinline__ void load_v(const Params& P, u32 sV, int hk, int row, int b, u32 bar) {
+        tma_load_4d(sV, &P.tv, row, 0, hk, b, bar);
+    }
+    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int hk, int r0) {
+        Row r;
+        // Rows past the sequence (the second consumer's, in a last block of <= 64 rows) take the
+        // last block's scale; nothing of theirs is stored.
+        r.mod.scale_log2 = P.q_scale[((i64)b * P.p.heads_q + h) * P.q_blocks + min(r0 / QA_BLOCK, P.q_blocks - 1)];
+        r.mod.cap_in = r.mod.cap_out = r.mod.slope_log2 = 0.f;
+        r.mod.softcap = false;
+        r.k_scale = P.k_scale + ((i64)b * P.p.heads_kv + hk) * P.k_blocks;
+        r.k_blocks = P.k_blocks;
+        return r;
+    }
+    static __device__ __forceinline__ void issue_s(Acc (&s)[BN / 8][4], u32 sQ, int c, u32 sK) {
+#pragma unroll
+        for (int kk = 0; kk < D / 32; ++kk)
+            Wgmma8<QK, BN>::ss(s, qk_desc(sQ + c * 64 * D + kk * 32), qk_desc(sK + kk * 32), kk > 0);
+    }
+    // Loaded while S is on the tensor cores. The second block of the last tile may lie past the
+    // keys (those are masked): clamp the read.
+    static __device__ __forceinline__ Keys keys(const Params&, const Row& r, int j, int) {
+        return Keys{r.k_scale[2 * j], r.k_scale[min(2 * j + 1, r.k_blocks - 1)]};
+    }
+    // s32 to f32 without the conversion unit (I2F issues at a quarter of the FMA rate): |a| <=
+    // 127^2 * 128 < 2^22, so the bits of 1.5 * 2^23 + a read as a float are exactly
+    // 1.5 * 2^23 + a. The offset and the scales are applied in the softmax's exp2 FFMA.
+    // FP8 scores are f32 already.
+    static constexpr float BIAS = QK == W8_INT8 ? 12582912.f : 0.f;  // 1.5 * 2^23
+    static __device__ __forceinline__ void scores(const Acc (&a)[BN / 8][4], float (&s)[BN / 8][4], const Keys&) {
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if constexpr (QK == W8_INT8) s[i][e] = __int_as_float(a[i][e] + 0x4B400000);
+                else s[i][e] = a[i][e];
+            }
+    }
+    // Score (log2 units) = (s - BIAS) * k_scale * q_scale, with q_scale the `factor`
+    // scores_to_log2 left. The rounding of -BIAS * f (under one unit of a) is far below the
+    // INT8 codes' own error.
+    static __device__ __forceinline__ void softmax(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2],
+                                                   float (&alpha)[2], float factor, const Keys& k) {
+        const float f[2] = {factor * k.lo, factor * k.hi};
+        const float off[2] = {-BIAS * f[0], -BIAS * f[1]};
+        softmax_p_halves<BN>(s, m_row, l_row, alpha, f, off, P_LOG2);
+    }
+    // Register r of k-step kk holds, byte e, the key of accumulator group 4kk + 2(r >> 1) + (e >> 1),
+    // element 2(r & 1) + (e & 1): the V_ORDER permutation of A's logical keys.
+    static __device__ __forceinline__ void pack_p(const float (&s)[BN / 8][4], u32 (&pf)[BN / PK][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 32; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int i = 4 * kk + 2 * (r >> 1), h = 2 * (r & 1);
+                pf[kk][r] = (u32)e4m3x2(s[i][h], s[i][h + 1]) | ((u32)e4m3x2(s[i + 1][h], s[i + 1][h + 1]) << 16);
+            }
+    }
+    static __device__ __forceinline__ void issue_pv(float (&)[DV / 8][4], Pv& pv, const u32 (&pf)[BN / PK][4], u32 sV) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 32; ++kk)
+            Wgmma8Rs<DV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + kk * 32, 16, 1024), kk > 0);
+    }
+    // O = (O + this tile's P̃·V) * alpha, in f32. (Skipping the multiply where a warp's alphas
+    // are all 1 made ptxas spill: two copies of the merge.)
+    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], const Pv& pv, const float (&alpha)[2]) {
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[i][e] = (o[i][e] + pv.o[i][e]) * alpha[e >> 1];
+    }
+    static __device__ __forceinline__ void merge_last(float (&o)[DV / 8][4], const Pv& pv) {
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[i][e] += pv.o[i][e];
+    }
+    // O / l times V's channel scale, plus V's mean (rows that saw no key stay 0).
+    static __device__ __forceinline__ void finish(float (&o)[DV / 8][4], const float (&inv)[2], const Params& P, int b,
+                                                  int hk, int t) {
+        const i64 at = ((i64)b * P.p.heads_kv + hk) * DV;
+        const float* vs = P.v_scale + at;
+        const float* vm = P.v_mean + at;
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i) {
+            const int col = 8 * i + 2 * t;
+            const float2 sc = *reinterpret_cast<const float2*>(vs + col), mn = *reinterpret_cast<const float2*>(vm + col);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                o[i][2 * r] = inv[r] > 0.f ? fmaf(o[i][2 * r] * inv[r], sc.x, mn.x) : 0.f;
+                o[i][2 * r + 1] = inv[r] > 0.f ? fmaf(o[i][2 * r + 1] * inv[r], sc.y, mn.y) : 0.f;
+            }
+        }
+    }
+};

@@ -427,24 +427,21 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
     attention : "flash" sets ``attn_implementation="ferrokernels"`` (None leaves it); "quant"
         (INT8 Q·Kᵀ / FP8 P̃·V, ``quant_attention``) or "fp8" (``fp8_attention``) also run the
         prefill of the layers in ``quant_layers`` (all when None; leave sensitive layers out)
-        quantized. Decode steps on the paged cache stay on the decode kernel. The quantized
-        kernels are not built for the GPU yet: there these raise NotImplementedError.
+        quantized. Decode steps on the paged cache stay on the decode kernel. On the GPU the
+        quantized layers need a Hopper (sm_90) device; on the CPU they run the references.
     kv_cache : "paged": ``model.generate`` uses a ``PagedCache`` unless given ``past_key_values``.
     linear : a ``QuantLinear`` format ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8") every nn.Linear
         is quantized to (round to nearest), except names matching ``skip``.
     ``unpatch(model)`` undoes all of it."""
     if attention not in (None,) + ATTENTION:
-        raise NotImplementedError(f"attention={attention!r}: supported {ATTENTION} (quantized and sparse "
-                                  "backends are not built yet)")
+        raise NotImplementedError(f"attention={attention!r}: supported {ATTENTION} (a sparse backend is not built "
+                                  "yet)")
     if kv_cache not in (None,) + KV_CACHES:
         raise NotImplementedError(f"kv_cache={kv_cache!r}: supported {KV_CACHES}")
     if linear is not None and linear not in FORMATS:
         raise NotImplementedError(f"linear={linear!r}: supported {list(FORMATS)}")
     if kv_cache and not attention and model.config._attn_implementation != NAME:
         raise ValueError("kv_cache='paged' needs the ferrokernels attention backend (attention='flash')")
-    if attention in ("quant", "fp8") and next(model.parameters()).is_cuda:
-        raise NotImplementedError(f"attention={attention!r}: the quantized attention kernels are not built for the GPU "
-                                  "yet (their CPU references run on CPU models)")
     state: Dict = model.__dict__.setdefault(_STATE, {})
     if attention:
         state.setdefault("attn", model.config._attn_implementation)

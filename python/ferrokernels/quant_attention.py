@@ -21,10 +21,11 @@ The scheme, fixed here so the GPU kernel (to come) and this reference compute th
    ``l`` uses the unrounded P̃.
 
 ``quant_attention`` runs this on the CPU (float64 products of the codes, as exact as the
-kernel's int32 / f32 accumulators). On the GPU, ``prepare`` runs steps 1-3 (and V's codes) as
-CUDA kernels (kernels/quant_attention.cu), matching ``quantize_inputs``; the attention kernel
-that consumes them is not built yet, so ``quant_attention`` on CUDA tensors raises
-NotImplementedError.
+kernel's int32 / f32 accumulators). On the GPU (Hopper), ``prepare`` runs steps 1-3 (and V's
+codes) as CUDA kernels (kernels/quant_attention.cu), matching ``quantize_inputs``, and the
+attention kernel runs step 4 on those codes: s8 wgmma for S, e4m3 wgmma for P̃·V. Its softmax
+steps are 128 keys wide rather than 64 (the running max, and so the rounding of P̃, can differ
+slightly from the reference's).
 """
 
 from __future__ import annotations
@@ -157,15 +158,15 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
                     return_lse: bool = False):
     """Attention with INT8 Q·Kᵀ and FP8 P̃·V (the scheme above), for ordinary q/k/v in flash-attn's
     layout ``(batch, seqlen, heads, head_dim)``: GQA, causal (bottom-right), head_dim 64 or 128.
-    Returns out in q's dtype, and with ``return_lse`` the float32 natural-log LSE
-    ``(batch, heads_q, seqlen_q)``."""
+    CPU tensors run the scheme's reference; CUDA tensors (float16/bfloat16, Hopper) the pre-pass
+    and the sm_90 kernel. Returns out in q's dtype, and with ``return_lse`` the float32
+    natural-log LSE ``(batch, heads_q, seqlen_q)``."""
     _check(q, k, v, qk, pv)
-    if q.is_cuda:
-        raise NotImplementedError("the quantized attention kernel is not built yet; on the CPU quant_attention runs "
-                                  "the reference of its scheme")
     b, nq, hq, d = q.shape
     nk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if q.is_cuda:
+        return _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, scale, return_lse)
     c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
     group = hq // hk
     q_scale_rows = c["q_scale"].repeat_interleave(BLOCK, dim=2)[:, :, :nq, None]  # (b, hq, nq, 1)
@@ -175,6 +176,49 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
     v_mean = None if c["v_mean"] is None else c["v_mean"].repeat_interleave(group, 1)
     k_mean = k.to(torch.float64).mean(dim=1).repeat_interleave(group, 1) if smooth_k else None
     return _finish(q, m, l, acc, v_mean, k_mean, scale, return_lse)
+
+
+def _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, scale, return_lse):
+    """The pre-pass, then the Hopper kernel on its codes (kernels/quant_attention.cu)."""
+    if q.dtype == torch.float32:
+        raise TypeError("q is float32; the CUDA quant_attention takes float16 or bfloat16 (float32 runs on the CPU)")
+    out, lse, empty = _gpu_outputs(q, k, q.dtype, return_lse)
+    if not empty:
+        c = prepare(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
+        _launch(c, out, lse, causal)
+        if lse is not None and smooth_k:
+            _unsmooth_lse(lse, q, c["channels"][0].repeat_interleave(q.shape[2] // k.shape[2], 1), scale)
+    return (out, lse) if return_lse else out
+
+
+def _gpu_outputs(q, k, dtype, return_lse):
+    """The output (and LSE) of a GPU call; with no keys or no rows they are final already (0 and
+    -inf, as on the CPU), and `empty` says so."""
+    b, nq, hq, d = (int(x) for x in q.shape)
+    out = torch.empty((b, nq, hq, d), dtype=dtype, device=q.device)
+    lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device) if return_lse else None
+    empty = b * nq * hq == 0 or int(k.shape[1]) == 0
+    if empty:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(-math.inf)
+    return out, lse, empty
+
+
+def _launch(c, out, lse, causal):
+    """The Hopper kernel on codes in prepare()'s layouts (dict c)."""
+    from . import _native
+    from ._runtime import stream_of
+
+    workspace = torch.empty(1, dtype=torch.int32, device=out.device) if causal else None
+    _native.quant_attention_fwd(c["q"], c["k"], c["v"], c["q_scale"], c["k_scale"], c["channels"], out, lse,
+                                causal=causal, workspace=workspace, stream=stream_of(out))
+
+
+def _unsmooth_lse(lse, q, k_mean, scale):
+    """The kernel's scores had K's mean (per q head: (b, hq, d)) taken out: puts scale * q . mean
+    back into the LSE, in place."""
+    lse += scale * torch.einsum("bnhd,bhd->bhn", q.to(torch.float32), k_mean.to(torch.float32))
 
 
 def _attend_codes(qc, q_scale_rows, kc, k_scale_blocks, vc, v_scale, causal):
@@ -268,9 +312,6 @@ def fp8_attention(q, k, v, descale_q=None, descale_k=None, descale_v=None, *, ca
     _check_shapes(q, k, v, "fp8_attention")
     if not fp8_in:
         _check_float_dtypes(q, k, v)
-    if q.is_cuda:
-        raise NotImplementedError("the FP8 attention kernel is not built yet; on the CPU fp8_attention runs the "
-                                  "reference of its arithmetic")
     b, nq, hq, d = q.shape
     nk, hk = k.shape[1], k.shape[2]
     k_mean = None
@@ -282,14 +323,20 @@ def fp8_attention(q, k, v, descale_q=None, descale_k=None, descale_v=None, *, ca
             k_mean = k_mean[:, 0].double().repeat_interleave(hq // hk, 1)  # (b, hq, d), for the LSE
         (q, descale_q), (k, descale_k), (v, descale_v) = (fp8_quantize(q, rotate=hadamard_qk),
                                                           fp8_quantize(k, rotate=hadamard_qk), fp8_quantize(v))
-    ones = lambda h: torch.ones(b, h)  # noqa: E731
-    dq = (ones(hq) if descale_q is None else descale_q).double()
-    dk = (ones(hk) if descale_k is None else descale_k).double()
-    dv = (ones(hk) if descale_v is None else descale_v).double()
+    ones = lambda h: torch.ones(b, h, device=q.device)  # noqa: E731
+    dq = ones(hq) if descale_q is None else descale_q
+    dk = ones(hk) if descale_k is None else descale_k
+    dv = ones(hk) if descale_v is None else descale_v
     for t, h, name in ((dq, hq, "descale_q"), (dk, hk, "descale_k"), (dv, hk, "descale_v")):
         if tuple(t.shape) != (b, h):
             raise ShapeError(f"{name} must be float32 (batch, heads) = ({b}, {h}), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out_dtype = torch.bfloat16 if fp8_in else q_in.dtype
+    if q.is_cuda:
+        return _fp8_attention_cuda(q, k, v, dq, dk, dv, causal, scale, k_mean, q_in, out_dtype, return_lse)
+    dq, dk, dv = dq.double(), dk.double(), dv.double()
     group = hq // hk
     qc, kc, vc = (x.transpose(1, 2).double() for x in (q, k, v))
     q_scale_rows = (dq * scale * math.log2(math.e))[:, :, None, None]
@@ -297,3 +344,35 @@ def fp8_attention(q, k, v, descale_q=None, descale_k=None, descale_v=None, *, ca
     m, l, acc = _attend_codes(qc, q_scale_rows, kc.repeat_interleave(group, 1), k_blocks,
                               vc.repeat_interleave(group, 1), dv.repeat_interleave(group, 1)[:, :, None, None], causal)
     return _finish(q.to(torch.bfloat16) if fp8_in else q_in, m, l, acc, None, k_mean, scale, return_lse)
+
+
+def v_transposed(v):
+    """e4m3 V (batch, seqlen, heads, head_dim) in the layout the kernel reads: (batch, heads,
+    head_dim, seqlen rounded up to 64), zero past seqlen, tokens permuted within every 16 as
+    ``V_ORDER`` (what the pre-pass writes for quant_attention)."""
+    b, n, h, d = v.shape
+    n_pad = -(-n // BLOCK) * BLOCK
+    vt = torch.zeros((b, h, d, n_pad), dtype=torch.uint8, device=v.device)
+    vt[..., :n] = v.view(torch.uint8).permute(0, 2, 3, 1)
+    cols = torch.arange(n_pad, device=v.device)
+    order = torch.tensor(V_ORDER, device=v.device)
+    return vt[..., (cols // 16) * 16 + order[cols % 16]].contiguous().view(torch.float8_e4m3fn)
+
+
+def _fp8_attention_cuda(q, k, v, dq, dk, dv, causal, scale, k_mean, q_in, out_dtype, return_lse):
+    """The Hopper kernel with e4m3 Q·Kᵀ: quant_attention's kernel, its per-block scales all
+    equal to the per-head descales."""
+    out, lse, empty = _gpu_outputs(q, k, out_dtype, return_lse)
+    if not empty:
+        b, nq, hq, d = (int(x) for x in q.shape)
+        nk, hk = int(k.shape[1]), int(k.shape[2])
+        f32 = lambda t: t.to(device=q.device, dtype=torch.float32)  # noqa: E731
+        channels = torch.zeros((4, b, hk, d), dtype=torch.float32, device=q.device)
+        channels[3] = f32(dv)[:, :, None]
+        c = {"q": q.contiguous(), "k": k.contiguous(), "v": v_transposed(v), "channels": channels,
+             "q_scale": (f32(dq) * (scale * math.log2(math.e)))[:, :, None].expand(b, hq, -(-nq // BLOCK)).contiguous(),
+             "k_scale": f32(dk)[:, :, None].expand(b, hk, -(-nk // BLOCK)).contiguous()}
+        _launch(c, out, lse, causal)
+        if lse is not None and k_mean is not None:
+            _unsmooth_lse(lse, q_in, k_mean, scale)
+    return (out, lse) if return_lse else out

@@ -1,13 +1,20 @@
-//! quant_attention's quantization pre-pass on the GPU (kernels/quant_attention.cu): per-channel
-//! statistics, then INT8 codes of Q and K per 64-row block and FP8 codes of V, transposed. The
-//! scheme and its CPU reference live in python/ferrokernels/quant_attention.py; the attention
-//! kernel that consumes these codes is not built yet.
+//! quant_attention on the GPU (kernels/quant_attention.cu), in two steps:
+//! - `prepare`, the quantization pre-pass: per-channel statistics, then INT8 codes of Q and K per
+//!   64-row block and FP8 codes of V, transposed;
+//! - `forward`, the attention kernel on those codes: attention_sm90.cu's kernel with the 8-bit
+//!   operand policy (INT8 Q·Kᵀ, FP8 P̃·V).
+//!
+//! The scheme and its CPU reference live in python/ferrokernels/quant_attention.py.
 
 use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, shape_err};
+use crate::cuda::tma::{self, TensorMap};
+use crate::ops::attention::{
+    self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, WINDOW_NONE, ctype,
+    shape_err,
+};
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
 
@@ -63,9 +70,71 @@ impl PrepSpec {
             for d in [64, 128] {
                 let s = PrepSpec { dtype, d };
                 v.extend([s.stats(), s.quant_rows(), s.quant_v()]);
+                v.push(QuantSpec::for_problem(dtype, d, false).kernel());
+                v.push(QuantSpec::for_problem(dtype, d, true).kernel());
             }
         }
         v
+    }
+}
+
+/// The attention kernel for one output dtype, head dim and Q·Kᵀ format (Sm90Quant in the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSpec {
+    pub dtype: DType,
+    pub d: usize,
+    /// e4m3 Q and K (fp8_attention) rather than INT8 (quant_attention).
+    pub fp8_qk: bool,
+    /// The consumers take turns issuing their GEMMs.
+    pub pingpong: bool,
+    /// Slots of the K/V ring.
+    pub stages: usize,
+}
+
+impl QuantSpec {
+    pub const BLOCK_M: usize = 128;
+    pub const BLOCK_N: usize = 128;
+
+    /// The tuned variant; FERROKERNELS_QA_PINGPONG=0|1 and FERROKERNELS_QA_STAGES=N override it
+    /// for measuring.
+    pub fn for_problem(dtype: DType, d: usize, fp8_qk: bool) -> QuantSpec {
+        let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+        QuantSpec {
+            dtype,
+            d,
+            fp8_qk,
+            pingpong: env("FERROKERNELS_QA_PINGPONG").map_or(d >= 128, |v| v != 0),
+            stages: env("FERROKERNELS_QA_STAGES").unwrap_or(3).clamp(2, 6),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        let pp = if self.pingpong { "" } else { "_free" };
+        let dt = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let op = if self.fp8_qk { "fp8_attention" } else { "quant_attention" };
+        format!("{op}_sm90_{dt}_d{}{pp}_s{}", self.d, self.stages)
+    }
+
+    /// Mirrors Sm90Smem: the Q codes, the K and V rings (one byte per element), the 16-bit
+    /// output stage, the mbarriers and the alignment slack.
+    pub fn smem_bytes(&self) -> u32 {
+        let tiles = Self::BLOCK_M * self.d + self.stages * 2 * Self::BLOCK_N * self.d;
+        (tiles + Self::BLOCK_M * self.d * 2 + 8 * (3 + 4 * self.stages) + 1024) as u32
+    }
+
+    pub fn kernel(&self) -> KernelSource {
+        let name = self.name();
+        let source = format!(
+            "#include \"quant_attention.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ QuantSm90Params p) {{\n\
+             \x20   attention_fwd_sm90<Sm90Quant<{t}, {d}, {qk}, {pp}>, {stages}, false>(p);\n}}\n",
+            t = ctype(self.dtype),
+            d = self.d,
+            qk = if self.fp8_qk { "W8_FP8" } else { "W8_INT8" },
+            pp = self.pingpong,
+            stages = self.stages,
+        );
+        KernelSource { name, source, sm_range: (90, 90) }
     }
 }
 
@@ -291,4 +360,172 @@ pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
     };
     let cfg = LaunchConfig { grid: (nk.div_ceil(BLOCK) as u32, hk as u32, b as u32), block: (THREADS, 1, 1), smem_bytes: 0 };
     dev.launch(dev.function(&spec.quant_v(), 0)?, cfg, stream, &mut [&mut p as *mut QaQuantVParams as *mut c_void])
+}
+
+/// The attention step on the pre-pass's outputs (all CUDA, contiguous).
+#[derive(Debug, Clone, Copy)]
+pub struct QuantArgs<'a> {
+    /// int8 (batch, seqlen_q, heads_q, head_dim) and (batch, seqlen_k, heads_kv, head_dim), or
+    /// both float8_e4m3fn (fp8_attention).
+    pub q_codes: &'a TensorView,
+    pub k_codes: &'a TensorView,
+    /// float8_e4m3fn (batch, heads_kv, head_dim, seqlen_k rounded up to 64), V_ORDER within 16.
+    pub v_codes: &'a TensorView,
+    pub q_scale: &'a TensorView,
+    pub k_scale: &'a TensorView,
+    /// float32 (4, batch, heads_kv, head_dim): K mean, balance factor, V mean, V scale.
+    pub channels: &'a TensorView,
+    /// float16/bfloat16 (batch, seqlen_q, heads_q, head_dim).
+    pub out: &'a TensorView,
+    /// float32 (batch, heads_q, seqlen_q): the LSE of the smoothed scores (natural log).
+    pub lse: Option<&'a TensorView>,
+    pub causal: bool,
+    /// int32, at least one element: the tile counter for causal runs.
+    pub workspace: Option<&'a TensorView>,
+}
+
+fn check_forward(a: &QuantArgs) -> Result<Dims> {
+    let q = a.q_codes;
+    for t in [a.k_codes, a.v_codes, a.q_scale, a.k_scale, a.channels, a.out] {
+        t.expect_same_device(q)?;
+    }
+    q.expect_dtype(&[DType::I8, DType::F8E4M3])?;
+    q.expect_rank(4, LAYOUT)?;
+    a.k_codes.expect_rank(4, LAYOUT)?;
+    let (b, nq, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let (nk, hk) = (a.k_codes.dim(1), a.k_codes.dim(2));
+    if d != 64 && d != 128 {
+        return Err(Error::NotImplemented(format!("quant_attention takes head_dim 64 or 128, got {d}")));
+    }
+    if hk == 0 || hq % hk != 0 {
+        return shape_err(format!("heads_q {hq} must be a multiple of heads_kv {hk}"));
+    }
+    let mut want: Vec<(&TensorView, DType, Vec<usize>)> = vec![
+        (a.q_codes, q.dtype, vec![b, nq, hq, d]),
+        (a.k_codes, q.dtype, vec![b, nk, hk, d]),
+        (a.v_codes, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]),
+        (a.q_scale, DType::F32, vec![b, hq, nq.div_ceil(BLOCK)]),
+        (a.k_scale, DType::F32, vec![b, hk, nk.div_ceil(BLOCK)]),
+        (a.channels, DType::F32, vec![4, b, hk, d]),
+        (a.out, a.out.dtype, vec![b, nq, hq, d]),
+    ];
+    a.out.expect_dtype(&[DType::F16, DType::BF16])?;
+    if let Some(l) = a.lse {
+        l.expect_same_device(q)?;
+        want.push((l, DType::F32, vec![b, hq, nq]));
+    }
+    for (t, dtype, shape) in want {
+        t.expect_dtype(&[dtype])?;
+        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        t.expect_shape(&shape)?;
+        expect_contiguous(t)?;
+    }
+    // TMA reads the codes; the epilogue stores 16 bytes of the output at a time.
+    for t in [a.q_codes, a.k_codes, a.v_codes, a.out] {
+        t.expect_aligned(16)?;
+    }
+    if let Some(w) = a.workspace {
+        w.expect_same_device(q)?;
+        w.expect_dtype(&[DType::I32])?;
+    }
+    Ok(Dims {
+        batch: b,
+        seqlen_q: nq,
+        seqlen_k: nk,
+        heads_q: hq,
+        heads_kv: hk,
+        head_dim: d,
+        head_dim_v: d,
+        window_left: WINDOW_NONE,
+        window_right: if a.causal { 0 } else { WINDOW_NONE },
+        bottom_right: true,
+        scale: 1.0,
+        softcap: 0.0,
+        mask_kind: MaskKind::None,
+        varlen: false,
+    })
+}
+
+/// Mirrors `struct QuantSm90Params` in kernels/quant_attention.cu.
+#[repr(C, align(64))]
+struct QuantSm90Params {
+    base: AttentionSm90Params,
+    q_scale: u64,
+    k_scale: u64,
+    v_scale: u64,
+    v_mean: u64,
+    q_blocks: i32,
+    k_blocks: i32,
+}
+
+/// A TMA map of a contiguous 4-D byte tensor, innermost axis first, boxes of `box_dims`.
+fn byte_map(t: &TensorView, box_dims: [u32; 4]) -> Result<TensorMap> {
+    let r = t.ndim();
+    let dims = [t.dim(r - 1) as u64, t.dim(r - 2) as u64, t.dim(r - 3) as u64, t.dim(r - 4) as u64];
+    let strides = [t.stride(r - 2) as u64, t.stride(r - 3) as u64, t.stride(r - 4) as u64];
+    tma::tiled_4d_bytes(t.ptr, dims, strides, box_dims)
+}
+
+/// Quantized attention on the pre-pass's codes, into `a.out` (and `a.lse`).
+pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
+    let d = check_forward(a)?;
+    let Device::Cuda(ordinal) = a.q_codes.device else {
+        return Err(Error::Device("the quantized attention kernel runs on CUDA tensors".into()));
+    };
+    if d.batch == 0 || d.seqlen_q == 0 || d.heads_q == 0 {
+        return Ok(());
+    }
+    if d.seqlen_k == 0 {
+        return Err(Error::Value("quant_attention needs at least one key".into()));
+    }
+    let dev = driver::device(ordinal)?;
+    if dev.arch != "sm_90a" {
+        return Err(Error::NotImplemented(format!("the quantized attention kernel is Hopper-only (sm_90); {} is {}", dev.name, dev.arch)));
+    }
+    let spec = QuantSpec::for_problem(a.out.dtype, d.head_dim, a.q_codes.dtype == DType::F8E4M3);
+    let mut args = AttentionArgs::new(a.q_codes, a.k_codes, a.k_codes, a.out);
+    args.lse = a.lse;
+    args.causal = a.causal;
+    args.align = CausalAlign::BottomRight;
+    let grid = Sm90Grid::new(dev, &d, a.workspace)?;
+    let qk_box = |rows: usize| [d.head_dim as u32, 1, rows as u32, 1];
+    let mut p = QuantSm90Params {
+        base: AttentionSm90Params {
+            tq: byte_map(a.q_codes, qk_box(QuantSpec::BLOCK_M))?,
+            tk: byte_map(a.k_codes, qk_box(QuantSpec::BLOCK_N))?,
+            tv: byte_map(a.v_codes, [QuantSpec::BLOCK_N as u32, d.head_dim as u32, 1, 1])?,
+            p: attention::kernel_params(&args, &d),
+            sched: grid.sched,
+            tiles: grid.tiles,
+            counter: grid.counter.unwrap_or(0),
+        },
+        q_scale: a.q_scale.ptr as u64,
+        k_scale: a.k_scale.ptr as u64,
+        v_scale: a.channels.ptr as u64 + (3 * d.batch * d.heads_kv * d.head_dim * 4) as u64,
+        v_mean: a.channels.ptr as u64 + (2 * d.batch * d.heads_kv * d.head_dim * 4) as u64,
+        q_blocks: d.seqlen_q.div_ceil(BLOCK) as i32,
+        k_blocks: d.seqlen_k.div_ceil(BLOCK) as i32,
+    };
+    grid.launch(dev, &spec.kernel(), spec.smem_bytes(), stream, &mut p as *mut QuantSm90Params as *mut c_void)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_extend_the_dense_block() {
+        assert_eq!(std::mem::offset_of!(QuantSm90Params, q_scale), std::mem::size_of::<AttentionSm90Params>());
+        assert_eq!(std::mem::size_of::<QuantSm90Params>() % 64, 0);
+    }
+
+    #[test]
+    fn kernel_names_and_smem() {
+        let s = QuantSpec { dtype: DType::BF16, d: 128, fp8_qk: false, pingpong: true, stages: 2 };
+        assert_eq!(s.name(), "quant_attention_sm90_bf16_d128_s2");
+        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Quant<__nv_bfloat16, 128, W8_INT8, true>, 2, false>"));
+        let f = QuantSpec { fp8_qk: true, pingpong: false, ..s };
+        assert_eq!(f.name(), "fp8_attention_sm90_bf16_d128_free_s2");
+        assert!(s.smem_bytes() <= 227 * 1024);
+    }
 }

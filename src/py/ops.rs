@@ -11,7 +11,7 @@ use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
-use crate::ops::quant_attention::{self, PrepArgs};
+use crate::ops::quant_attention::{self, PrepArgs, QuantArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -479,8 +479,52 @@ fn quant_attention_prepare(
     py.detach(|| quant_attention::prepare(&args, stream)).map_err(to_py)
 }
 
+/// quant_attention's kernel on the pre-pass's codes (see ops::quant_attention::QuantArgs).
+#[pyfunction]
+#[pyo3(signature = (q_codes, k_codes, v_codes, q_scale, k_scale, channels, out, lse=None, *, causal=false,
+                    workspace=None, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn quant_attention_fwd(
+    py: Python<'_>,
+    q_codes: &Bound<'_, PyAny>,
+    k_codes: &Bound<'_, PyAny>,
+    v_codes: &Bound<'_, PyAny>,
+    q_scale: &Bound<'_, PyAny>,
+    k_scale: &Bound<'_, PyAny>,
+    channels: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    causal: bool,
+    workspace: Option<&Bound<'_, PyAny>>,
+    stream: usize,
+) -> PyResult<()> {
+    let qc = import(q_codes, "q_codes", stream, false)?;
+    let kc = import(k_codes, "k_codes", stream, false)?;
+    let vc = import(v_codes, "v_codes", stream, false)?;
+    let qs = import(q_scale, "q_scale", stream, false)?;
+    let ks = import(k_scale, "k_scale", stream, false)?;
+    let ch = import(channels, "channels", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let lse = import_opt(lse, "lse", stream, true)?;
+    let ws = import_opt(workspace, "workspace", stream, true)?;
+    let args = QuantArgs {
+        q_codes: &qc.view,
+        k_codes: &kc.view,
+        v_codes: &vc.view,
+        q_scale: &qs.view,
+        k_scale: &ks.view,
+        channels: &ch.view,
+        out: &out.view,
+        lse: view(&lse),
+        causal,
+        workspace: view(&ws),
+    };
+    py.detach(|| quant_attention::forward(&args, stream)).map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_attention_prepare, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_packed_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_plan, m)?)?;
