@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks vs peers; writes benchmarks/results/<device>.json + .md")
     s.add_argument("which", nargs="?", default="all",
-                   choices=["attention", "decode", "sparse", "quant", "gemm", "kv", "all", "plot"],
+                   choices=["attention", "decode", "sparse", "quant", "quant_attention", "gemm", "kv", "all", "plot"],
                    help="plot: redraw the PNGs from the results files")
     s.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     s.add_argument("--quick", action="store_true", help="fewer shapes")

@@ -179,8 +179,9 @@ def load_bench_module(name: str):
     raise SystemExit(f"benchmarks/bench_{name}.py not found: run from the repository root")
 
 
-BENCHES: Sequence[str] = ("attention", "decode", "gemm")
-NOT_BUILT = {"sparse": "sparse attention", "quant": "quantized attention", "kv": "KV-cache compression"}
+BENCHES: Sequence[str] = ("attention", "decode", "gemm", "quant_attention")
+ALIASES = {"quant": "quant_attention"}
+NOT_BUILT = {"sparse": "sparse attention", "kv": "KV-cache compression"}
 X_AXES = ("seqlen", "m", "prompt_tokens", "n_new", "seqs")  # the swept parameter, first one present
 # Parameters that vary with the swept one instead of defining a panel (written beside the points).
 ALONG_X = {"decode": ("batch",)}
@@ -264,8 +265,9 @@ def main(args) -> int:
     results_dir = args.results_dir or os.path.join("benchmarks", "results")
     if args.which == "plot":
         return replot(results_dir)
-    if args.which in NOT_BUILT:
-        print(f"{NOT_BUILT[args.which]} is not built yet: no benchmark to run", file=sys.stderr)
+    which = ALIASES.get(args.which, args.which)
+    if which in NOT_BUILT:
+        print(f"{NOT_BUILT[which]} is not built yet: no benchmark to run", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("the benchmarks need a CUDA GPU", file=sys.stderr)
@@ -273,7 +275,7 @@ def main(args) -> int:
     ceil = ceilings()
     print(f"ceilings: {ceil}")
     records = []
-    for name in (BENCHES if args.which == "all" else [args.which]):
+    for name in (BENCHES if which == "all" else [which]):
         records += load_bench_module(name).run(quick=args.quick)
     path = merge_results(results_dir, records, ceil)
     print(f"wrote {path}")
