@@ -8,7 +8,8 @@
 //   3. qa_quant_rows: INT8 codes of Q or K per block of 64 rows of one head, with its scale.
 //   4. qa_quant_v: FP8 e4m3 codes of V, written transposed (batch, kv head, channel, token): the
 //      FP8 tensor-core instructions take both operands K-major, and P̃·V's K is the token. Tokens
-//      are permuted within each group of 16 (see V_ORDER in quant_attention.py).
+//      are permuted within each group of 16 (see V_ORDER in quant_attention.py). With
+//      pv="fp8x2" a second tensor holds the codes of the residual (x - code).
 #include "common/types.cuh"
 #include "common/quant.cuh"
 
@@ -205,13 +206,14 @@ struct QaQuantVParams {
     const float* mean;     // (batch, hk, d)
     const float* scale;    // (batch, hk, d)
     unsigned char* codes;  // (batch, hk, d, n_pad) e4m3, tokens past n zero
+    unsigned char* lo;     // the same for the residual x - codes, or null (one e4m3 term)
     int batch, d, n_pad;
 };
 
 template <typename T, int D>
 __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
     constexpr int COLS = D / 8, LANES = QA_THREADS / COLS, VECS = QA_BLOCK / LANES;
-    __shared__ unsigned char tile[D][QA_BLOCK + 4];
+    __shared__ unsigned char tile[2][D][QA_BLOCK + 4];  // the codes, the residual's codes
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
     const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
@@ -227,11 +229,14 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            unsigned char code = 0;
+            unsigned short code = 0, lo = 0;
             if (r < p.x.n) {
-                code = (unsigned char)(e4m3x2(__fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]), 0.f) & 0xff);
+                const float x = __fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]);
+                code = e4m3x2(x, 0.f) & 0xff;
+                if (p.lo != nullptr) lo = e4m3x2(__fsub_rn(x, e4m3_value(code)), 0.f) & 0xff;
             }
-            tile[c0 + j][t] = code;
+            tile[0][c0 + j][t] = (unsigned char)code;
+            tile[1][c0 + j][t] = (unsigned char)lo;
         }
     }
     __syncthreads();
@@ -239,12 +244,15 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
     // 4t + e holds token 8 * (e >> 1) + 2t + (e & 1): the order in which the attention kernel's
     // S accumulators hand P̃ to the 8-bit wgmma A operand (scripts/probe-wgmma8-a.cu), so P̃·V
     // pairs them without shuffles.
-    for (int e = threadIdx.x; e < D * QA_BLOCK / 4; e += QA_THREADS) {
-        const int ch = e / (QA_BLOCK / 4), col = (e % (QA_BLOCK / 4)) * 4;
-        const int base = (col & ~15) + 2 * ((col & 15) >> 2);
-        const u32 w = (u32)tile[ch][base] | ((u32)tile[ch][base + 1] << 8) | ((u32)tile[ch][base + 8] << 16) |
-                      ((u32)tile[ch][base + 9] << 24);
-        *reinterpret_cast<u32*>(p.codes + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + col) = w;
+    for (int k = 0; k < (p.lo != nullptr ? 2 : 1); ++k) {
+        unsigned char* out = k == 0 ? p.codes : p.lo;
+        for (int e = threadIdx.x; e < D * QA_BLOCK / 4; e += QA_THREADS) {
+            const int ch = e / (QA_BLOCK / 4), col = (e % (QA_BLOCK / 4)) * 4;
+            const int base = (col & ~15) + 2 * ((col & 15) >> 2);
+            const u32 w = (u32)tile[k][ch][base] | ((u32)tile[k][ch][base + 1] << 8) | ((u32)tile[k][ch][base + 8] << 16) |
+                          ((u32)tile[k][ch][base + 9] << 24);
+            *reinterpret_cast<u32*>(out + (((i64)b * p.x.h + h) * D + ch) * p.n_pad + blk * QA_BLOCK + col) = w;
+        }
     }
 }
 
@@ -260,6 +268,7 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
 // Mirrors `QuantSm90Params` in src/ops/quant_attention.rs: the dense kernel's block (tensor maps
 // of the codes, output, LSE, causal bounds, schedule), then the scales.
 struct QuantSm90Params : AttentionSm90Params {
+    TmaDesc tv_lo;         // V^T's residual codes (pv="fp8x2")
     const float* q_scale;  // (batch, heads_q, q_blocks)
     const float* k_scale;  // (batch, heads_kv, k_blocks)
     const float* v_scale;  // (batch, heads_kv, head_dim)
@@ -269,14 +278,16 @@ struct QuantSm90Params : AttentionSm90Params {
 
 // QK = W8_INT8: quant_attention's INT8 Q·Kᵀ. QK = W8_FP8: fp8_attention's e4m3 Q·Kᵀ, whose
 // per-head descales arrive as the same per-block scale arrays (every block of a head alike).
-template <typename T, int D_, int QK = W8_INT8, bool PINGPONG_ = true>
+// VRES: V is two e4m3 terms, codes + residual codes (pv="fp8x2"), each multiplied by the same
+// P̃: a second P̃·V GEMM in the same accumulator, for 3 more bits of V.
+template <typename T, int D_, int QK = W8_INT8, bool PINGPONG_ = true, bool VRES = false>
 struct Sm90Quant {
     using Params = QuantSm90Params;
     using Out = T;
     using Acc = typename Select<QK == W8_INT8, int, float>::type;
     static constexpr int D = D_, DV = D_, BN = 128, BM = 128;
     // A Q or K row is D bytes: one 128-byte swizzled row at D = 128, a 64-byte one at D = 64.
-    static constexpr int Q_BYTES = BM * D, K_BYTES = BN * D, V_BYTES = DV * BN;
+    static constexpr int Q_BYTES = BM * D, K_BYTES = BN * D, V_BYTES = DV * BN * (VRES ? 2 : 1);
     static constexpr int PK = 32;
     static constexpr float P_LOG2 = 8.80735492205760f;  // log2(448): P̃ fills e4m3's range
     static constexpr bool PINGPONG = PINGPONG_;
@@ -309,6 +320,7 @@ struct Sm90Quant {
     // V^T: the box of BN tokens (innermost) x DV channels.
     static __device__ __forceinline__ void load_v(const Params& P, u32 sV, int hk, int row, int b, u32 bar) {
         tma_load_4d(sV, &P.tv, row, 0, hk, b, bar);
+        if constexpr (VRES) tma_load_4d(sV + DV * BN, &P.tv_lo, row, 0, hk, b, bar);
     }
     static __device__ __forceinline__ Row row(const Params& P, int b, int h, int hk, int r0) {
         Row r;
@@ -369,6 +381,11 @@ struct Sm90Quant {
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk)
             Wgmma8Rs<DV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + kk * 32, 16, 1024), kk > 0);
+        if constexpr (VRES) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 32; ++kk)
+                Wgmma8Rs<DV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + DV * BN + kk * 32, 16, 1024), 1);
+        }
     }
     // O = (O + this tile's P̃·V) * alpha, in f32. (Skipping the multiply where a warp's alphas
     // are all 1 made ptxas spill: two copies of the merge.)

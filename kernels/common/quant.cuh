@@ -28,3 +28,10 @@ __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(hi), "f"(lo));
     return r;
 }
+
+// The value of an e4m3 code (the low byte of `code`).
+__device__ __forceinline__ float e4m3_value(unsigned short code) {
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(code));
+    return __half2float(__ushort_as_half((unsigned short)(h2 & 0xffff)));
+}

@@ -71,8 +71,10 @@ def gemm_w8a8_fwd(x: Any, qweight: Any, w_scale: Any, out: Any, *, xq: Any, x_sc
                   act_scale: Optional[Any] = None, workspace: Optional[Any] = None, counters: Optional[Any] = None,
                   act: str = "fp8", stream: int = 0) -> None: ...
 def quant_attention_prepare(q: Any, k: Any, v: Any, *, stats: Any, channels: Any, q_codes: Any, q_scale: Any,
-                            k_codes: Any, k_scale: Any, v_codes: Any, q_post: float, smooth_k: bool = True,
+                            k_codes: Any, k_scale: Any, v_codes: Any, q_post: float, v_lo: Optional[Any] = None,
+                            smooth_k: bool = True,
                             smooth_v: bool = False, balance: bool = True, stream: int = 0) -> None: ...
 def quant_attention_fwd(q_codes: Any, k_codes: Any, v_codes: Any, q_scale: Any, k_scale: Any, channels: Any, out: Any,
-                        lse: Optional[Any] = None, *, causal: bool = False, workspace: Optional[Any] = None,
+                        lse: Optional[Any] = None, *, v_lo: Optional[Any] = None, causal: bool = False,
+                        workspace: Optional[Any] = None,
                         stream: int = 0) -> None: ...

@@ -18,7 +18,9 @@ The scheme, fixed here so the GPU kernel (to come) and this reference compute th
 4. Blocks of 64 keys go through the online softmax. ``P̃ = exp2(S - m)``, which lies in [0, 1],
    is rounded to FP8 e4m3 after scaling by 448 (e4m3's largest value). V is FP8 e4m3 per
    channel (``scale = amax / 448`` over the keys). ``P̃·V`` accumulates in float32, and the row sum
-   ``l`` uses the unrounded P̃.
+   ``l`` uses the unrounded P̃. ``pv="fp8x2"`` writes V as two e4m3 terms, the codes plus the codes
+   of their residual: the kernel runs a second P̃·V GEMM and V gains 3 bits (e4m3's 3 mantissa
+   bits on both P̃ and V are most of the scheme's error).
 
 ``quant_attention`` runs this on the CPU (float64 products of the codes, as exact as the
 kernel's int32 / f32 accumulators). On the GPU (Hopper), ``prepare`` runs steps 1-3 (and V's
@@ -39,7 +41,8 @@ from .attention import LAYOUT
 BLOCK = 64  # queries per Q scale, keys per K scale and per softmax step
 FP8_MAX = 448.0
 QK_FORMATS = ("int8",)
-PV_FORMATS = ("fp8",)
+# "fp8x2": V as two e4m3 terms (codes + the codes of the residual), for 3 more bits of V.
+PV_FORMATS = ("fp8", "fp8x2")
 
 
 def _int8_blocks(x, scale_dtype=torch.float32):
@@ -58,9 +61,11 @@ def _fp8(x):
     return x.to(torch.float8_e4m3fn).to(torch.float64)
 
 
-def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True):
+def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True,
+                    v_residual: bool = False):
     """Steps 1-3 of the scheme on (batch, seqlen, heads, dim) tensors: returns a dict of the
-    codes (float64 holding integers / e4m3 values, (b, h, n, d) layout) and scales."""
+    codes (float64 holding integers / e4m3 values, (b, h, n, d) layout) and scales. With
+    ``v_residual`` V's codes are the sum of two e4m3 terms, ``e4m3(x) + e4m3(x - e4m3(x))``."""
     qf, kf, vf = (x.transpose(1, 2).to(torch.float32) for x in (q, k, v))
     k_mean = kf.mean(dim=2, keepdim=True) if smooth_k else None
     v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else None
@@ -80,7 +85,10 @@ def quantize_inputs(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: b
     q_codes, q_scale = _int8_blocks(qf * (scale * math.log2(math.e)))
     k_codes, k_scale = _int8_blocks(kf)
     v_scale = (vf.abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    v_codes = _fp8(vf * (1.0 / v_scale))
+    x = vf * (1.0 / v_scale)
+    v_codes = _fp8(x)
+    if v_residual:  # the residual in float32, as the pre-pass computes it
+        v_codes = v_codes + _fp8(x - v_codes.to(torch.float32))
     return {"q": q_codes.double(), "q_scale": q_scale.double(), "k": k_codes.double(), "k_scale": k_scale.double(),
             "v": v_codes, "v_scale": v_scale.double(), "v_mean": None if v_mean is None else v_mean.double()}
 
@@ -91,13 +99,15 @@ SPLIT_ROWS = 1024  # tokens per statistics CTA of the GPU pre-pass (kernels/quan
 V_ORDER = [8 * (e >> 1) + 2 * t + (e & 1) for t in range(4) for e in range(4)]
 
 
-def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True) -> dict:
+def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True,
+            v_residual: bool = False) -> dict:
     """The GPU pre-pass (CUDA f16/bf16 tensors, head_dim 64 or 128, Hopper): the same codes
     as ``quantize_inputs``, in the layouts the attention kernel reads:
     ``q``/``k`` int8 (b, n, h, d), ``q_scale``/``k_scale`` float32 (b, h, ceil(n / 64)),
     ``v`` float8_e4m3fn (b, h_kv, d, n rounded up to 64; V transposed, tokens permuted within
-    every 16 as ``V_ORDER``, zero past n), and
-    ``channels`` float32 (4, b, h_kv, d): K's mean, the Q/K balance factor, V's mean, V's scale."""
+    every 16 as ``V_ORDER``, zero past n), with ``v_residual`` ``v_lo`` the same for the
+    residual's codes, and ``channels`` float32 (4, b, h_kv, d): K's mean, the Q/K balance
+    factor, V's mean, V's scale."""
     from . import _native
     from ._runtime import stream_of
 
@@ -113,10 +123,12 @@ def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = Fa
         "v": torch.empty((b, hk, d, -(-nk // BLOCK) * BLOCK), dtype=torch.float8_e4m3fn, device=q.device),
         "channels": torch.empty((4, b, hk, d), **f32),
     }
+    if v_residual:
+        out["v_lo"] = torch.empty_like(out["v"])
     stats = torch.empty(((sq * b * hq + 2 * sk * b * hk) * 3 * d,), **f32)
     _native.quant_attention_prepare(q, k, v, stats=stats, channels=out["channels"], q_codes=out["q"],
                                     q_scale=out["q_scale"], k_codes=out["k"], k_scale=out["k_scale"],
-                                    v_codes=out["v"], q_post=float(scale * math.log2(math.e)),
+                                    v_codes=out["v"], v_lo=out.get("v_lo"), q_post=float(scale * math.log2(math.e)),
                                     smooth_k=smooth_k, smooth_v=smooth_v, balance=balance_qk, stream=stream_of(q))
     return out
 
@@ -166,8 +178,9 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
     nk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.is_cuda:
-        return _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, scale, return_lse)
-    c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
+        return _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, pv == "fp8x2", scale, return_lse)
+    c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk,
+                        v_residual=pv == "fp8x2")
     group = hq // hk
     q_scale_rows = c["q_scale"].repeat_interleave(BLOCK, dim=2)[:, :, :nq, None]  # (b, hq, nq, 1)
     m, l, acc = _attend_codes(c["q"], q_scale_rows, c["k"].repeat_interleave(group, 1),
@@ -178,13 +191,14 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
     return _finish(q, m, l, acc, v_mean, k_mean, scale, return_lse)
 
 
-def _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, scale, return_lse):
+def _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, v_residual, scale, return_lse):
     """The pre-pass, then the Hopper kernel on its codes (kernels/quant_attention.cu)."""
     if q.dtype == torch.float32:
         raise TypeError("q is float32; the CUDA quant_attention takes float16 or bfloat16 (float32 runs on the CPU)")
     out, lse, empty = _gpu_outputs(q, k, q.dtype, return_lse)
     if not empty:
-        c = prepare(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk)
+        c = prepare(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk,
+                    v_residual=v_residual)
         _launch(c, out, lse, causal)
         if lse is not None and smooth_k:
             _unsmooth_lse(lse, q, c["channels"][0].repeat_interleave(q.shape[2] // k.shape[2], 1), scale)
@@ -212,7 +226,7 @@ def _launch(c, out, lse, causal):
 
     workspace = torch.empty(1, dtype=torch.int32, device=out.device) if causal else None
     _native.quant_attention_fwd(c["q"], c["k"], c["v"], c["q_scale"], c["k_scale"], c["channels"], out, lse,
-                                causal=causal, workspace=workspace, stream=stream_of(out))
+                                v_lo=c.get("v_lo"), causal=causal, workspace=workspace, stream=stream_of(out))
 
 
 def _unsmooth_lse(lse, q, k_mean, scale):

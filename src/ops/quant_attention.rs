@@ -70,8 +70,9 @@ impl PrepSpec {
             for d in [64, 128] {
                 let s = PrepSpec { dtype, d };
                 v.extend([s.stats(), s.quant_rows(), s.quant_v()]);
-                v.push(QuantSpec::for_problem(dtype, d, false).kernel());
-                v.push(QuantSpec::for_problem(dtype, d, true).kernel());
+                for (fp8_qk, v_residual) in [(false, false), (false, true), (true, false)] {
+                    v.push(QuantSpec::for_problem(dtype, d, fp8_qk, v_residual).kernel());
+                }
             }
         }
         v
@@ -85,6 +86,8 @@ pub struct QuantSpec {
     pub d: usize,
     /// e4m3 Q and K (fp8_attention) rather than INT8 (quant_attention).
     pub fp8_qk: bool,
+    /// V as codes + residual codes (pv="fp8x2").
+    pub v_residual: bool,
     /// The consumers take turns issuing their GEMMs.
     pub pingpong: bool,
     /// Slots of the K/V ring.
@@ -97,12 +100,13 @@ impl QuantSpec {
 
     /// The tuned variant; FERROKERNELS_QA_PINGPONG=0|1 and FERROKERNELS_QA_STAGES=N override it
     /// for measuring.
-    pub fn for_problem(dtype: DType, d: usize, fp8_qk: bool) -> QuantSpec {
+    pub fn for_problem(dtype: DType, d: usize, fp8_qk: bool, v_residual: bool) -> QuantSpec {
         let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
         QuantSpec {
             dtype,
             d,
             fp8_qk,
+            v_residual,
             pingpong: env("FERROKERNELS_QA_PINGPONG").map_or(d >= 128, |v| v != 0),
             stages: env("FERROKERNELS_QA_STAGES").unwrap_or(3).clamp(2, 6),
         }
@@ -112,13 +116,15 @@ impl QuantSpec {
         let pp = if self.pingpong { "" } else { "_free" };
         let dt = if self.dtype == DType::F16 { "f16" } else { "bf16" };
         let op = if self.fp8_qk { "fp8_attention" } else { "quant_attention" };
-        format!("{op}_sm90_{dt}_d{}{pp}_s{}", self.d, self.stages)
+        let vr = if self.v_residual { "_vx2" } else { "" };
+        format!("{op}_sm90_{dt}_d{}{vr}{pp}_s{}", self.d, self.stages)
     }
 
     /// Mirrors Sm90Smem: the Q codes, the K and V rings (one byte per element), the 16-bit
     /// output stage, the mbarriers and the alignment slack.
     pub fn smem_bytes(&self) -> u32 {
-        let tiles = Self::BLOCK_M * self.d + self.stages * 2 * Self::BLOCK_N * self.d;
+        let v_terms = if self.v_residual { 2 } else { 1 };
+        let tiles = Self::BLOCK_M * self.d + self.stages * (1 + v_terms) * Self::BLOCK_N * self.d;
         (tiles + Self::BLOCK_M * self.d * 2 + 8 * (3 + 4 * self.stages) + 1024) as u32
     }
 
@@ -127,11 +133,12 @@ impl QuantSpec {
         let source = format!(
             "#include \"quant_attention.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ QuantSm90Params p) {{\n\
-             \x20   attention_fwd_sm90<Sm90Quant<{t}, {d}, {qk}, {pp}>, {stages}, false>(p);\n}}\n",
+             \x20   attention_fwd_sm90<Sm90Quant<{t}, {d}, {qk}, {pp}, {vr}>, {stages}, false>(p);\n}}\n",
             t = ctype(self.dtype),
             d = self.d,
             qk = if self.fp8_qk { "W8_FP8" } else { "W8_INT8" },
             pp = self.pingpong,
+            vr = self.v_residual,
             stages = self.stages,
         );
         KernelSource { name, source, sm_range: (90, 90) }
@@ -155,6 +162,8 @@ pub struct PrepArgs<'a> {
     pub k_scale: &'a TensorView,
     /// float8_e4m3fn (batch, heads_kv, head_dim, seqlen_k rounded up to 64).
     pub v_codes: &'a TensorView,
+    /// The same for the codes of V's residual (pv="fp8x2"), or None.
+    pub v_lo: Option<&'a TensorView>,
     /// The softmax scale times log2(e), applied to Q after the balance factor.
     pub q_post: f32,
     pub smooth_k: bool,
@@ -227,6 +236,7 @@ struct QaQuantVParams {
     mean: u64,
     scale: u64,
     codes: u64,
+    lo: u64,
     batch: i32,
     d: i32,
     n_pad: i32,
@@ -258,7 +268,7 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
         return shape_err(format!("heads_q {hq} must be a multiple of heads_kv {hk}"));
     }
     let (sq, sk) = (nq.div_ceil(SPLIT_ROWS).max(1), nk.div_ceil(SPLIT_ROWS).max(1));
-    let want: [(&TensorView, DType, Vec<usize>); 7] = [
+    let mut want: Vec<(&TensorView, DType, Vec<usize>)> = vec![
         (a.stats, DType::F32, vec![(sq * b * hq + 2 * sk * b * hk) * 3 * d]),
         (a.channels, DType::F32, vec![4, b, hk, d]),
         (a.q_codes, DType::I8, vec![b, nq, hq, d]),
@@ -267,6 +277,10 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
         (a.k_scale, DType::F32, vec![b, hk, nk.div_ceil(BLOCK)]),
         (a.v_codes, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]),
     ];
+    if let Some(lo) = a.v_lo {
+        lo.expect_same_device(q)?;
+        want.push((lo, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]));
+    }
     for (t, dtype, shape) in want {
         t.expect_dtype(&[dtype])?;
         let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
@@ -354,6 +368,7 @@ pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
         mean: channel(2),
         scale: channel(3),
         codes: a.v_codes.ptr as u64,
+        lo: a.v_lo.map_or(0, |t| t.ptr as u64),
         batch: b as i32,
         d: d as i32,
         n_pad: (nk.div_ceil(BLOCK) * BLOCK) as i32,
@@ -371,6 +386,8 @@ pub struct QuantArgs<'a> {
     pub k_codes: &'a TensorView,
     /// float8_e4m3fn (batch, heads_kv, head_dim, seqlen_k rounded up to 64), V_ORDER within 16.
     pub v_codes: &'a TensorView,
+    /// The same for V's residual codes (pv="fp8x2"), or None.
+    pub v_lo: Option<&'a TensorView>,
     pub q_scale: &'a TensorView,
     pub k_scale: &'a TensorView,
     /// float32 (4, batch, heads_kv, head_dim): K mean, balance factor, V mean, V scale.
@@ -414,6 +431,10 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         l.expect_same_device(q)?;
         want.push((l, DType::F32, vec![b, hq, nq]));
     }
+    if let Some(lo) = a.v_lo {
+        lo.expect_same_device(q)?;
+        want.push((lo, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]));
+    }
     for (t, dtype, shape) in want {
         t.expect_dtype(&[dtype])?;
         let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
@@ -421,7 +442,7 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         expect_contiguous(t)?;
     }
     // TMA reads the codes; the epilogue stores 16 bytes of the output at a time.
-    for t in [a.q_codes, a.k_codes, a.v_codes, a.out] {
+    for t in [a.q_codes, a.k_codes, a.v_codes, a.out].into_iter().chain(a.v_lo) {
         t.expect_aligned(16)?;
     }
     if let Some(w) = a.workspace {
@@ -450,6 +471,7 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
 #[repr(C, align(64))]
 struct QuantSm90Params {
     base: AttentionSm90Params,
+    tv_lo: TensorMap,
     q_scale: u64,
     k_scale: u64,
     v_scale: u64,
@@ -482,7 +504,8 @@ pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
     if dev.arch != "sm_90a" {
         return Err(Error::NotImplemented(format!("the quantized attention kernel is Hopper-only (sm_90); {} is {}", dev.name, dev.arch)));
     }
-    let spec = QuantSpec::for_problem(a.out.dtype, d.head_dim, a.q_codes.dtype == DType::F8E4M3);
+    let spec = QuantSpec::for_problem(a.out.dtype, d.head_dim, a.q_codes.dtype == DType::F8E4M3, a.v_lo.is_some());
+    let v_box = [QuantSpec::BLOCK_N as u32, d.head_dim as u32, 1, 1];
     let mut args = AttentionArgs::new(a.q_codes, a.k_codes, a.k_codes, a.out);
     args.lse = a.lse;
     args.causal = a.causal;
@@ -493,12 +516,13 @@ pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
         base: AttentionSm90Params {
             tq: byte_map(a.q_codes, qk_box(QuantSpec::BLOCK_M))?,
             tk: byte_map(a.k_codes, qk_box(QuantSpec::BLOCK_N))?,
-            tv: byte_map(a.v_codes, [QuantSpec::BLOCK_N as u32, d.head_dim as u32, 1, 1])?,
+            tv: byte_map(a.v_codes, v_box)?,
             p: attention::kernel_params(&args, &d),
             sched: grid.sched,
             tiles: grid.tiles,
             counter: grid.counter.unwrap_or(0),
         },
+        tv_lo: a.v_lo.map_or(Ok(TensorMap::ZERO), |t| byte_map(t, v_box))?,
         q_scale: a.q_scale.ptr as u64,
         k_scale: a.k_scale.ptr as u64,
         v_scale: a.channels.ptr as u64 + (3 * d.batch * d.heads_kv * d.head_dim * 4) as u64,
@@ -515,15 +539,20 @@ mod tests {
 
     #[test]
     fn params_extend_the_dense_block() {
-        assert_eq!(std::mem::offset_of!(QuantSm90Params, q_scale), std::mem::size_of::<AttentionSm90Params>());
+        // The kernel's struct derives from AttentionSm90Params: its own fields start right after.
+        assert_eq!(std::mem::offset_of!(QuantSm90Params, tv_lo), std::mem::size_of::<AttentionSm90Params>());
+        assert_eq!(std::mem::offset_of!(QuantSm90Params, q_scale), std::mem::size_of::<AttentionSm90Params>() + 128);
         assert_eq!(std::mem::size_of::<QuantSm90Params>() % 64, 0);
     }
 
     #[test]
     fn kernel_names_and_smem() {
-        let s = QuantSpec { dtype: DType::BF16, d: 128, fp8_qk: false, pingpong: true, stages: 2 };
+        let s = QuantSpec { dtype: DType::BF16, d: 128, fp8_qk: false, v_residual: false, pingpong: true, stages: 2 };
         assert_eq!(s.name(), "quant_attention_sm90_bf16_d128_s2");
-        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Quant<__nv_bfloat16, 128, W8_INT8, true>, 2, false>"));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Quant<__nv_bfloat16, 128, W8_INT8, true, false>, 2, false>"));
+        let r = QuantSpec { v_residual: true, stages: 3, ..s };
+        assert_eq!(r.name(), "quant_attention_sm90_bf16_d128_vx2_s3");
+        assert!(r.smem_bytes() <= 227 * 1024);
         let f = QuantSpec { fp8_qk: true, pingpong: false, ..s };
         assert_eq!(f.name(), "fp8_attention_sm90_bf16_d128_free_s2");
         assert!(s.smem_bytes() <= 227 * 1024);

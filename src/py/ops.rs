@@ -430,7 +430,7 @@ fn gemm_w8a8_fwd(
 /// per-channel vectors (K mean, balance factor, V mean, V scale) the caller allocated.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, *, stats, channels, q_codes, q_scale, k_codes, k_scale, v_codes, q_post,
-                    smooth_k=true, smooth_v=false, balance=true, stream=0))]
+                    v_lo=None, smooth_k=true, smooth_v=false, balance=true, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn quant_attention_prepare(
     py: Python<'_>,
@@ -445,6 +445,7 @@ fn quant_attention_prepare(
     k_scale: &Bound<'_, PyAny>,
     v_codes: &Bound<'_, PyAny>,
     q_post: f32,
+    v_lo: Option<&Bound<'_, PyAny>>,
     smooth_k: bool,
     smooth_v: bool,
     balance: bool,
@@ -460,6 +461,7 @@ fn quant_attention_prepare(
     let kc = import(k_codes, "k_codes", stream, true)?;
     let ks = import(k_scale, "k_scale", stream, true)?;
     let vc = import(v_codes, "v_codes", stream, true)?;
+    let vl = import_opt(v_lo, "v_lo", stream, true)?;
     let args = PrepArgs {
         q: &q.view,
         k: &k.view,
@@ -471,6 +473,7 @@ fn quant_attention_prepare(
         k_codes: &kc.view,
         k_scale: &ks.view,
         v_codes: &vc.view,
+        v_lo: view(&vl),
         q_post,
         smooth_k,
         smooth_v,
@@ -481,8 +484,8 @@ fn quant_attention_prepare(
 
 /// quant_attention's kernel on the pre-pass's codes (see ops::quant_attention::QuantArgs).
 #[pyfunction]
-#[pyo3(signature = (q_codes, k_codes, v_codes, q_scale, k_scale, channels, out, lse=None, *, causal=false,
-                    workspace=None, stream=0))]
+#[pyo3(signature = (q_codes, k_codes, v_codes, q_scale, k_scale, channels, out, lse=None, *, v_lo=None,
+                    causal=false, workspace=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn quant_attention_fwd(
     py: Python<'_>,
@@ -494,11 +497,13 @@ fn quant_attention_fwd(
     channels: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
     lse: Option<&Bound<'_, PyAny>>,
+    v_lo: Option<&Bound<'_, PyAny>>,
     causal: bool,
     workspace: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
     let qc = import(q_codes, "q_codes", stream, false)?;
+    let vl = import_opt(v_lo, "v_lo", stream, false)?;
     let kc = import(k_codes, "k_codes", stream, false)?;
     let vc = import(v_codes, "v_codes", stream, false)?;
     let qs = import(q_scale, "q_scale", stream, false)?;
@@ -511,6 +516,7 @@ fn quant_attention_fwd(
         q_codes: &qc.view,
         k_codes: &kc.view,
         v_codes: &vc.view,
+        v_lo: view(&vl),
         q_scale: &qs.view,
         k_scale: &ks.view,
         channels: &ch.view,
