@@ -12,6 +12,9 @@ inputs already in e4m3 with per-head descales (FlashAttention-3's FP8 interface;
 codes, so its accuracy on these keys is lower). "ferrokernels-fp8x2" is quant_attention with
 pv="fp8x2" (V as two e4m3 terms: a second P̃·V GEMM for 3 more bits of V).
 
+Varlen (bench "quant_attention_varlen"): 64 packed sequences of 128-4096 tokens, 16 heads, D=128,
+quant_attention_varlen against our bf16 attention_varlen.
+
 Accuracy on batch 0, heads 0-1 against float64 attention: `rel_err`, `cos` (cosine
 similarity) and `l1` (relative L1, sum |out - ref| / sum |ref|).
 """
@@ -130,4 +133,28 @@ def run(quick: bool = False):
                           f"cos {cos:.5f} l1 {l1:.3f}")
             del sets, torch_sets, kernels, fp8_sets
             torch.cuda.empty_cache()
+    return records + run_varlen()
+
+
+def run_varlen(n_seqs=64, lo=128, hi=4096, h=16, d=128):
+    """Packed sequences (the dense bench's varlen workload): quant_attention_varlen against our
+    bf16 attention_varlen; TFLOP/s from each sequence's own n^2."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(lo, hi + 1, (n_seqs,), generator=g)
+    total = int(lens.sum())
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).cuda()
+    sets = [tuple(x[0] for x in inputs(1, total, h, d, seed=i)) for i in range(N_INPUTS)]
+    mx = int(lens.max())
+    records = []
+    for causal in (False, True):
+        flops = sum(4 * h * int(n) ** 2 * d for n in lens) / (2 if causal else 1)
+        params = {"seqs": n_seqs, "lengths": f"{lo}-{hi}", "heads": h, "head_dim": d, "causal": causal,
+                  "dtype": "bfloat16"}
+        runs = {"ferrokernels": lambda i: fk.quant_attention_varlen(*sets[i], cu, cu, mx, mx, causal=causal),
+                "ferrokernels-bf16": lambda i: fk.attention_varlen(*sets[i], cu, cu, mx, mx, causal=causal)}
+        for label, fn in runs.items():
+            ms = time_ms(fn, N_INPUTS)
+            records.append({"bench": "quant_attention_varlen", "impl": label, "params": params, "ms": round(ms, 4),
+                            "tflops": round(flops / ms / 1e9, 1), "gbps": None, "rel_err": None})
+            print(f"  varlen causal={causal!s:5} {label:19s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
     return records

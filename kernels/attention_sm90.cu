@@ -81,6 +81,7 @@ struct Sm90Dense {
     static constexpr int PK = 16;          // keys per P V instruction
     static constexpr float P_LOG2 = 0.f;   // log2 of the factor P is scaled by before rounding
     static constexpr bool PINGPONG = true; // the consumers take turns issuing GEMMs
+    static constexpr bool BATCHED = false;  // operands of packed sequences are packed too
     struct Row {                           // per consumer and work tile
         ScoreMod mod;
     };
@@ -102,7 +103,7 @@ struct Sm90Dense {
 #pragma unroll
         for (int c = 0; c < DV / 64; ++c) tma_load_4d(sV + c * BN * 128, &P.tv, c * 64, hk, row, b, bar);
     }
-    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int, int) {
+    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int, int, const SeqInfo&) {
         return Row{score_mod(P.p, b, h)};
     }
     // S = Q K^T for consumer c's 64 rows of Q.
@@ -250,8 +251,11 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
                                                  : blockIdx.x + r * gridDim.x;
             if (idx >= P.tiles) break;
             if (!work(idx, w)) continue;
-            const int bq = p.cu_seqlens_q != nullptr ? 0 : w.b;
-            const int q_row = (int)w.seq.q_row0 + w.m0, k_row0 = (int)w.seq.k_row0;
+            // Packed sequences are loaded from their rows, unless the policy's operands are laid
+            // out per sequence anyway (the 8-bit codes: a batch of the longest length).
+            const bool packed = p.cu_seqlens_q != nullptr && !OPS::BATCHED;
+            const int bq = packed ? 0 : w.b;
+            const int q_row = (packed ? (int)w.seq.q_row0 : 0) + w.m0, k_row0 = packed ? (int)w.seq.k_row0 : 0;
             publish(idx);
             OPS::load_q(P, sQ, w.h, q_row, bq, q_full);
             for (int j = w.j_first; j < w.j_end; j = next_tile(w, j + 1), ++n) {
@@ -309,7 +313,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
         const int r0 = m0 + 64 * c + 16 * warp;  // this warp's first row
         const int row_a = r0 + g;
         const int w0 = m0 + 64 * c;
-        const typename OPS::Row rc = OPS::row(P, b, h, w.hk, m0 + 64 * c);
+        const typename OPS::Row rc = OPS::row(P, b, h, w.hk, m0 + 64 * c, seq);
         const ScoreMod& mod = rc.mod;
 
         float o[DV / 8][4];

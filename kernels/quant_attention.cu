@@ -17,12 +17,18 @@ constexpr int QA_BLOCK = 64;          // rows per Q/K scale (quant_attention.py:
 constexpr int QA_SPLIT_ROWS = 1024;   // tokens per statistics CTA
 constexpr int QA_THREADS = 256;
 
-// Rows of one (batch, head): element (b, r, h, c) at b * sb + r * sn + h * sh + c.
+// Rows of one (batch, head): element (b, r, h, c) at b * sb + r * sn + h * sh + c; for packed
+// sequences (cu != null, varlen) at (cu[b] + r) * sn + h * sh + c, cu[b + 1] - cu[b] rows of
+// them. n is the row count (the longest sequence's for varlen), which the outputs are laid out by.
 struct QaRows {
     const void* x;
     i64 sb, sn, sh;
     int n, h;
+    const i32* cu;
 };
+
+__device__ __forceinline__ i64 qa_first(const QaRows& r, int b) { return r.cu ? (i64)r.cu[b] * r.sn : b * r.sb; }
+__device__ __forceinline__ int qa_len(const QaRows& r, int b) { return r.cu ? r.cu[b + 1] - r.cu[b] : r.n; }
 
 struct QaStatsParams {
     QaRows x;
@@ -39,8 +45,8 @@ __device__ __forceinline__ void qa_stats(const QaStatsParams& p) {
     const int b = bh / p.x.h, h = bh % p.x.h;
     const int cols = p.d / 8, lanes = QA_THREADS / cols;
     const int c0 = (threadIdx.x % cols) * 8, lane = threadIdx.x / cols;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
-    const int lo = split * QA_SPLIT_ROWS, hi = min(p.x.n, lo + QA_SPLIT_ROWS);
+    const T* x = static_cast<const T*>(p.x.x) + qa_first(p.x, b) + h * p.x.sh + c0;
+    const int lo = split * QA_SPLIT_ROWS, hi = min(qa_len(p.x, b), lo + QA_SPLIT_ROWS);
     float s[8], mx[8], mn[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) s[j] = 0.f, mx[j] = neg_inf(), mn[j] = -neg_inf();
@@ -97,6 +103,7 @@ struct QaFinalizeParams {
     float* v_scale;
     int batch, hq, hk, d, nq, nk, splits_q, splits_k;
     int smooth_k, smooth_v, balance;
+    const i32* cu_k;       // varlen: the keys' offsets (means per sequence), or null
 };
 
 // (sum, max, min) of channel c of one (batch, head) over every split, in split order.
@@ -116,10 +123,11 @@ __device__ __forceinline__ void qa_combine(const float* stats, int splits, int b
 __device__ __forceinline__ void qa_finalize_channels(const QaFinalizeParams& p) {
     const int b = blockIdx.x / p.hk, h = blockIdx.x % p.hk, c = threadIdx.x;
     if (c >= p.d) return;
+    const int nk = p.cu_k ? max(1, p.cu_k[b + 1] - p.cu_k[b]) : p.nk;
     const i64 o = ((i64)b * p.hk + h) * p.d + c;
     float s, mx, mn;
     qa_combine(p.k_stats, p.splits_k, p.batch, p.hk, b, h, p.d, c, s, mx, mn);
-    const float km = p.smooth_k ? __fdiv_rn(s, (float)p.nk) : 0.f;
+    const float km = p.smooth_k ? __fdiv_rn(s, (float)nk) : 0.f;
     const float k_amax = p.smooth_k ? fmaxf(__fsub_rn(mx, km), __fsub_rn(km, mn)) : fmaxf(fabsf(mx), fabsf(mn));
     p.k_mean[o] = km;
     float factor = 1.f;
@@ -134,7 +142,7 @@ __device__ __forceinline__ void qa_finalize_channels(const QaFinalizeParams& p) 
     }
     p.s[o] = factor;
     qa_combine(p.v_stats, p.splits_k, p.batch, p.hk, b, h, p.d, c, s, mx, mn);
-    const float vm = p.smooth_v ? __fdiv_rn(s, (float)p.nk) : 0.f;
+    const float vm = p.smooth_v ? __fdiv_rn(s, (float)nk) : 0.f;
     const float v_amax = p.smooth_v ? fmaxf(__fsub_rn(mx, vm), __fsub_rn(vm, mn)) : fmaxf(fabsf(mx), fabsf(mn));
     p.v_mean[o] = vm;
     p.v_scale[o] = fmaxf(__fdiv_rn(v_amax, 448.f), 1e-12f);
@@ -159,7 +167,8 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int group = p.x.h / p.hk, kvh = h / group;
     const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
+    const T* x = static_cast<const T*>(p.x.x) + qa_first(p.x, b) + h * p.x.sh + c0;
+    const int n = qa_len(p.x, b);
     const i64 o = ((i64)b * p.hk + kvh) * D + c0;
     float f[8], mean[8];
 #pragma unroll
@@ -174,12 +183,12 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
     for (int i = 0; i < VECS; ++i) {
         const int r = blk * QA_BLOCK + lane + i * LANES;
         uint4 raw = make_uint4(0, 0, 0, 0);
-        if (r < p.x.n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
+        if (r < n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const float v = to_float(e[j]);
-            y[i][j] = r >= p.x.n ? 0.f : p.is_q ? __fmul_rn(__fmul_rn(v, f[j]), p.post) : __fmul_rn(__fsub_rn(v, mean[j]), f[j]);
+            y[i][j] = r >= n ? 0.f : p.is_q ? __fmul_rn(__fmul_rn(v, f[j]), p.post) : __fmul_rn(__fsub_rn(v, mean[j]), f[j]);
             amax = fmaxf(amax, fabsf(y[i][j]));
         }
     }
@@ -190,7 +199,7 @@ __device__ __forceinline__ void qa_quant_rows(const QaQuantRowsParams& p) {
 #pragma unroll
     for (int i = 0; i < VECS; ++i) {
         const int r = blk * QA_BLOCK + lane + i * LANES;
-        if (r >= p.x.n) continue;
+        if (r >= n) continue;
         u32 w[2] = {0, 0};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -216,7 +225,8 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
     __shared__ unsigned char tile[2][D][QA_BLOCK + 4];  // the codes, the residual's codes
     const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int c0 = (threadIdx.x % COLS) * 8, lane = threadIdx.x / COLS;
-    const T* x = static_cast<const T*>(p.x.x) + b * p.x.sb + h * p.x.sh + c0;
+    const T* x = static_cast<const T*>(p.x.x) + qa_first(p.x, b) + h * p.x.sh + c0;
+    const int n = qa_len(p.x, b);
     const i64 o = ((i64)b * p.x.h + h) * D + c0;
     float mean[8], inv[8];
 #pragma unroll
@@ -225,12 +235,12 @@ __device__ __forceinline__ void qa_quant_v(const QaQuantVParams& p) {
     for (int i = 0; i < VECS; ++i) {
         const int t = lane + i * LANES, r = blk * QA_BLOCK + t;
         uint4 raw = make_uint4(0, 0, 0, 0);
-        if (r < p.x.n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
+        if (r < n) raw = *reinterpret_cast<const uint4*>(x + (i64)r * p.x.sn);
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             unsigned short code = 0, lo = 0;
-            if (r < p.x.n) {
+            if (r < n) {
                 const float x = __fmul_rn(__fsub_rn(to_float(e[j]), mean[j]), inv[j]);
                 code = e4m3x2(x, 0.f) & 0xff;
                 if (p.lo != nullptr) lo = e4m3x2(__fsub_rn(x, e4m3_value(code)), 0.f) & 0xff;
@@ -291,6 +301,9 @@ struct Sm90Quant {
     static constexpr int PK = 32;
     static constexpr float P_LOG2 = 8.80735492205760f;  // log2(448): P̃ fills e4m3's range
     static constexpr bool PINGPONG = PINGPONG_;
+    // Codes and scales are laid out as a batch of the longest sequence, also for varlen (the
+    // pre-pass writes them so): loads and scale indices are per (sequence, row).
+    static constexpr bool BATCHED = true;
     static_assert(BN == 2 * QA_BLOCK, "a key tile holds two K scale blocks");
     struct Row {
         ScoreMod mod;  // scale_log2 = this consumer's Q block scale
@@ -322,15 +335,16 @@ struct Sm90Quant {
         tma_load_4d(sV, &P.tv, row, 0, hk, b, bar);
         if constexpr (VRES) tma_load_4d(sV + DV * BN, &P.tv_lo, row, 0, hk, b, bar);
     }
-    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int hk, int r0) {
+    static __device__ __forceinline__ Row row(const Params& P, int b, int h, int hk, int r0, const SeqInfo& seq) {
         Row r;
         // Rows past the sequence (the second consumer's, in a last block of <= 64 rows) take the
-        // last block's scale; nothing of theirs is stored.
-        r.mod.scale_log2 = P.q_scale[((i64)b * P.p.heads_q + h) * P.q_blocks + min(r0 / QA_BLOCK, P.q_blocks - 1)];
+        // sequence's last block's scale; nothing of theirs is stored.
+        const int q_last = max(1, (seq.nq + QA_BLOCK - 1) / QA_BLOCK) - 1;
+        r.mod.scale_log2 = P.q_scale[((i64)b * P.p.heads_q + h) * P.q_blocks + min(r0 / QA_BLOCK, q_last)];
         r.mod.cap_in = r.mod.cap_out = r.mod.slope_log2 = 0.f;
         r.mod.softcap = false;
         r.k_scale = P.k_scale + ((i64)b * P.p.heads_kv + hk) * P.k_blocks;
-        r.k_blocks = P.k_blocks;
+        r.k_blocks = max(1, (seq.nk + QA_BLOCK - 1) / QA_BLOCK);  // this sequence's blocks
         return r;
     }
     static __device__ __forceinline__ void issue_s(Acc (&s)[BN / 8][4], u32 sQ, int c, u32 sK) {

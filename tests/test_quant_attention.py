@@ -83,6 +83,45 @@ def test_v_residual_meets_the_l1_bound(kind, causal):
     assert l1 < 0.8 * metrics(fk.quant_attention(q, k, v, causal=causal), ref)[1]
 
 
+def varlen_inputs(lens_q, lens_k, hq, hk, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, generator=g).to(dtype)
+    k = (torch.randn(tk, hk, d, generator=g) + torch.randn(1, hk, d, generator=g) * 2).to(dtype)
+    v = torch.randn(tk, hk, d, generator=g).to(dtype)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)  # noqa: E731
+    return q, k, v, cu(lens_q), cu(lens_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_is_each_sequence_on_its_own(causal):
+    lens_q, lens_k = [70, 0, 200, 5], [90, 10, 200, 0]
+    q, k, v, cq, ck = varlen_inputs(lens_q, lens_k, 4, 2, 64, torch.bfloat16, seed=30)
+    out, lse = fk.quant_attention_varlen(q, k, v, cq, ck, 200, 200, causal=causal, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    for i in range(len(lens_q)):
+        rq, rk = slice(int(cq[i]), int(cq[i + 1])), slice(int(ck[i]), int(ck[i + 1]))
+        if lens_q[i] == 0:
+            continue
+        if lens_k[i] == 0:
+            assert torch.equal(out[rq], torch.zeros_like(out[rq])) and torch.isinf(lse[:, rq]).all()
+            continue
+        ref, ref_lse = reference(q[None, rq], k[None, rk], v[None, rk], causal)
+        ref = ref.nan_to_num(0.0)
+        cos, l1 = metrics(out[None, rq], ref)
+        assert cos >= 0.999 and l1 <= 0.045, (i, cos, l1)
+
+
+def test_varlen_bad_inputs():
+    q, k, v, cq, ck = varlen_inputs([10, 20], [10, 20], 4, 2, 64, torch.float16, seed=31)
+    with pytest.raises(ValueError, match="3-D"):
+        fk.quant_attention_varlen(q[None], k, v, cq, ck, 20, 20)
+    with pytest.raises(ValueError, match="same length"):
+        fk.quant_attention_varlen(q, k, v, cq, ck[:2], 20, 20)
+    with pytest.raises(NotImplementedError, match="pv="):
+        fk.quant_attention_varlen(q, k, v, cq, ck, 20, 20, pv="int8")
+
+
 def test_balancing_and_smoothing_are_what_make_llm_like_keys_work():
     q, k, v = make("harsh", 1, 512, 512, 4, 2, 128, torch.bfloat16, seed=3)
     ref, _ = reference(q, k, v, False)
@@ -141,6 +180,35 @@ def test_bad_inputs():
         fk.quant_attention(q, k.float(), v)
     with pytest.raises(ValueError, match="4-D"):
         fk.quant_attention(q[0], k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("pv", ["fp8", "fp8x2"])
+def test_cuda_varlen_matches_the_reference(causal, d, pv):
+    """Packed sequences of uneven (odd, empty, longer-than-a-tile) lengths on the GPU against the
+    CPU reference, which quantizes each sequence on its own as the GPU pre-pass does."""
+    lens_q, lens_k = [70, 0, 300, 5, 129], [90, 10, 300, 0, 64]
+    q, k, v, cq, ck = varlen_inputs(lens_q, lens_k, 8, 2, d, torch.bfloat16, seed=32 + d)
+    cpu, cpu_lse = fk.quant_attention_varlen(q, k, v, cq, ck, 300, 300, causal=causal, pv=pv, return_lse=True)
+    out, lse = fk.quant_attention_varlen(q.cuda(), k.cuda(), v.cuda(), cq.cuda(), ck.cuda(), 300, 300, causal=causal,
+                                         pv=pv, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(cpu_lse))
+    for i in range(len(lens_q)):
+        rq, rk = slice(int(cq[i]), int(cq[i + 1])), slice(int(ck[i]), int(ck[i + 1]))
+        if lens_q[i] == 0:
+            continue
+        if lens_k[i] == 0:
+            assert torch.equal(out[rq], torch.zeros_like(out[rq]))
+            continue
+        ref = reference(q[None, rq], k[None, rk], v[None, rk], causal)[0].nan_to_num(0.0)
+        l1_cpu = metrics(cpu[None, rq], ref)[1]
+        assert metrics(out[None, rq], cpu[None, rq])[1] <= 0.5 * l1_cpu + 1e-3, i
+        seen = torch.isfinite(lse[:, rq])
+        assert (lse[:, rq][seen] - cpu_lse[:, rq][seen]).abs().max() < 1e-2, i
 
 
 def poison_cuda_allocator(nbytes):

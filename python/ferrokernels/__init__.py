@@ -20,7 +20,7 @@ if _runtime.torch is not None:  # the nn modules need torch
 from .attention import attention, attention_varlen, sdpa
 from .decode import append_kv, decode_attention
 from .kvcache import PagedKVCache, VirtualKVCache
-from .quant_attention import fp8_attention, quant_attention
+from .quant_attention import fp8_attention, quant_attention, quant_attention_varlen
 from .runtime import compile_all, info, kernel_names
 
 __version__ = _native.__version__
@@ -49,6 +49,7 @@ __all__ = [
     "sdpa",
     "decode_attention",
     "quant_attention",
+    "quant_attention_varlen",
     "fp8_attention",
     "append_kv",
     "PagedKVCache",

@@ -100,19 +100,27 @@ V_ORDER = [8 * (e >> 1) + 2 * t + (e & 1) for t in range(4) for e in range(4)]
 
 
 def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = False, balance_qk: bool = True,
-            v_residual: bool = False) -> dict:
+            v_residual: bool = False, varlen: Optional[tuple] = None) -> dict:
     """The GPU pre-pass (CUDA f16/bf16 tensors, head_dim 64 or 128, Hopper): the same codes
     as ``quantize_inputs``, in the layouts the attention kernel reads:
     ``q``/``k`` int8 (b, n, h, d), ``q_scale``/``k_scale`` float32 (b, h, ceil(n / 64)),
     ``v`` float8_e4m3fn (b, h_kv, d, n rounded up to 64; V transposed, tokens permuted within
     every 16 as ``V_ORDER``, zero past n), with ``v_residual`` ``v_lo`` the same for the
     residual's codes, and ``channels`` float32 (4, b, h_kv, d): K's mean, the Q/K balance
-    factor, V's mean, V's scale."""
+    factor, V's mean, V's scale. ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k)`` takes packed (total, heads, head_dim) inputs: statistics per sequence, and
+    the outputs a batch of the longest sequence (b = number of sequences)."""
     from . import _native
     from ._runtime import stream_of
 
-    b, nq, hq, d = (int(x) for x in q.shape)
-    nk, hk = int(k.shape[1]), int(k.shape[2])
+    if varlen is None:
+        b, nq, hq, d = (int(x) for x in q.shape)
+        nk, hk = int(k.shape[1]), int(k.shape[2])
+        cu_q = cu_k = None
+    else:
+        cu_q, cu_k, nq, nk = varlen
+        b, nq, nk = int(cu_q.shape[0]) - 1, int(nq), int(nk)
+        hq, d, hk = int(q.shape[1]), int(q.shape[2]), int(k.shape[1])
     sq, sk = max(1, -(-nq // SPLIT_ROWS)), max(1, -(-nk // SPLIT_ROWS))
     f32 = dict(dtype=torch.float32, device=q.device)
     out = {
@@ -129,6 +137,7 @@ def prepare(q, k, v, *, scale: float, smooth_k: bool = True, smooth_v: bool = Fa
     _native.quant_attention_prepare(q, k, v, stats=stats, channels=out["channels"], q_codes=out["q"],
                                     q_scale=out["q_scale"], k_codes=out["k"], k_scale=out["k_scale"],
                                     v_codes=out["v"], v_lo=out.get("v_lo"), q_post=float(scale * math.log2(math.e)),
+                                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=nq, max_seqlen_k=nk,
                                     smooth_k=smooth_k, smooth_v=smooth_v, balance=balance_qk, stream=stream_of(q))
     return out
 
@@ -179,6 +188,9 @@ def quant_attention(q, k, v, *, causal: bool = False, qk: str = "int8", pv: str 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.is_cuda:
         return _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, pv == "fp8x2", scale, return_lse)
+    if nk == 0 or b * nq * hq == 0:  # no keys: every row is empty
+        out = torch.zeros(q.shape, dtype=q.dtype)
+        return (out, torch.full((b, hq, nq), -math.inf)) if return_lse else out
     c = quantize_inputs(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk,
                         v_residual=pv == "fp8x2")
     group = hq // hk
@@ -205,6 +217,65 @@ def _quant_attention_cuda(q, k, v, causal, smooth_k, smooth_v, balance_qk, v_res
     return (out, lse) if return_lse else out
 
 
+def quant_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                          causal: bool = False, qk: str = "int8", pv: str = "fp8", smooth_k: bool = True,
+                          smooth_v: bool = False, balance_qk: bool = True, scale: Optional[float] = None,
+                          return_lse: bool = False):
+    """quant_attention over packed variable-length sequences (``attention_varlen``'s layout): q
+    ``(total_q, heads_q, head_dim)``, k/v ``(total_k, heads_kv, head_dim)``, int32
+    ``cu_seqlens`` offsets. Every sequence is quantized on its own (its K / V means and scales,
+    its 64-row blocks), exactly as ``quant_attention`` on that sequence alone; causal is
+    bottom-right per sequence. Returns out ``(total_q, heads_q, head_dim)``, and with
+    ``return_lse`` the float32 LSE ``(heads_q, total_q)``."""
+    from .attention import VARLEN_LAYOUT, _check_cu_seqlens
+
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(x, 3, name, VARLEN_LAYOUT)
+    if qk not in QK_FORMATS:
+        raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
+    if pv not in PV_FORMATS:
+        raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
+    _check_shapes(q[None], k[None], v[None], "quant_attention_varlen")
+    _check_float_dtypes(q, k, v)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ShapeError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         "must have the same length (batch + 1)")
+    d, hq = int(q.shape[2]), int(q.shape[1])
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    opts = dict(causal=causal, pv=pv, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk, scale=scale)
+    if not q.is_cuda:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs, lses = [], []
+        for i in range(len(cq) - 1):
+            o, lse = quant_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
+                                     return_lse=True, **opts)
+            outs.append(o[0])
+            lses.append(lse[0])
+        out = torch.cat(outs) if outs else q.new_zeros((0, hq, d))
+        lse = torch.cat(lses, dim=1) if lses else torch.zeros((hq, 0))
+        return (out, lse) if return_lse else out
+    if q.dtype == torch.float32:
+        raise TypeError("q is float32; the CUDA quant_attention takes float16 or bfloat16 (float32 runs on the CPU)")
+    _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+    _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    out = torch.zeros((q.shape[0], hq, d), dtype=q.dtype, device=q.device)  # rows past cu[-1] stay 0
+    lse = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
+    b = int(cu_seqlens_q.shape[0]) - 1
+    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
+        return (out, lse) if return_lse else out
+    varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    c = prepare(q, k, v, scale=scale, smooth_k=smooth_k, smooth_v=smooth_v, balance_qk=balance_qk,
+                v_residual=pv == "fp8x2", varlen=varlen)
+    _launch(c, out, lse, causal, varlen)
+    if lse is not None and smooth_k:  # q . mean(k) of each token's own sequence back into the LSE
+        lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(b, device=q.device), lens, output_size=int(cu_seqlens_q[-1]))
+        k_mean = c["channels"][0].repeat_interleave(hq // int(k.shape[1]), 1)[seq]  # (tokens, hq, d)
+        rows = slice(0, seq.shape[0])
+        lse[:, rows] += scale * torch.einsum("nhd,nhd->hn", q[rows].to(torch.float32), k_mean)
+    return (out, lse) if return_lse else out
+
+
 def _gpu_outputs(q, k, dtype, return_lse):
     """The output (and LSE) of a GPU call; with no keys or no rows they are final already (0 and
     -inf, as on the CPU), and `empty` says so."""
@@ -219,14 +290,16 @@ def _gpu_outputs(q, k, dtype, return_lse):
     return out, lse, empty
 
 
-def _launch(c, out, lse, causal):
+def _launch(c, out, lse, causal, varlen=None):
     """The Hopper kernel on codes in prepare()'s layouts (dict c)."""
     from . import _native
     from ._runtime import stream_of
 
-    workspace = torch.empty(1, dtype=torch.int32, device=out.device) if causal else None
+    cu_q, cu_k, max_q, max_k = varlen if varlen is not None else (None, None, 0, 0)
+    workspace = torch.empty(1, dtype=torch.int32, device=out.device) if causal or varlen else None
     _native.quant_attention_fwd(c["q"], c["k"], c["v"], c["q_scale"], c["k_scale"], c["channels"], out, lse,
-                                v_lo=c.get("v_lo"), causal=causal, workspace=workspace, stream=stream_of(out))
+                                v_lo=c.get("v_lo"), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q),
+                                max_seqlen_k=int(max_k), causal=causal, workspace=workspace, stream=stream_of(out))
 
 
 def _unsmooth_lse(lse, q, k_mean, scale):

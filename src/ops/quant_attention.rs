@@ -12,8 +12,8 @@ use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
 use crate::cuda::tma::{self, TensorMap};
 use crate::ops::attention::{
-    self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, WINDOW_NONE, ctype,
-    shape_err,
+    self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, VARLEN_LAYOUT, Varlen, WINDOW_NONE,
+    ctype, shape_err,
 };
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
@@ -164,11 +164,38 @@ pub struct PrepArgs<'a> {
     pub v_codes: &'a TensorView,
     /// The same for the codes of V's residual (pv="fp8x2"), or None.
     pub v_lo: Option<&'a TensorView>,
+    /// Packed sequences: q/k/v are (total, heads, head_dim) and the outputs a batch of the
+    /// longest sequence (statistics, scales and codes per sequence).
+    pub varlen: Option<PackedSeqs<'a>>,
     /// The softmax scale times log2(e), applied to Q after the balance factor.
     pub q_post: f32,
     pub smooth_k: bool,
     pub smooth_v: bool,
     pub balance: bool,
+}
+
+/// Offsets of packed sequences (int32 CUDA tensors, batch + 1 entries, checked by the caller)
+/// and the longest lengths.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedSeqs<'a> {
+    pub cu_seqlens_q: &'a TensorView,
+    pub cu_seqlens_k: &'a TensorView,
+    pub max_seqlen_q: usize,
+    pub max_seqlen_k: usize,
+}
+
+impl PackedSeqs<'_> {
+    /// The batch, after checking the offsets' form and q/k/v's rank.
+    fn check(&self, packed: &[&TensorView]) -> Result<usize> {
+        let b = attention::expect_cu_seqlens(self.cu_seqlens_q)?;
+        if attention::expect_cu_seqlens(self.cu_seqlens_k)? != b {
+            return shape_err("cu_seqlens_q and cu_seqlens_k must have the same length".into());
+        }
+        for t in packed {
+            t.expect_rank(3, VARLEN_LAYOUT)?;
+        }
+        Ok(b)
+    }
 }
 
 #[repr(C)]
@@ -180,6 +207,7 @@ struct QaRows {
     sh: i64,
     n: i32,
     h: i32,
+    cu: u64,
 }
 
 #[repr(C)]
@@ -212,6 +240,7 @@ struct QaFinalizeParams {
     smooth_k: i32,
     smooth_v: i32,
     balance: i32,
+    cu_k: u64,
 }
 
 #[repr(C)]
@@ -242,7 +271,8 @@ struct QaQuantVParams {
     n_pad: i32,
 }
 
-/// (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim) after checking every tensor.
+/// (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim) after checking every tensor (for
+/// packed sequences: their count and the longest lengths).
 pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let (q, k, v) = (a.q, a.k, a.v);
     for t in [k, v, a.stats, a.channels, a.q_codes, a.q_scale, a.k_codes, a.k_scale, a.v_codes] {
@@ -251,16 +281,24 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
     q.expect_dtype(&[DType::F16, DType::BF16])?;
     k.expect_same_dtype(q)?;
     v.expect_same_dtype(q)?;
+    let (b, nq, nk) = match &a.varlen {
+        Some(vl) => (vl.check(&[q, k, v])?, vl.max_seqlen_q, vl.max_seqlen_k),
+        None => {
+            for t in [q, k, v] {
+                t.expect_rank(4, LAYOUT)?;
+            }
+            k.expect_dim(0, q.dim(0), "batch (must match q)")?;
+            (q.dim(0), q.dim(1), k.dim(1))
+        }
+    };
     for t in [q, k, v] {
-        t.expect_rank(4, LAYOUT)?;
         t.expect_last_contiguous()?;
         t.expect_aligned(16)?; // 8 channels per load
     }
-    let (b, nq, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-    let (nk, hk) = (k.dim(1), k.dim(2));
+    let r = q.ndim();
+    let (hq, d, hk) = (q.dim(r - 2), q.dim(r - 1), k.dim(r - 2));
     v.expect_shape(&k.shape)?;
-    k.expect_dim(0, b, "batch (must match q)")?;
-    k.expect_dim(3, d, "head_dim (must match q)")?;
+    k.expect_dim(r - 1, d, "head_dim (must match q)")?;
     if d != 64 && d != 128 {
         return Err(Error::NotImplemented(format!("quant_attention takes head_dim 64 or 128, got {d}")));
     }
@@ -290,8 +328,12 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
     Ok((b, nq, nk, hq, hk, d))
 }
 
-fn rows(t: &TensorView) -> QaRows {
-    QaRows { x: t.ptr as u64, sb: t.stride(0), sn: t.stride(1), sh: t.stride(2), n: t.dim(1) as i32, h: t.dim(2) as i32 }
+/// Rows of q, k or v: `n` rows per batch entry, packed at `cu` offsets for varlen.
+fn rows(t: &TensorView, n: usize, cu: Option<&TensorView>) -> QaRows {
+    match cu {
+        Some(cu) => QaRows { x: t.ptr as u64, sb: 0, sn: t.stride(0), sh: t.stride(1), n: n as i32, h: t.dim(1) as i32, cu: cu.ptr as u64 },
+        None => QaRows { x: t.ptr as u64, sb: t.stride(0), sn: t.stride(1), sh: t.stride(2), n: n as i32, h: t.dim(2) as i32, cu: 0 },
+    }
 }
 
 pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
@@ -315,9 +357,11 @@ pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
     let v_stats = k_stats + (sk * b * hk * 3 * d) as u64 * f4;
     let channel = |i: usize| a.channels.ptr as u64 + (i * b * hk * d) as u64 * f4;
 
+    let (cu_q, cu_k) = (a.varlen.map(|v| v.cu_seqlens_q), a.varlen.map(|v| v.cu_seqlens_k));
+    let (q_rows, k_rows, v_rows) = (rows(a.q, nq, cu_q), rows(a.k, nk, cu_k), rows(a.v, nk, cu_k));
     let stats_f = dev.function(&spec.stats(), 0)?;
-    for (t, heads, splits, out) in [(a.q, hq, sq, q_stats), (a.k, hk, sk, k_stats), (a.v, hk, sk, v_stats)] {
-        let mut p = QaStatsParams { x: rows(t), stats: out, batch: b as i32, d: d as i32 };
+    for (x, heads, splits, out) in [(q_rows, hq, sq, q_stats), (k_rows, hk, sk, k_stats), (v_rows, hk, sk, v_stats)] {
+        let mut p = QaStatsParams { x, stats: out, batch: b as i32, d: d as i32 };
         let cfg = LaunchConfig { grid: ((b * heads) as u32, splits as u32, 1), block: (THREADS, 1, 1), smem_bytes: 0 };
         dev.launch(stats_f, cfg, stream, &mut [&mut p as *mut QaStatsParams as *mut c_void])?;
     }
@@ -340,15 +384,16 @@ pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
         smooth_k: a.smooth_k as i32,
         smooth_v: a.smooth_v as i32,
         balance: a.balance as i32,
+        cu_k: cu_k.map_or(0, |t| t.ptr as u64),
     };
     let cfg = LaunchConfig { grid: ((b * hk) as u32, 1, 1), block: (d as u32, 1, 1), smem_bytes: 0 };
     dev.launch(dev.function(&PrepSpec::finalize(), 0)?, cfg, stream, &mut [&mut p as *mut QaFinalizeParams as *mut c_void])?;
 
     let rows_f = dev.function(&spec.quant_rows(), 0)?;
-    let jobs = [(a.q, hq, 0u64, a.q_codes, a.q_scale, a.q_post, 1), (a.k, hk, channel(0), a.k_codes, a.k_scale, 1.0, 0)];
-    for (t, heads, mean, codes, scales, post, is_q) in jobs {
+    let jobs = [(q_rows, hq, 0u64, a.q_codes, a.q_scale, a.q_post, 1), (k_rows, hk, channel(0), a.k_codes, a.k_scale, 1.0, 0)];
+    for (x, heads, mean, codes, scales, post, is_q) in jobs {
         let mut p = QaQuantRowsParams {
-            x: rows(t),
+            x,
             mean,
             s: channel(1),
             codes: codes.ptr as u64,
@@ -359,12 +404,12 @@ pub fn prepare(a: &PrepArgs, stream: usize) -> Result<()> {
             d: d as i32,
             is_q,
         };
-        let blocks = t.dim(1).div_ceil(BLOCK) as u32;
+        let blocks = (x.n as usize).div_ceil(BLOCK) as u32;
         let cfg = LaunchConfig { grid: (blocks, heads as u32, b as u32), block: (THREADS, 1, 1), smem_bytes: 0 };
         dev.launch(rows_f, cfg, stream, &mut [&mut p as *mut QaQuantRowsParams as *mut c_void])?;
     }
     let mut p = QaQuantVParams {
-        x: rows(a.v),
+        x: v_rows,
         mean: channel(2),
         scale: channel(3),
         codes: a.v_codes.ptr as u64,
@@ -392,10 +437,14 @@ pub struct QuantArgs<'a> {
     pub k_scale: &'a TensorView,
     /// float32 (4, batch, heads_kv, head_dim): K mean, balance factor, V mean, V scale.
     pub channels: &'a TensorView,
-    /// float16/bfloat16 (batch, seqlen_q, heads_q, head_dim).
+    /// float16/bfloat16 (batch, seqlen_q, heads_q, head_dim), or (total_q, heads_q, head_dim)
+    /// for packed sequences.
     pub out: &'a TensorView,
-    /// float32 (batch, heads_q, seqlen_q): the LSE of the smoothed scores (natural log).
+    /// float32 (batch, heads_q, seqlen_q) or (heads_q, total_q): the LSE of the smoothed scores.
     pub lse: Option<&'a TensorView>,
+    /// Packed sequences: the codes and scales are still a batch of the longest sequence (as
+    /// `prepare` writes them for varlen), the output and LSE packed.
+    pub varlen: Option<PackedSeqs<'a>>,
     pub causal: bool,
     /// int32, at least one element: the tile counter for causal runs.
     pub workspace: Option<&'a TensorView>,
@@ -411,6 +460,21 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
     a.k_codes.expect_rank(4, LAYOUT)?;
     let (b, nq, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
     let (nk, hk) = (a.k_codes.dim(1), a.k_codes.dim(2));
+    let out_shape = match &a.varlen {
+        Some(vl) => {
+            if vl.check(&[a.out])? != b || vl.max_seqlen_q != nq || vl.max_seqlen_k != nk {
+                return shape_err(format!(
+                    "the codes are laid out for {b} sequences of at most {nq} / {nk} tokens, but cu_seqlens and \
+                     max_seqlen say {} / {} / {}",
+                    vl.cu_seqlens_q.dim(0).saturating_sub(1),
+                    vl.max_seqlen_q,
+                    vl.max_seqlen_k
+                ));
+            }
+            vec![a.out.dim(0), hq, d]
+        }
+        None => vec![b, nq, hq, d],
+    };
     if d != 64 && d != 128 {
         return Err(Error::NotImplemented(format!("quant_attention takes head_dim 64 or 128, got {d}")));
     }
@@ -424,12 +488,12 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         (a.q_scale, DType::F32, vec![b, hq, nq.div_ceil(BLOCK)]),
         (a.k_scale, DType::F32, vec![b, hk, nk.div_ceil(BLOCK)]),
         (a.channels, DType::F32, vec![4, b, hk, d]),
-        (a.out, a.out.dtype, vec![b, nq, hq, d]),
+        (a.out, a.out.dtype, out_shape.clone()),
     ];
     a.out.expect_dtype(&[DType::F16, DType::BF16])?;
     if let Some(l) = a.lse {
         l.expect_same_device(q)?;
-        want.push((l, DType::F32, vec![b, hq, nq]));
+        want.push((l, DType::F32, if a.varlen.is_some() { vec![hq, out_shape[0]] } else { vec![b, hq, nq] }));
     }
     if let Some(lo) = a.v_lo {
         lo.expect_same_device(q)?;
@@ -463,7 +527,7 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         scale: 1.0,
         softcap: 0.0,
         mask_kind: MaskKind::None,
-        varlen: false,
+        varlen: a.varlen.is_some(),
     })
 }
 
@@ -509,6 +573,12 @@ pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
     let mut args = AttentionArgs::new(a.q_codes, a.k_codes, a.k_codes, a.out);
     args.lse = a.lse;
     args.causal = a.causal;
+    args.varlen = a.varlen.map(|v| Varlen {
+        cu_seqlens_q: v.cu_seqlens_q,
+        cu_seqlens_k: v.cu_seqlens_k,
+        max_seqlen_q: v.max_seqlen_q,
+        max_seqlen_k: v.max_seqlen_k,
+    });
     args.align = CausalAlign::BottomRight;
     let grid = Sm90Grid::new(dev, &d, a.workspace)?;
     let qk_box = |rows: usize| [d.head_dim as u32, 1, rows as u32, 1];

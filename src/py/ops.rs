@@ -11,7 +11,7 @@ use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
-use crate::ops::quant_attention::{self, PrepArgs, QuantArgs};
+use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -74,6 +74,15 @@ fn attention_fwd(
     args.softcap = softcap;
     args.workspace = view(&workspace);
     py.detach(|| attention::forward(&args, stream)).map_err(to_py)
+}
+
+/// Both offset tensors or neither.
+fn packed_seqs<'a>(q: &'a Option<Imported>, k: &'a Option<Imported>, max_q: usize, max_k: usize) -> PyResult<Option<PackedSeqs<'a>>> {
+    match (q, k) {
+        (Some(q), Some(k)) => Ok(Some(PackedSeqs { cu_seqlens_q: &q.view, cu_seqlens_k: &k.view, max_seqlen_q: max_q, max_seqlen_k: max_k })),
+        (None, None) => Ok(None),
+        _ => Err(pyo3::exceptions::PyValueError::new_err("cu_seqlens_q and cu_seqlens_k must be given together")),
+    }
 }
 
 fn view(t: &Option<Imported>) -> Option<&TensorView> {
@@ -430,7 +439,8 @@ fn gemm_w8a8_fwd(
 /// per-channel vectors (K mean, balance factor, V mean, V scale) the caller allocated.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, *, stats, channels, q_codes, q_scale, k_codes, k_scale, v_codes, q_post,
-                    v_lo=None, smooth_k=true, smooth_v=false, balance=true, stream=0))]
+                    v_lo=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                    smooth_k=true, smooth_v=false, balance=true, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn quant_attention_prepare(
     py: Python<'_>,
@@ -446,6 +456,10 @@ fn quant_attention_prepare(
     v_codes: &Bound<'_, PyAny>,
     q_post: f32,
     v_lo: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
     smooth_k: bool,
     smooth_v: bool,
     balance: bool,
@@ -462,6 +476,7 @@ fn quant_attention_prepare(
     let ks = import(k_scale, "k_scale", stream, true)?;
     let vc = import(v_codes, "v_codes", stream, true)?;
     let vl = import_opt(v_lo, "v_lo", stream, true)?;
+    let (cq, ck) = (import_opt(cu_seqlens_q, "cu_seqlens_q", stream, false)?, import_opt(cu_seqlens_k, "cu_seqlens_k", stream, false)?);
     let args = PrepArgs {
         q: &q.view,
         k: &k.view,
@@ -474,6 +489,7 @@ fn quant_attention_prepare(
         k_scale: &ks.view,
         v_codes: &vc.view,
         v_lo: view(&vl),
+        varlen: packed_seqs(&cq, &ck, max_seqlen_q, max_seqlen_k)?,
         q_post,
         smooth_k,
         smooth_v,
@@ -485,7 +501,8 @@ fn quant_attention_prepare(
 /// quant_attention's kernel on the pre-pass's codes (see ops::quant_attention::QuantArgs).
 #[pyfunction]
 #[pyo3(signature = (q_codes, k_codes, v_codes, q_scale, k_scale, channels, out, lse=None, *, v_lo=None,
-                    causal=false, workspace=None, stream=0))]
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=false,
+                    workspace=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn quant_attention_fwd(
     py: Python<'_>,
@@ -498,12 +515,17 @@ fn quant_attention_fwd(
     out: &Bound<'_, PyAny>,
     lse: Option<&Bound<'_, PyAny>>,
     v_lo: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
     causal: bool,
     workspace: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
     let qc = import(q_codes, "q_codes", stream, false)?;
     let vl = import_opt(v_lo, "v_lo", stream, false)?;
+    let (cq, ck) = (import_opt(cu_seqlens_q, "cu_seqlens_q", stream, false)?, import_opt(cu_seqlens_k, "cu_seqlens_k", stream, false)?);
     let kc = import(k_codes, "k_codes", stream, false)?;
     let vc = import(v_codes, "v_codes", stream, false)?;
     let qs = import(q_scale, "q_scale", stream, false)?;
@@ -522,6 +544,7 @@ fn quant_attention_fwd(
         channels: &ch.view,
         out: &out.view,
         lse: view(&lse),
+        varlen: packed_seqs(&cq, &ck, max_seqlen_q, max_seqlen_k)?,
         causal,
         workspace: view(&ws),
     };
