@@ -163,14 +163,20 @@ def _check_float_dtypes(q, k, v):
         raise TypeError(f"q, k, v must share a float16/bfloat16/float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _check(q, k, v, qk, pv):
+def _check(q, k, v, qk, pv, varlen: bool = False):
+    """quant_attention's (or, with ``varlen``, quant_attention_varlen's) argument checks."""
+    from .attention import VARLEN_LAYOUT
+
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        expect_rank(x, 4, name, LAYOUT)
+        expect_rank(x, 3 if varlen else 4, name, VARLEN_LAYOUT if varlen else LAYOUT)
     if qk not in QK_FORMATS:
         raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
     if pv not in PV_FORMATS:
         raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
-    _check_shapes(q, k, v, "quant_attention")
+    if varlen:
+        _check_shapes(q[None], k[None], v[None], "quant_attention_varlen")
+    else:
+        _check_shapes(q, k, v, "quant_attention")
     _check_float_dtypes(q, k, v)
 
 
@@ -227,16 +233,9 @@ def quant_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     its 64-row blocks), exactly as ``quant_attention`` on that sequence alone; causal is
     bottom-right per sequence. Returns out ``(total_q, heads_q, head_dim)``, and with
     ``return_lse`` the float32 LSE ``(heads_q, total_q)``."""
-    from .attention import VARLEN_LAYOUT, _check_cu_seqlens
+    from .attention import _check_cu_seqlens
 
-    for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        expect_rank(x, 3, name, VARLEN_LAYOUT)
-    if qk not in QK_FORMATS:
-        raise NotImplementedError(f"qk={qk!r}: supported {QK_FORMATS}")
-    if pv not in PV_FORMATS:
-        raise NotImplementedError(f"pv={pv!r}: supported {PV_FORMATS}")
-    _check_shapes(q[None], k[None], v[None], "quant_attention_varlen")
-    _check_float_dtypes(q, k, v)
+    _check(q, k, v, qk, pv, varlen=True)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ShapeError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          "must have the same length (batch + 1)")

@@ -271,6 +271,17 @@ struct QaQuantVParams {
     n_pad: i32,
 }
 
+/// Each buffer has its dtype and shape and is contiguous.
+fn expect_buffers(want: &[(&TensorView, DType, Vec<usize>)]) -> Result<()> {
+    for (t, dtype, shape) in want {
+        t.expect_dtype(&[*dtype])?;
+        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        t.expect_shape(&shape)?;
+        expect_contiguous(t)?;
+    }
+    Ok(())
+}
+
 /// (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim) after checking every tensor (for
 /// packed sequences: their count and the longest lengths).
 pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)> {
@@ -319,12 +330,7 @@ pub fn check(a: &PrepArgs) -> Result<(usize, usize, usize, usize, usize, usize)>
         lo.expect_same_device(q)?;
         want.push((lo, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]));
     }
-    for (t, dtype, shape) in want {
-        t.expect_dtype(&[dtype])?;
-        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-        t.expect_shape(&shape)?;
-        expect_contiguous(t)?;
-    }
+    expect_buffers(&want)?;
     Ok((b, nq, nk, hq, hk, d))
 }
 
@@ -499,12 +505,7 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         lo.expect_same_device(q)?;
         want.push((lo, DType::F8E4M3, vec![b, hk, d, nk.div_ceil(BLOCK) * BLOCK]));
     }
-    for (t, dtype, shape) in want {
-        t.expect_dtype(&[dtype])?;
-        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-        t.expect_shape(&shape)?;
-        expect_contiguous(t)?;
-    }
+    expect_buffers(&want)?;
     // TMA reads the codes; the epilogue stores 16 bytes of the output at a time.
     for t in [a.q_codes, a.k_codes, a.v_codes, a.out].into_iter().chain(a.v_lo) {
         t.expect_aligned(16)?;
