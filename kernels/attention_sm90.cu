@@ -77,7 +77,7 @@ struct Sm90Dense {
     using Out = T;
     using Acc = float;  // S accumulator element
     static constexpr int D = D_, DV = DV_, BN = BN_, BM = 128;
-    static constexpr int Q_BYTES = BM * D * 2, K_BYTES = BN * D * 2, V_BYTES = BN * DV * 2;
+    static constexpr int Q_BYTES = BM * D * 2, K_BYTES = BN * D * 2, V_BYTES = BN * DV * 2, V_SLOT = V_BYTES;
     static constexpr int PK = 16;          // keys per P V instruction
     static constexpr float P_LOG2 = 0.f;   // log2 of the factor P is scaled by before rounding
     static constexpr bool PINGPONG = true; // the consumers take turns issuing GEMMs
@@ -90,6 +90,8 @@ struct Sm90Dense {
     struct Pv {
         __device__ __forceinline__ void fence() {}
     };
+    static __device__ __forceinline__ void init_slots(unsigned char*, int) {}
+    static constexpr bool L_WHOLE = false;  // l_row: per-lane parts of the row sums
 
     static __device__ __forceinline__ void load_q(const Params& P, u32 sQ, int h, int row, int b, u32 bar) {
 #pragma unroll
@@ -137,10 +139,10 @@ struct Sm90Dense {
             Wgmma<T, DV>::template rs<1>(o, pf[kk], smem_desc_sw128(sV + kk * 16 * 128, BN * 128, 1024), 1);
     }
     // Once the P V of the previous tile is done: O *= alpha (the new running max).
-    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], const Pv&, const float (&alpha)[2]) {
+    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], float (&)[2], Pv&, const float (&alpha)[2]) {
         rescale_o<DV>(o, alpha);
     }
-    static __device__ __forceinline__ void merge_last(float (&)[DV / 8][4], const Pv&) {}
+    static __device__ __forceinline__ void merge_last(float (&)[DV / 8][4], float (&)[2], const Pv&) {}
     // The output before it is rounded to T: O / l.
     static __device__ __forceinline__ void finish(float (&o)[DV / 8][4], const float (&inv)[2], const Params&, int, int,
                                                   int) {
@@ -153,10 +155,11 @@ struct Sm90Smem {
     static constexpr int BM = 128;
     static constexpr int Q_BYTES = OPS::Q_BYTES;
     static constexpr int K_BYTES = OPS::K_BYTES;
-    static constexpr int V_BYTES = OPS::V_BYTES;
+    static constexpr int V_BYTES = OPS::V_BYTES;  // what TMA writes into a V slot
+    static constexpr int V_SLOT = OPS::V_SLOT;    // a slot's size: V_BYTES and what the policy keeps beside it
     static constexpr int BAR_BYTES = 8 * (3 + 4 * STAGES);  // + the next tile's index
     static constexpr int SLACK = 1024;  // to align the base to 1024 bytes
-    static constexpr int TILES = Q_BYTES + STAGES * (K_BYTES + V_BYTES);
+    static constexpr int TILES = Q_BYTES + STAGES * (K_BYTES + V_SLOT);
     // The output gets its own staging area where it fits, so the next tile's Q can load while
     // this one's output is written; otherwise it is staged over Q's rows (each consumer over
     // its own, where Q is large enough) and Q is released after the epilogue.
@@ -165,7 +168,7 @@ struct Sm90Smem {
     static constexpr int Q = 0;
     static constexpr int K = Q + Q_BYTES;
     static constexpr int V = K + STAGES * K_BYTES;
-    static constexpr int O = O_OWN ? V + STAGES * V_BYTES : Q;
+    static constexpr int O = O_OWN ? V + STAGES * V_SLOT : Q;
     static constexpr int BAR = TILES + O_BYTES;
     // q_full, q_empty, k_full[S], k_empty[S], v_full[S], v_empty[S], tile index
     static constexpr int BYTES = BAR + BAR_BYTES + SLACK;
@@ -206,6 +209,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
             mbar_init(v_empty(s), 8);
         }
         mbar_init_fence();
+    }
+    // Constant operand data the policy keeps in the V slots (TMA never writes there), visible to
+    // the tensor cores (async proxy) before the first GEMM.
+    if constexpr (L::V_SLOT != L::V_BYTES) {
+        OPS::init_slots(smem + L::V, STAGES);
+        fence_proxy_async();
     }
     __syncthreads();
 
@@ -265,7 +274,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
                 OPS::load_k(P, sK + s * L::K_BYTES, w.hk, k_row0 + j * BN, bq, k_full(s));
                 mbar_wait(v_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
-                OPS::load_v(P, sV + s * L::V_BYTES, w.hk, k_row0 + j * BN, bq, v_full(s));
+                OPS::load_v(P, sV + s * L::V_SLOT, w.hk, k_row0 + j * BN, bq, v_full(s));
             }
         }
         publish(-1);
@@ -323,7 +332,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
 
         typename OPS::Pv pv;
         auto issue_pv = [&](u32 (&pf)[BN / OPS::PK][4], int slot) {
-            OPS::issue_pv(o, pv, pf, sV + slot * L::V_BYTES);
+            OPS::issue_pv(o, pv, pf, sV + slot * L::V_SLOT);
             wgmma_commit();
         };
         // Scale and mask S_j, then P_j and the rescale factor of O.
@@ -378,7 +387,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
                 pv.fence();
                 fence_regs(pf);
                 release(v_empty(prev));
-                OPS::merge_pv(o, pv, alpha);
+                OPS::merge_pv(o, l_row, pv, alpha);
                 OPS::pack_p(s, pf);
             }
             mbar_wait(v_full(slot_of(n)), phase_of(n));
@@ -391,7 +400,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
             pv.fence();
             fence_regs(pf);
             release(v_empty(slot_of(n)));
-            OPS::merge_last(o, pv);
+            OPS::merge_last(o, l_row, pv);
             ++n;
         }
         // Every S GEMM of this consumer has read its Q rows.
@@ -401,7 +410,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
         // Normalise, stage this consumer's 64 rows in shared memory (swizzled), then store 16
         // bytes per thread, coalesced.
         float inv[2];
-        softmax_finish(l_row, inv);
+        softmax_finish<!OPS::L_WHOLE>(l_row, inv);
         OPS::finish(o, inv, P, b, w.hk, t);
         named_barrier(1 + c, 128);  // the last tile's stores (and S GEMMs) are done with sO
         unsigned char* sO = smem + L::O;

@@ -290,7 +290,11 @@ struct QuantSm90Params : AttentionSm90Params {
 // per-head descales arrive as the same per-block scale arrays (every block of a head alike).
 // VRES: V is two e4m3 terms, codes + residual codes (pv="fp8x2"), each multiplied by the same
 // P̃: a second P̃·V GEMM in the same accumulator, for 3 more bits of V.
-template <typename T, int D_, int QK = W8_INT8, bool PINGPONG_ = true, bool VRES = false>
+// MMA_SUM: P̃'s row sums come from the P̃·V GEMM, as 8 more columns of V^T that hold 1.0 (in
+// every ring slot, after the codes; written once per CTA). That takes 64 FADD per thread and
+// tile off the softmax's dependency chain, for 6% more P̃·V MMA work, and the sums are of the
+// rounded P̃ the numerator used (the reference sums the same).
+template <typename T, int D_, int QK = W8_INT8, bool PINGPONG_ = true, bool VRES = false, bool MMA_SUM = true>
 struct Sm90Quant {
     using Params = QuantSm90Params;
     using Out = T;
@@ -298,6 +302,10 @@ struct Sm90Quant {
     static constexpr int D = D_, DV = D_, BN = 128, BM = 128;
     // A Q or K row is D bytes: one 128-byte swizzled row at D = 128, a 64-byte one at D = 64.
     static constexpr int Q_BYTES = BM * D, K_BYTES = BN * D, V_BYTES = DV * BN * (VRES ? 2 : 1);
+    // A V slot: the codes (DV rows of BN tokens), the rows of ones, the residual codes.
+    static constexpr int ONES = MMA_SUM ? 8 * BN : 0, V_SLOT = V_BYTES + ONES;
+    static constexpr int NV = DV + (MMA_SUM ? 8 : 0);  // P̃·V's columns
+    static constexpr bool L_WHOLE = MMA_SUM;            // every lane gets its rows' whole sums
     static constexpr int PK = 32;
     static constexpr float P_LOG2 = 8.80735492205760f;  // log2(448): P̃ fills e4m3's range
     static constexpr bool PINGPONG = PINGPONG_;
@@ -316,8 +324,12 @@ struct Sm90Quant {
     // e4m3 wgmma accumulates in reduced precision (about 13 mantissa bits, not f32's 23): a
     // whole row's P̃·V summed in the tensor core drifts by percents where V has an offset. Each
     // tile's P̃·V starts from zero here and is added to O in f32 registers.
+    // O lags one tile behind the softmax: after tile j's merge it holds tiles <= j - 1 at their
+    // own row max m_{j-1}, so the merge is one FFMA, O * alpha_{j-1} + P̃·V_{j-1}, with alpha
+    // kept from the previous softmax (0 before the first: O is 0 then).
     struct Pv {
-        float o[DV / 8][4];
+        float o[NV / 8][4];
+        float alpha[2] = {0.f, 0.f};
         __device__ __forceinline__ void fence() { fence_regs(o); }
     };
 
@@ -333,7 +345,15 @@ struct Sm90Quant {
     // V^T: the box of BN tokens (innermost) x DV channels.
     static __device__ __forceinline__ void load_v(const Params& P, u32 sV, int hk, int row, int b, u32 bar) {
         tma_load_4d(sV, &P.tv, row, 0, hk, b, bar);
-        if constexpr (VRES) tma_load_4d(sV + DV * BN, &P.tv_lo, row, 0, hk, b, bar);
+        if constexpr (VRES) tma_load_4d(sV + DV * BN + ONES, &P.tv_lo, row, 0, hk, b, bar);
+    }
+    // e4m3 1.0 (0x38) in every slot's row-sum rows; the swizzle moves bytes within a row only.
+    static __device__ __forceinline__ void init_slots(unsigned char* sV, int stages) {
+        for (int i = threadIdx.x; i < stages * ONES / 16; i += blockDim.x) {
+            const int slot = i / (ONES / 16), at = i % (ONES / 16);
+            *reinterpret_cast<uint4*>(sV + slot * V_SLOT + DV * BN + 16 * at) =
+                make_uint4(0x38383838u, 0x38383838u, 0x38383838u, 0x38383838u);
+        }
     }
     static __device__ __forceinline__ Row row(const Params& P, int b, int h, int hk, int r0, const SeqInfo& seq) {
         Row r;
@@ -378,7 +398,7 @@ struct Sm90Quant {
                                                    float (&alpha)[2], float factor, const Keys& k) {
         const float f[2] = {factor * k.lo, factor * k.hi};
         const float off[2] = {-BIAS * f[0], -BIAS * f[1]};
-        softmax_p_halves<BN>(s, m_row, l_row, alpha, f, off, P_LOG2);
+        softmax_p_halves<BN, !MMA_SUM>(s, m_row, l_row, alpha, f, off, P_LOG2);
     }
     // Register r of k-step kk holds, byte e, the key of accumulator group 4kk + 2(r >> 1) + (e >> 1),
     // element 2(r & 1) + (e & 1): the V_ORDER permutation of A's logical keys.
@@ -394,26 +414,31 @@ struct Sm90Quant {
     static __device__ __forceinline__ void issue_pv(float (&)[DV / 8][4], Pv& pv, const u32 (&pf)[BN / PK][4], u32 sV) {
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk)
-            Wgmma8Rs<DV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + kk * 32, 16, 1024), kk > 0);
+            Wgmma8Rs<NV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + kk * 32, 16, 1024), kk > 0);
         if constexpr (VRES) {
+            // The codes' columns only: the row sums are P̃'s, counted once.
+            float(&o)[DV / 8][4] = *reinterpret_cast<float(*)[DV / 8][4]>(&pv.o);
 #pragma unroll
             for (int kk = 0; kk < BN / 32; ++kk)
-                Wgmma8Rs<DV>::rs(pv.o, pf[kk], smem_desc_sw128(sV + DV * BN + kk * 32, 16, 1024), 1);
+                Wgmma8Rs<DV>::rs(o, pf[kk], smem_desc_sw128(sV + DV * BN + ONES + kk * 32, 16, 1024), 1);
         }
     }
-    // O = (O + this tile's P̃·V) * alpha, in f32. (Skipping the multiply where a warp's alphas
-    // are all 1 made ptxas spill: two copies of the merge.)
-    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], const Pv& pv, const float (&alpha)[2]) {
-#pragma unroll
-        for (int i = 0; i < DV / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[i][e] = (o[i][e] + pv.o[i][e]) * alpha[e >> 1];
+    // O = O * alpha_{j-1} + P̃·V_{j-1} in f32, and l likewise from the row-sum columns (every
+    // column of that group holds the row's sum); alpha (tile j's) is kept for the next merge.
+    static __device__ __forceinline__ void merge_pv(float (&o)[DV / 8][4], float (&l_row)[2], Pv& pv,
+                                                    const float (&alpha)[2]) {
+        merge_last(o, l_row, pv);
+        pv.alpha[0] = alpha[0], pv.alpha[1] = alpha[1];
     }
-    static __device__ __forceinline__ void merge_last(float (&o)[DV / 8][4], const Pv& pv) {
+    static __device__ __forceinline__ void merge_last(float (&o)[DV / 8][4], float (&l_row)[2], const Pv& pv) {
 #pragma unroll
         for (int i = 0; i < DV / 8; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) o[i][e] += pv.o[i][e];
+            for (int e = 0; e < 4; ++e) o[i][e] = fmaf(o[i][e], pv.alpha[e >> 1], pv.o[i][e]);
+        if constexpr (MMA_SUM) {
+            l_row[0] = fmaf(l_row[0], pv.alpha[0], pv.o[DV / 8][0]);
+            l_row[1] = fmaf(l_row[1], pv.alpha[1], pv.o[DV / 8][2]);
+        }
     }
     // O / l times V's channel scale, plus V's mean (rows that saw no key stay 0).
     static __device__ __forceinline__ void finish(float (&o)[DV / 8][4], const float (&inv)[2], const Params& P, int b,

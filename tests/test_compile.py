@@ -34,10 +34,12 @@ def test_every_variant_compiles_without_spills(arch, tmp_path, monkeypatch):
         assert 0 < r["registers"] <= 255, r["name"]
         # The Hopper kernels run their producer warpgroup on 24 registers (what is left beside
         # two 240-register consumers); its per-tile scalars (tile index, ring position, rows)
-        # live in L1, 20-60 bytes by head dim. The sm_80 kernels, which have no such split,
-        # must not spill at all: 16 bytes of spill in a consumer's hot loop cost 20%
-        # (benchmarks/NOTES.md, v4), which the bench shows.
-        budget = 80 if "_sm90_" in r["name"] else 0
+        # live in L1, 20-60 bytes by head dim. The 8-bit consumers sit at 240 registers too and
+        # park four 64-bit loop invariants in L1, reloaded once per key tile (measured faster
+        # than the variants that avoided it: NOTES, quant v2). The sm_80 kernels, which have no
+        # such split, must not spill at all: 16 bytes of spill in a consumer's hot loop cost
+        # 20% (benchmarks/NOTES.md, v4), which the bench shows.
+        budget = 96 if "_sm90_" in r["name"] else 0
         assert r["spill_stores"] <= budget and r["spill_loads"] <= budget, f"{r['name']} spills on {arch}:\n{r['log']}"
 
 

@@ -208,7 +208,18 @@ def test_cuda_varlen_matches_the_reference(causal, d, pv):
         l1_cpu = metrics(cpu[None, rq], ref)[1]
         assert metrics(out[None, rq], cpu[None, rq])[1] <= 0.5 * l1_cpu + 1e-3, i
         seen = torch.isfinite(lse[:, rq])
-        assert (lse[:, rq][seen] - cpu_lse[:, rq][seen]).abs().max() < 1e-2, i
+        assert_lse_close(lse[:, rq][seen], cpu_lse[:, rq][seen])
+
+
+def assert_lse_close(lse, cpu_lse):
+    """The kernel's LSE against the CPU reference's. Both sum P̃ rounded to e4m3, but after
+    128- rather than 64-key max steps, so a row's P̃ round differently: each sum lies within a
+    factor 1 +- 2^-4 of the exact one, which bounds the log of their ratio by 0.1252 (rows of
+    a few keys come near it). Over many rows the roundings do not all go one way: the mean
+    difference must show no bias."""
+    diff = (lse.double() - cpu_lse.double()).abs()
+    assert diff.max().item() < math.log((1 + 2**-4) / (1 - 2**-4)), diff.max().item()
+    assert diff.mean().item() < 3e-3, diff.mean().item()
 
 
 def poison_cuda_allocator(nbytes):
@@ -245,7 +256,7 @@ def test_cuda_kernel_matches_the_scheme(kind, dtype, d, causal, shape, pv):
     assert l1_gpu_cpu <= 0.5 * l1_cpu, (l1_gpu_cpu, l1_cpu)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), seen)
-    assert (lse[seen].double() - cpu_lse[seen].double()).abs().max().item() < 1e-2
+    assert_lse_close(lse[seen], cpu_lse[seen])
     if causal and nq > nk:  # rows before the first key are empty: zero, as on the CPU
         assert torch.equal(out[:, : nq - nk], torch.zeros_like(out[:, : nq - nk]))
 

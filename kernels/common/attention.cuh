@@ -252,8 +252,9 @@ __device__ __forceinline__ void softmax_p(float (&s)[BN / 8][4], float (&m_row)[
 // softmax_p for scores whose two halves of keys carry their own factor and offset (8-bit
 // scores: one K scale per 64 keys, and the integer accumulators still biased): log2-unit score
 // = s * f + off, with f and off of the half. The offset rides in the exp2's FFMA, so a score
-// costs no instruction before it. Masked scores are -inf.
-template <int BN>
+// costs no instruction before it. Masked scores are -inf. SUM false leaves l_row to the caller
+// (the 8-bit kernel sums the rounded P̃ on the tensor cores).
+template <int BN, bool SUM = true>
 __device__ __forceinline__ void softmax_p_halves(float (&s)[BN / 8][4], float (&m_row)[2], float (&l_row)[2],
                                                  float (&alpha)[2], const float (&f)[2], const float (&off)[2],
                                                  float p_log2) {
@@ -273,9 +274,9 @@ __device__ __forceinline__ void softmax_p_halves(float (&s)[BN / 8][4], float (&
             const int hf = i >= BN / 16;
             s[i][2 * r] = fast_exp2(fmaf(s[i][2 * r], f[hf], shift[hf]));
             s[i][2 * r + 1] = fast_exp2(fmaf(s[i][2 * r + 1], f[hf], shift[hf]));
-            sum += s[i][2 * r] + s[i][2 * r + 1];
+            if constexpr (SUM) sum += s[i][2 * r] + s[i][2 * r + 1];
         }
-        l_row[r] = l_row[r] * alpha[r] + sum;
+        if constexpr (SUM) l_row[r] = l_row[r] * alpha[r] + sum;
     }
 }
 
@@ -369,10 +370,12 @@ __device__ __forceinline__ void mma_pv(float (&o)[DV / 8][4], const float (&s)[N
 }
 
 // Completes the row sums over the quad; returns 1 / l per row (0 for rows that saw no key).
+// QUAD: each lane of a quad holds part of its rows' sums (false: each holds the whole sum).
+template <bool QUAD = true>
 __device__ __forceinline__ void softmax_finish(float (&l_row)[2], float (&inv)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        l_row[r] = quad_sum(l_row[r]);
+        if constexpr (QUAD) l_row[r] = quad_sum(l_row[r]);
         inv[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;
     }
 }

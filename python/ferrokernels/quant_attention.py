@@ -18,7 +18,8 @@ The scheme, fixed here so the GPU kernel (to come) and this reference compute th
 4. Blocks of 64 keys go through the online softmax. ``P̃ = exp2(S - m)``, which lies in [0, 1],
    is rounded to FP8 e4m3 after scaling by 448 (e4m3's largest value). V is FP8 e4m3 per
    channel (``scale = amax / 448`` over the keys). ``P̃·V`` accumulates in float32, and the row sum
-   ``l`` uses the unrounded P̃. ``pv="fp8x2"`` writes V as two e4m3 terms, the codes plus the codes
+   ``l`` is of the rounded P̃ (so the weights sum to exactly 1: V's offsets pass through
+   unchanged; the kernel gets it from the P̃·V GEMM itself). ``pv="fp8x2"`` writes V as two e4m3 terms, the codes plus the codes
    of their residual: the kernel runs a second P̃·V GEMM and V gains 3 bits (e4m3's 3 mantissa
    bits on both P̃ and V are most of the scheme's error).
 
@@ -327,8 +328,10 @@ def _attend_codes(qc, q_scale_rows, kc, k_scale_blocks, vc, v_scale, causal):
         safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows that have seen no key yet
         p = torch.exp2(s - safe)
         alpha = torch.exp2(torch.where(torch.isinf(m), -math.inf, m - safe))
-        l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + (_fp8(p * FP8_MAX) @ vc[:, :, cols]) * (v_scale / FP8_MAX)
+        p8 = _fp8(p * FP8_MAX)
+        # The row sum is of the rounded P̃, as the numerator's: the weights sum to exactly 1.
+        l = l * alpha + p8.sum(-1, keepdim=True) / FP8_MAX
+        acc = acc * alpha + (p8 @ vc[:, :, cols]) * (v_scale / FP8_MAX)
         m = m_new
     return m, l, acc
 

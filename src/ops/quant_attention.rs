@@ -92,14 +92,17 @@ pub struct QuantSpec {
     pub pingpong: bool,
     /// Slots of the K/V ring.
     pub stages: usize,
+    /// P̃'s row sums from the P̃·V GEMM (8 columns of ones beside V in every ring slot) rather
+    /// than from FADDs in the softmax.
+    pub mma_sum: bool,
 }
 
 impl QuantSpec {
     pub const BLOCK_M: usize = 128;
     pub const BLOCK_N: usize = 128;
 
-    /// The tuned variant; FERROKERNELS_QA_PINGPONG=0|1 and FERROKERNELS_QA_STAGES=N override it
-    /// for measuring.
+    /// The tuned variant; FERROKERNELS_QA_PINGPONG=0|1, FERROKERNELS_QA_STAGES=N and
+    /// FERROKERNELS_QA_MMA_SUM=0|1 override it for measuring.
     pub fn for_problem(dtype: DType, d: usize, fp8_qk: bool, v_residual: bool) -> QuantSpec {
         let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
         QuantSpec {
@@ -109,6 +112,7 @@ impl QuantSpec {
             v_residual,
             pingpong: env("FERROKERNELS_QA_PINGPONG").map_or(d >= 128, |v| v != 0),
             stages: env("FERROKERNELS_QA_STAGES").unwrap_or(3).clamp(2, 6),
+            mma_sum: env("FERROKERNELS_QA_MMA_SUM").is_none_or(|v| v != 0),
         }
     }
 
@@ -117,14 +121,17 @@ impl QuantSpec {
         let dt = if self.dtype == DType::F16 { "f16" } else { "bf16" };
         let op = if self.fp8_qk { "fp8_attention" } else { "quant_attention" };
         let vr = if self.v_residual { "_vx2" } else { "" };
-        format!("{op}_sm90_{dt}_d{}{vr}{pp}_s{}", self.d, self.stages)
+        let sum = if self.mma_sum { "" } else { "_alusum" };
+        format!("{op}_sm90_{dt}_d{}{vr}{pp}{sum}_s{}", self.d, self.stages)
     }
 
-    /// Mirrors Sm90Smem: the Q codes, the K and V rings (one byte per element), the 16-bit
-    /// output stage, the mbarriers and the alignment slack.
+    /// Mirrors Sm90Smem: the Q codes, the K and V rings (one byte per element; a V slot also
+    /// holds 8 rows of ones with mma_sum), the 16-bit output stage, the mbarriers and the
+    /// alignment slack.
     pub fn smem_bytes(&self) -> u32 {
         let v_terms = if self.v_residual { 2 } else { 1 };
-        let tiles = Self::BLOCK_M * self.d + self.stages * (1 + v_terms) * Self::BLOCK_N * self.d;
+        let ones = if self.mma_sum { 8 } else { 0 };
+        let tiles = Self::BLOCK_M * self.d + self.stages * ((1 + v_terms) * self.d + ones) * Self::BLOCK_N;
         (tiles + Self::BLOCK_M * self.d * 2 + 8 * (3 + 4 * self.stages) + 1024) as u32
     }
 
@@ -133,12 +140,13 @@ impl QuantSpec {
         let source = format!(
             "#include \"quant_attention.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ QuantSm90Params p) {{\n\
-             \x20   attention_fwd_sm90<Sm90Quant<{t}, {d}, {qk}, {pp}, {vr}>, {stages}, false>(p);\n}}\n",
+             \x20   attention_fwd_sm90<Sm90Quant<{t}, {d}, {qk}, {pp}, {vr}, {sum}>, {stages}, false>(p);\n}}\n",
             t = ctype(self.dtype),
             d = self.d,
             qk = if self.fp8_qk { "W8_FP8" } else { "W8_INT8" },
             pp = self.pingpong,
             vr = self.v_residual,
+            sum = self.mma_sum,
             stages = self.stages,
         );
         KernelSource { name, source, sm_range: (90, 90) }
@@ -618,9 +626,12 @@ mod tests {
 
     #[test]
     fn kernel_names_and_smem() {
-        let s = QuantSpec { dtype: DType::BF16, d: 128, fp8_qk: false, v_residual: false, pingpong: true, stages: 2 };
+        let s = QuantSpec { dtype: DType::BF16, d: 128, fp8_qk: false, v_residual: false, pingpong: true, stages: 2, mma_sum: true };
         assert_eq!(s.name(), "quant_attention_sm90_bf16_d128_s2");
-        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Quant<__nv_bfloat16, 128, W8_INT8, true, false>, 2, false>"));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Quant<__nv_bfloat16, 128, W8_INT8, true, false, true>, 2, false>"));
+        let a = QuantSpec { mma_sum: false, ..s };
+        assert_eq!(a.name(), "quant_attention_sm90_bf16_d128_alusum_s2");
+        assert_eq!(s.smem_bytes() - a.smem_bytes(), 2 * 8 * 128);
         let r = QuantSpec { v_residual: true, stages: 3, ..s };
         assert_eq!(r.name(), "quant_attention_sm90_bf16_d128_vx2_s3");
         assert!(r.smem_bytes() <= 227 * 1024);
