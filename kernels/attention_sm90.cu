@@ -59,6 +59,19 @@ __device__ __forceinline__ TileCoord tile_coord(const TileSched& s, int w, int b
     return c;
 }
 
+// sparse_attention's key tiles: per (batch, head, query block of 128 rows) a list of key tiles
+// in ascending order, each either whole (every key visible to every row, as far as the
+// sequence reaches) or partial, with a bitmap (python/ferrokernels/sparse.py builds the list
+// from a BlockMask). Null `count`: dense attention.
+struct TileList {
+    const i32* count;   // [b * sb + h * sh + qb]
+    const i32* index;   // [(b * sb + h * sh + qb) * max + i]: key tile numbers
+    const i32* bitmap;  // same place: -1 = whole, else the partial tile's bitmap in `bits`
+    const u32* bits;    // (bitmaps, 128 rows, BN / 32 words): bit c of word w = key 32 w + c
+    i64 sb, sh;         // (batch, head) strides of count, 0 where the mask is shared
+    int max;            // list capacity per query block
+};
+
 // Mirrors `Sm90Params` in src/ops/attention.rs: the tensor maps, then the shared parameters.
 struct AttentionSm90Params {
     TmaDesc tq, tk, tv;  // 4-D (head_dim, heads, seqlen, batch), boxes of 64 columns
@@ -66,7 +79,22 @@ struct AttentionSm90Params {
     TileSched sched;
     int tiles;     // m_blocks * pairs
     int* counter;  // zeroed before launch: tiles handed out past the first round; null = static
+    TileList list;
 };
+
+// Masks the keys of a partial sparse tile whose bitmap row of this thread's first row is
+// `row` (the second row is 8 below): s[i][e] is key 8i + 2t + (e & 1).
+template <int BN>
+__device__ __forceinline__ void mask_bitmap(float (&s)[BN / 8][4], const u32* row, int t) {
+    static_assert(BN == 128, "a bitmap row is one 16-byte load");
+    const uint4 a = *reinterpret_cast<const uint4*>(row), c = *reinterpret_cast<const uint4*>(row + 8 * 4);
+    const u32 w[2][4] = {{a.x, a.y, a.z, a.w}, {c.x, c.y, c.z, c.w}};
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (!((w[e >> 1][i >> 2] >> (8 * (i & 3) + 2 * t + (e & 1))) & 1u)) s[i][e] = neg_inf();
+}
 
 // The operand policy of the 16-bit kernel: Q, K and V in T, both GEMMs on f16/bf16 wgmma.
 // A policy gives the tile sizes, the TMA loads, the two GEMMs, the scores in log2 units and
@@ -174,7 +202,8 @@ struct Sm90Smem {
     static constexpr int BYTES = BAR + BAR_BYTES + SLACK;
 };
 
-template <class OPS, int STAGES, bool EXTRAS>
+// SPARSE: the key tiles come from P.list (sparse_attention) instead of the causal/window range.
+template <class OPS, int STAGES, bool EXTRAS, bool SPARSE = false>
 __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P) {
     using T = typename OPS::Out;
     constexpr int DV = OPS::DV, BN = OPS::BN;
@@ -218,10 +247,18 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
     }
     __syncthreads();
 
-    // Every role walks the same work tiles and, per tile, the same key tiles.
+    // Every role walks the same work tiles and, per tile, the same key tiles: positions
+    // j_first..j_end - 1 of the list (SPARSE), or those key tiles themselves.
     struct Work {
         int m0, m1, h, b, hk, j_first, j_end;
         SeqInfo seq;
+        int list;  // SPARSE: where this query block's list starts, in units of P.list.max
+    };
+    // (Offsets rather than pointers: the kernel parameters stay in the constant bank, and the
+    // consumers, at their register ceiling, keep one 32-bit value instead of two pointers.)
+    auto key_tile = [&](const Work& w, int j) {
+        if constexpr (SPARSE) return P.list.index[(i64)w.list * P.list.max + j];
+        else return j;
     };
     auto next_tile = [&](const Work& w, int j) {
         if constexpr (EXTRAS)
@@ -235,6 +272,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
         if (w.m0 >= w.seq.nq) return false;
         w.hk = w.h / (p.heads_q / p.heads_kv);
         w.m1 = min(w.m0 + BM, w.seq.nq);
+        if constexpr (SPARSE) {
+            w.list = (int)(w.b * P.list.sb + w.h * P.list.sh + w.m0 / BM);
+            w.j_first = 0;
+            w.j_end = P.list.count[w.list];
+            return true;
+        }
         const int n_begin = keys_begin(p, w.seq, w.m0), n_end = keys_end(p, w.seq, w.m1);
         w.j_end = n_end > n_begin ? (n_end + BN - 1) / BN : 0;
         w.j_first = next_tile(w, n_begin / BN);
@@ -267,14 +310,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
             const int q_row = (packed ? (int)w.seq.q_row0 : 0) + w.m0, k_row0 = packed ? (int)w.seq.k_row0 : 0;
             publish(idx);
             OPS::load_q(P, sQ, w.h, q_row, bq, q_full);
+            const i32* tiles = SPARSE ? P.list.index + (i64)w.list * P.list.max : nullptr;
             for (int j = w.j_first; j < w.j_end; j = next_tile(w, j + 1), ++n) {
                 const int s = slot_of(n);
                 mbar_wait(k_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(k_full(s), L::K_BYTES);
-                OPS::load_k(P, sK + s * L::K_BYTES, w.hk, k_row0 + j * BN, bq, k_full(s));
+                const int kt = SPARSE ? tiles[j] : j;
+                OPS::load_k(P, sK + s * L::K_BYTES, w.hk, k_row0 + kt * BN, bq, k_full(s));
                 mbar_wait(v_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
-                OPS::load_v(P, sV + s * L::V_SLOT, w.hk, k_row0 + j * BN, bq, v_full(s));
+                OPS::load_v(P, sV + s * L::V_SLOT, w.hk, k_row0 + kt * BN, bq, v_full(s));
             }
         }
         publish(-1);
@@ -335,12 +380,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
             OPS::issue_pv(o, pv, pf, sV + slot * L::V_SLOT);
             wgmma_commit();
         };
-        // Scale and mask S_j, then P_j and the rescale factor of O.
-        auto softmax_tile = [&](float (&s)[BN / 8][4], int n0, float (&alpha)[2], const typename OPS::Keys& ks) {
+        // Scale and mask S of list position j, then P and the rescale factor of O.
+        auto softmax_tile = [&](float (&s)[BN / 8][4], int j, float (&alpha)[2], const typename OPS::Keys& ks) {
+            const int n0 = key_tile(w, j) * BN;
             const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
             const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
-            const bool need_mask = extra || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
+            const int bitmap = SPARSE ? P.list.bitmap[(i64)w.list * P.list.max + j] : -1;
+            const bool need_mask = extra || bitmap >= 0 || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
             const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
+            if constexpr (SPARSE)
+                if (bitmap >= 0) mask_bitmap<BN>(s, P.list.bits + ((i64)bitmap * BM + row_a - m0) * (BN / 32), t);
             OPS::softmax(s, m_row, l_row, alpha, factor, ks);
         };
 
@@ -359,12 +408,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
             wgmma_fence();
             issue_s(acc, slot_of(n));
             pass_turn(false);
-            const typename OPS::Keys ks0 = OPS::keys(P, rc, j, seq.nk);
+            const typename OPS::Keys ks0 = OPS::keys(P, rc, key_tile(w, j), seq.nk);
             wgmma_wait<0>();
             fence_regs(acc);
             release(k_empty(slot_of(n)));
             OPS::scores(acc, s, ks0);
-            softmax_tile(s, j * BN, alpha, ks0);  // O is still 0: no rescale
+            softmax_tile(s, j, alpha, ks0);  // O is still 0: no rescale
             OPS::pack_p(s, pf);
             // Ring position n holds the tile whose V is still to be used.
             for (j = next_tile(w, j + 1); j < w.j_end; j = next_tile(w, j + 1), ++n) {
@@ -376,12 +425,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
                 issue_s(acc, slot);
                 issue_pv(pf, prev);
                 pass_turn(false);
-                const typename OPS::Keys ks = OPS::keys(P, rc, j, seq.nk);
+                const typename OPS::Keys ks = OPS::keys(P, rc, key_tile(w, j), seq.nk);
                 wgmma_wait<1>();  // S_j is done; PV_{j-1} may still run
                 fence_regs(acc);
                 release(k_empty(slot));
                 OPS::scores(acc, s, ks);
-                softmax_tile(s, j * BN, alpha, ks);
+                softmax_tile(s, j, alpha, ks);
                 wgmma_wait<0>();
                 fence_regs(o);
                 pv.fence();

@@ -22,6 +22,7 @@ from .decode import append_kv, decode_attention
 from .kvcache import PagedKVCache, VirtualKVCache
 from .quant_attention import fp8_attention, quant_attention, quant_attention_varlen
 from .runtime import compile_all, info, kernel_names
+from .sparse import BlockMask, sparse_attention
 
 __version__ = _native.__version__
 
@@ -51,6 +52,8 @@ __all__ = [
     "quant_attention",
     "quant_attention_varlen",
     "fp8_attention",
+    "BlockMask",
+    "sparse_attention",
     "append_kv",
     "PagedKVCache",
     "VirtualKVCache",

@@ -70,6 +70,8 @@ def gemm_plan(device: int, m: int, n: int, k: int, bits: int, act: str = "") -> 
 def gemm_w8a8_fwd(x: Any, qweight: Any, w_scale: Any, out: Any, *, xq: Any, x_scale: Any, bias: Optional[Any] = None,
                   act_scale: Optional[Any] = None, workspace: Optional[Any] = None, counters: Optional[Any] = None,
                   act: str = "fp8", stream: int = 0) -> None: ...
+def sparse_attention_fwd(q: Any, k: Any, v: Any, out: Any, lse: Any, count: Any, index: Any, bitmap: Any, bits: Any, *,
+                         scale: Optional[float] = None, workspace: Any = None, stream: int = 0) -> None: ...
 def quant_attention_prepare(q: Any, k: Any, v: Any, *, stats: Any, channels: Any, q_codes: Any, q_scale: Any,
                             k_codes: Any, k_scale: Any, v_codes: Any, q_post: float, v_lo: Optional[Any] = None,
                             smooth_k: bool = True,

@@ -179,9 +179,9 @@ def load_bench_module(name: str):
     raise SystemExit(f"benchmarks/bench_{name}.py not found: run from the repository root")
 
 
-BENCHES: Sequence[str] = ("attention", "decode", "gemm", "quant_attention")
+BENCHES: Sequence[str] = ("attention", "decode", "gemm", "quant_attention", "sparse")
 ALIASES = {"quant": "quant_attention"}
-NOT_BUILT = {"sparse": "sparse attention", "kv": "KV-cache compression"}
+NOT_BUILT = {"kv": "KV-cache compression"}
 X_AXES = ("seqlen", "m", "prompt_tokens", "n_new", "seqs")  # the swept parameter, first one present
 # Parameters that vary with the swept one instead of defining a panel (written beside the points).
 ALONG_X = {"decode": ("batch",)}

@@ -124,12 +124,14 @@ pub struct Dims {
     pub softcap: f32,
     pub mask_kind: MaskKind,
     pub varlen: bool,
+    /// Key tiles from a block list (sparse_attention).
+    pub sparse: bool,
 }
 
 impl Dims {
-    /// Query blocks see different numbers of keys (causal, windows, varlen).
+    /// Query blocks see different numbers of keys (causal, windows, varlen, block lists).
     pub fn uneven_tiles(&self) -> bool {
-        self.varlen || self.window_left < WINDOW_NONE || self.window_right < WINDOW_NONE
+        self.varlen || self.sparse || self.window_left < WINDOW_NONE || self.window_right < WINDOW_NONE
     }
 
     /// Softcap, ALiBi or a dense mask: the kernel variant compiled with them is needed.
@@ -292,6 +294,8 @@ pub struct AttentionSm90Spec {
     pub head_dim_pad: usize,
     pub head_dim_v_pad: usize,
     pub extras: bool,
+    /// Key tiles from a block list (sparse_attention; src/ops/sparse.rs).
+    pub sparse: bool,
 }
 
 impl AttentionSm90Spec {
@@ -305,7 +309,13 @@ impl AttentionSm90Spec {
     const L2_BUDGET: usize = 24 << 20;
 
     pub fn for_problem(dtype: DType, head_dim: usize, head_dim_v: usize, extras: bool) -> AttentionSm90Spec {
-        AttentionSm90Spec { dtype, head_dim_pad: head_dim.div_ceil(64) * 64, head_dim_v_pad: head_dim_v.div_ceil(64) * 64, extras }
+        AttentionSm90Spec {
+            dtype,
+            head_dim_pad: head_dim.div_ceil(64) * 64,
+            head_dim_v_pad: head_dim_v.div_ceil(64) * 64,
+            extras,
+            sparse: false,
+        }
     }
 
     /// Precompiled by `warmup` and CI; other pairs compile on first use.
@@ -314,8 +324,11 @@ impl AttentionSm90Spec {
         for dtype in [DType::F16, DType::BF16] {
             for extras in [false, true] {
                 for (d, dv) in [(64, 64), (128, 128), (192, 192), (256, 256), (192, 128)] {
-                    v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: dv, extras });
+                    v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: dv, extras, sparse: false });
                 }
+            }
+            for d in [64, 128] {
+                v.push(AttentionSm90Spec { dtype, head_dim_pad: d, head_dim_v_pad: d, extras: false, sparse: true });
             }
         }
         v
@@ -338,14 +351,15 @@ impl AttentionSm90Spec {
     }
 
     pub fn name(&self) -> String {
-        variant_name("attention_fwd_sm90", self.dtype, self.head_dim_pad, self.head_dim_v_pad, self.extras)
+        let prefix = if self.sparse { "sparse_attention_sm90" } else { "attention_fwd_sm90" };
+        variant_name(prefix, self.dtype, self.head_dim_pad, self.head_dim_v_pad, self.extras)
     }
 
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"attention_sm90.cu\"\n\
              extern \"C\" __global__ void __launch_bounds__({threads}, 1) {name}(const __grid_constant__ AttentionSm90Params p) {{\n\
-             \x20   attention_fwd_sm90<Sm90Dense<{t}, {d}, {dv}, {bn}>, {stages}, {x}>(p);\n}}\n",
+             \x20   attention_fwd_sm90<Sm90Dense<{t}, {d}, {dv}, {bn}>, {stages}, {x}, {sp}>(p);\n}}\n",
             threads = Self::THREADS,
             name = self.name(),
             t = ctype(self.dtype),
@@ -354,6 +368,7 @@ impl AttentionSm90Spec {
             bn = self.block_n(),
             stages = Self::STAGES,
             x = self.extras,
+            sp = self.sparse,
         );
         KernelSource { name: self.name(), source, sm_range: (90, 90) }
     }
@@ -408,6 +423,21 @@ pub(crate) struct AttentionSm90Params {
     pub sched: TileSched,
     pub tiles: i32,
     pub counter: u64,
+    pub list: TileList,
+}
+
+/// Mirrors `struct TileList` in kernels/attention_sm90.cu: sparse_attention's key tiles (all
+/// zero for dense attention).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TileList {
+    pub count: u64,
+    pub index: u64,
+    pub bitmap: u64,
+    pub bits: u64,
+    pub sb: i64,
+    pub sh: i64,
+    pub max: i32,
 }
 
 /// Which kernel family runs on the GPU: FERROKERNELS_ATTENTION_PATH=sm80|sm90|auto (default
@@ -555,7 +585,7 @@ pub(crate) fn window_side(x: i64, which: &str) -> Result<i64> {
     }
 }
 
-fn check(a: &AttentionArgs) -> Result<Dims> {
+pub(crate) fn check(a: &AttentionArgs) -> Result<Dims> {
     let (q, k, v, out) = (a.q, a.k, a.v, a.out);
     for t in [k, v, out] {
         t.expect_same_device(q)?;
@@ -654,6 +684,7 @@ fn check(a: &AttentionArgs) -> Result<Dims> {
         softcap: a.softcap as f32,
         mask_kind,
         varlen,
+        sparse: false,
     })
 }
 
@@ -693,7 +724,7 @@ fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Res
     let params = kernel_params(a, d);
     let path = kernel_path()?;
     if path != KernelPath::Sm80 && dev.arch == "sm_90a" {
-        match launch_sm90(dev, a, d, params, stream) {
+        match launch_sm90(dev, a, d, params, None, stream) {
             Ok(()) => return Ok(()),
             // The layout is outside what TMA can address: the portable kernel takes it.
             Err(Error::Layout(_)) if path == KernelPath::Auto => {}
@@ -807,8 +838,16 @@ impl Sm90Grid {
     }
 }
 
-fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: AttentionParams, stream: usize) -> Result<()> {
-    let spec = AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a));
+/// The Hopper kernel over the causal/window key range, or over `list` (sparse_attention).
+pub(crate) fn launch_sm90(
+    dev: &driver::Device,
+    a: &AttentionArgs,
+    d: &Dims,
+    params: AttentionParams,
+    list: Option<TileList>,
+    stream: usize,
+) -> Result<()> {
+    let spec = AttentionSm90Spec { sparse: list.is_some(), ..AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a)) };
     let smem = spec.smem_bytes();
     if smem as i32 > dev.max_smem_optin {
         return Err(Error::Layout(format!("{} needs {smem} bytes of shared memory", spec.name())));
@@ -823,6 +862,7 @@ fn launch_sm90(dev: &driver::Device, a: &AttentionArgs, d: &Dims, params: Attent
         sched: grid.sched,
         tiles: grid.tiles,
         counter: grid.counter.unwrap_or(0),
+        list: list.unwrap_or_default(),
     };
     grid.launch(dev, &spec.kernel(), smem, stream, &mut p as *mut AttentionSm90Params as *mut c_void)
 }
@@ -867,6 +907,7 @@ mod tests {
             softcap: 0.0,
             mask_kind: MaskKind::None,
             varlen: false,
+            sparse: false,
         };
         // 8 MB of K/V per head: 3 heads in 24 MB.
         let s = TileSched::new(&dims(16384, 16, 128, false), 132, false);
@@ -885,10 +926,13 @@ mod tests {
         // Three 128-byte tensor maps, then the shared block at offset 384, padded to 64 bytes.
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, p), 384);
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, sched), 704);
-        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 768);
+        // The tile list (4 pointers, 2 strides, an int: 56 bytes, 8-aligned) after the counter.
+        assert_eq!(std::mem::offset_of!(AttentionSm90Params, list), 736);
+        assert_eq!(std::mem::size_of::<TileList>(), 56);
+        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 832);
         let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96, true);
         assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128_x", 128));
-        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Dense<__nv_bfloat16, 128, 128, 128>, 2, true>"));
+        assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Dense<__nv_bfloat16, 128, 128, 128>, 2, true, false>"));
         for s in AttentionSm90Spec::all() {
             assert!(s.smem_bytes() <= 232_448, "{} needs {} bytes", s.name(), s.smem_bytes());
         }

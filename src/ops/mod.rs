@@ -6,6 +6,7 @@ pub mod decode;
 pub mod gemm;
 pub mod gemm_w8a8;
 pub mod quant_attention;
+pub mod sparse;
 
 use crate::cuda::KernelSource;
 

@@ -12,8 +12,8 @@ use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
 use crate::cuda::tma::{self, TensorMap};
 use crate::ops::attention::{
-    self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, VARLEN_LAYOUT, Varlen, WINDOW_NONE,
-    ctype, shape_err,
+    self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, TileList, VARLEN_LAYOUT, Varlen,
+    WINDOW_NONE, ctype, shape_err,
 };
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
@@ -537,6 +537,7 @@ fn check_forward(a: &QuantArgs) -> Result<Dims> {
         softcap: 0.0,
         mask_kind: MaskKind::None,
         varlen: a.varlen.is_some(),
+        sparse: false,
     })
 }
 
@@ -600,6 +601,7 @@ pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
             sched: grid.sched,
             tiles: grid.tiles,
             counter: grid.counter.unwrap_or(0),
+            list: TileList::default(),
         },
         tv_lo: a.v_lo.map_or(Ok(TensorMap::ZERO), |t| byte_map(t, v_box))?,
         q_scale: a.q_scale.ptr as u64,

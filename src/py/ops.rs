@@ -12,6 +12,7 @@ use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
+use crate::ops::sparse::{self, SparseArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -74,6 +75,43 @@ fn attention_fwd(
     args.softcap = softcap;
     args.workspace = view(&workspace);
     py.detach(|| attention::forward(&args, stream)).map_err(to_py)
+}
+
+/// sparse_attention_fwd(q, k, v, out, lse, count, index, bitmap, bits, *, scale, workspace,
+/// stream): the block-list kernel (see ops::sparse; python/ferrokernels/sparse.py builds the
+/// lists).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, count, index, bitmap, bits, *, scale=None, workspace=None, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_attention_fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    count: &Bound<'_, PyAny>,
+    index: &Bound<'_, PyAny>,
+    bitmap: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    scale: Option<f64>,
+    workspace: Option<&Bound<'_, PyAny>>,
+    stream: usize,
+) -> PyResult<()> {
+    let (q, k, v) = (import(q, "q", stream, false)?, import(k, "k", stream, false)?, import(v, "v", stream, false)?);
+    let out = import(out, "out", stream, true)?;
+    let lse = import_opt(lse, "lse", stream, true)?;
+    let count = import(count, "block_mask (tile counts)", stream, false)?;
+    let index = import(index, "block_mask (tile indices)", stream, false)?;
+    let bitmap = import(bitmap, "block_mask (tile bitmaps)", stream, false)?;
+    let bits = import(bits, "block_mask (bitmap rows)", stream, false)?;
+    let workspace = import_opt(workspace, "workspace", stream, true)?;
+    let mut attn = AttentionArgs::new(&q.view, &k.view, &v.view, &out.view);
+    attn.lse = view(&lse);
+    attn.scale = scale;
+    attn.workspace = view(&workspace);
+    let args = SparseArgs { attn, count: &count.view, index: &index.view, bitmap: &bitmap.view, bits: &bits.view };
+    py.detach(|| sparse::forward(&args, stream)).map_err(to_py)
 }
 
 /// Both offset tensors or neither.
@@ -561,6 +599,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemm_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;

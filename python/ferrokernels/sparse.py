@@ -1,0 +1,475 @@
+"""Block-sparse attention.
+
+A :class:`BlockMask` says, per (batch, head, query block), which key blocks a block of queries
+attends to, in FlexAttention's layout: ``kv_num_blocks`` / ``kv_indices`` list the *partial*
+blocks (masked element by element with ``mask_mod``), ``full_kv_num_blocks`` /
+``full_kv_indices`` the *full* ones (every key visible to every query, nothing evaluated).
+Blocks are 64 or 128 tokens square. ``sparse_attention`` computes exact attention under that
+mask: the cost follows the listed blocks, not the sequence length squared.
+
+On an sm_90 GPU (head dims up to 128, float16/bfloat16) the Hopper attention kernel walks, per
+128-row query block, a list of 128-key tiles built once per mask (``BlockMask.tiles``): whole
+tiles need no masking, partial ones carry a 128 x 128 bitmap (identical bitmaps are stored
+once: the diagonal tiles of a causal mask share one). Elsewhere (CPU, other GPUs) the mask is
+expanded to a dense boolean mask and the dense kernel runs under it; that is exact but costs
+memory of seqlen_q x seqlen_k per distinct (batch, head) of the mask.
+
+``mask_mod(b, h, q_idx, kv_idx) -> bool`` is called with broadcastable int64 tensors (as a
+vectorised torch function, not per element), so write it with tensor operations:
+``lambda b, h, q, kv: q >= kv`` is causal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+from . import _native
+from ._runtime import ShapeError, empty, expect_rank, float32_of, is_torch, stream_of, torch
+from .attention import LAYOUT, _dense
+
+TILE = 128        # the kernel's query block and key tile (src/ops/sparse.rs: TILE)
+_CHUNK = 1 << 24  # mask elements evaluated at once
+
+
+def _check_int32(x, name, rank):
+    if not is_torch(x) or x.dtype != torch.int32 or x.ndim != rank:
+        raise ShapeError(f"{name} must be a {rank}-D int32 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+
+
+def _present(num, idx, n_kv):
+    """(B, H, QB, KB) bool from a count + index list (entries past the count are ignored)."""
+    b, h, qb = num.shape
+    pos = torch.arange(idx.shape[-1], device=idx.device)
+    valid = pos < num[..., None].long()
+    out = torch.zeros((b, h, qb, n_kv + 1), dtype=torch.bool, device=idx.device)
+    # Invalid entries go to a spare column that is dropped.
+    out.scatter_(-1, torch.where(valid, idx.long(), n_kv), True)
+    return out[..., :n_kv]
+
+
+class BlockMask:
+    """Key blocks per (batch, head, query block), as FlexAttention's ``BlockMask``.
+
+    Parameters
+    ----------
+    kv_num_blocks, kv_indices : int32 ``(B, H, QB)`` and ``(B, H, QB, K)``
+        The partial blocks of each query block (ascending or not); their elements are masked
+        with ``mask_mod`` (all visible when it is None).
+    full_kv_num_blocks, full_kv_indices : optional, the same shapes
+        Blocks with every element visible. A block in both lists counts as full.
+    seq_lengths : (q_len, kv_len)
+        ``QB = ceil(q_len / block_size)``; indices lie in ``[0, ceil(kv_len / block_size))``.
+    block_size : 64 or 128
+        Square blocks.
+    mask_mod : callable, optional
+        ``mask_mod(b, h, q_idx, kv_idx)`` on broadcastable int64 tensors, True = attend.
+
+    ``B`` and ``H`` may be 1: the mask is shared by every batch entry / head.
+    """
+
+    def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None, *,
+                 seq_lengths: Tuple[int, int], block_size: int = 128, mask_mod: Optional[Callable] = None):
+        if block_size not in (64, 128):
+            raise ValueError(f"block_size must be 64 or 128, got {block_size!r}")
+        if (not isinstance(seq_lengths, (tuple, list)) or len(seq_lengths) != 2
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in seq_lengths)):
+            raise ValueError(f"seq_lengths must be (q_len, kv_len) of ints >= 0, got {seq_lengths!r}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        self.block_size = block_size
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.mask_mod = mask_mod
+        qb, kb = (math.ceil(n / block_size) for n in self.seq_lengths)
+        lists = [("kv_num_blocks", kv_num_blocks, "kv_indices", kv_indices)]
+        if full_kv_num_blocks is not None:
+            lists.append(("full_kv_num_blocks", full_kv_num_blocks, "full_kv_indices", full_kv_indices))
+        for num_name, num, idx_name, idx in lists:
+            _check_int32(num, num_name, 3)
+            _check_int32(idx, idx_name, 4)
+            if num.shape[2] != qb or tuple(idx.shape[:3]) != tuple(num.shape) or idx.device != num.device:
+                raise ShapeError(f"{num_name} must be (B, H, {qb}) and {idx_name} (B, H, {qb}, K) on one device "
+                                 f"for q_len {self.seq_lengths[0]} in blocks of {block_size}; got "
+                                 f"{tuple(num.shape)} and {tuple(idx.shape)}")
+            if tuple(num.shape[:2]) != tuple(kv_num_blocks.shape[:2]) or num.device != kv_num_blocks.device:
+                raise ShapeError(f"{num_name} must have kv_num_blocks' (B, H) {tuple(kv_num_blocks.shape[:2])} "
+                                 f"and device, got {tuple(num.shape[:2])} on {num.device}")
+            # One host sync, once per mask: the kernel trusts these bounds.
+            if num.numel() and (int(num.min()) < 0 or int(num.max()) > idx.shape[-1]):
+                raise ValueError(f"{num_name} must lie in [0, {idx.shape[-1]}] (the length of {idx_name})")
+            used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+            if used.any() and (int(idx[used].min()) < 0 or int(idx[used].max()) >= kb):
+                raise ValueError(f"{idx_name} must lie in [0, {kb}) for kv_len {self.seq_lengths[1]} "
+                                 f"in blocks of {block_size}")
+        self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
+        self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
+        self._tiles = None
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(B, H, q_len, kv_len), B and H possibly 1 (shared)."""
+        b, h = self.kv_num_blocks.shape[:2]
+        return (b, h) + self.seq_lengths
+
+    @property
+    def device(self):
+        return self.kv_num_blocks.device
+
+    def __repr__(self):
+        return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, density={self.density():.3f}, "
+                f"mask_mod={'set' if self.mask_mod else None})")
+
+    # --- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def from_blocks(cls, blocks, *, seq_lengths, block_size: int = 128, full=None,
+                    mask_mod: Optional[Callable] = None) -> "BlockMask":
+        """From a bool ``(B, H, QB, KB)`` matrix of attended blocks. ``full`` (same shape)
+        marks those whose elements are all visible; the others are masked with ``mask_mod``.
+        Without ``full`` and ``mask_mod`` every attended block is full."""
+        if not is_torch(blocks) or blocks.dtype != torch.bool or blocks.ndim != 4:
+            raise ShapeError(f"blocks must be a 4-D bool tensor (B, H, QB, KB), got "
+                             f"{getattr(blocks, 'dtype', type(blocks).__name__)} {tuple(getattr(blocks, 'shape', ()))}")
+        if full is None:
+            full = blocks if mask_mod is None else torch.zeros_like(blocks)
+        elif not is_torch(full) or full.shape != blocks.shape or full.dtype != torch.bool:
+            raise ShapeError(f"full must be a bool tensor shaped like blocks {tuple(blocks.shape)}")
+        full = full & blocks
+        partial = blocks & ~full
+        num, idx = _to_lists(partial)
+        fnum, fidx = _to_lists(full)
+        return cls(num, idx, fnum, fidx, seq_lengths=tuple(seq_lengths), block_size=block_size, mask_mod=mask_mod)
+
+    @classmethod
+    def from_mask_mod(cls, mask_mod: Callable, B: Optional[int], H: Optional[int], q_len: int, kv_len: int, *,
+                      block_size: int = 128, device="cpu", candidates=None) -> "BlockMask":
+        """Evaluates ``mask_mod`` on every (query, key) pair of every block (vectorised, in
+        chunks, on ``device``) and classifies each block as empty, partial or full. ``B`` / ``H``
+        None: the mask does not depend on them and is shared (as FlexAttention's
+        ``create_block_mask``). ``candidates``, a bool ``(B | 1, H | 1, QB, KB)`` superset of
+        the attended blocks, limits the evaluation to those blocks (the pattern builders
+        below pass one, so long sequences cost their blocks, not q_len x kv_len)."""
+        nb, nh = B or 1, H or 1
+        qb, kb = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
+        if candidates is None:
+            candidates = torch.ones((1, 1, qb, kb), dtype=torch.bool, device=device)
+        candidates = candidates.to(device).expand(nb, nh, qb, kb)
+        anyb = torch.zeros((nb, nh, qb, kb), dtype=torch.bool, device=device)
+        allb = torch.zeros_like(anyb)
+        where = candidates.nonzero()
+        arange = torch.arange(block_size, device=device)
+        step = max(1, _CHUNK // (block_size * block_size))
+        for c0 in range(0, len(where), step):
+            w = where[c0: c0 + step]
+            rows = w[:, 2, None] * block_size + arange  # (P, bs)
+            cols = w[:, 3, None] * block_size + arange
+            inside = (rows < q_len)[:, :, None] & (cols < kv_len)[:, None, :]
+            m = torch.as_tensor(mask_mod(w[:, 0, None, None], w[:, 1, None, None],
+                                         rows.clamp(max=q_len - 1)[:, :, None],
+                                         cols.clamp(max=kv_len - 1)[:, None, :]), device=device)
+            m = m.to(torch.bool).expand(len(w), block_size, block_size)
+            # Padding past the sequence: absent for "any", visible for "all".
+            at = (w[:, 0], w[:, 1], w[:, 2], w[:, 3])
+            anyb[at] = (m & inside).flatten(1).any(1)
+            allb[at] = (m | ~inside).flatten(1).all(1)
+        return cls.from_blocks(anyb, seq_lengths=(q_len, kv_len), block_size=block_size, full=allb,
+                               mask_mod=mask_mod)
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def to_blocks(self):
+        """(attended, full): bool ``(B, H, QB, KB)``."""
+        kb = math.ceil(self.seq_lengths[1] / self.block_size)
+        present = _present(self.kv_num_blocks, self.kv_indices, kb)
+        full = torch.zeros_like(present)
+        if self.full_kv_num_blocks is not None:
+            full = _present(self.full_kv_num_blocks, self.full_kv_indices, kb)
+        return present | full, full
+
+    def density(self) -> float:
+        """The fraction of (query block, key block) pairs attended."""
+        present, _ = self.to_blocks()
+        return float(present.float().mean()) if present.numel() else 0.0
+
+    def to_dense(self):
+        """bool ``(B, H, q_len, kv_len)``, True = attend: the element mask this BlockMask means."""
+        present, full = self.to_blocks()
+        nq, nk = self.seq_lengths
+        rows = torch.arange(nq, device=self.device) // self.block_size
+        cols = torch.arange(nk, device=self.device) // self.block_size
+        p = present[:, :, rows][..., cols]
+        f = full[:, :, rows][..., cols]
+        if self.mask_mod is None:
+            return p
+        b, h = p.shape[:2]
+        m = self._mod(torch.arange(b, device=self.device).view(b, 1, 1, 1),
+                      torch.arange(h, device=self.device).view(1, h, 1, 1),
+                      torch.arange(nq, device=self.device).view(1, 1, nq, 1),
+                      torch.arange(nk, device=self.device).view(1, 1, 1, nk))
+        return f | (p & m)
+
+    def _mod(self, b, h, q, kv):
+        return torch.as_tensor(self.mask_mod(b, h, q, kv), device=self.device).to(torch.bool)
+
+    def tiles(self, device=None):
+        """The kernel's lists at 128 x 128 tiles (built once, cached): per (B, H, 128-row query
+        block) the count, the ascending key tiles and their bitmap indices (-1 = whole), and
+        the bitmaps, int32 ``(n, 128, 4)``."""
+        device = torch.device(device) if device is not None else self.device
+        if self._tiles is None:
+            # Built where the mask lives (its mask_mod may hold tensors there), then moved.
+            self._tiles = _kernel_tiles(self, self.device)
+        if self._tiles[0].device != device:
+            self._tiles = tuple(t.to(device) for t in self._tiles)
+        return self._tiles
+
+    def to_flex(self):
+        """The same mask as torch's FlexAttention ``BlockMask`` (for comparisons)."""
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+        mod = self.mask_mod
+        kwargs = dict(BLOCK_SIZE=self.block_size, seq_lengths=self.seq_lengths)
+        if mod is not None:
+            kwargs["mask_mod"] = mod
+        return FlexBlockMask.from_kv_blocks(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
+                                            self.full_kv_indices, **kwargs)
+
+
+def _to_lists(blocks):
+    """(count, ascending indices) int32 from a bool (B, H, QB, KB) block matrix."""
+    kb = blocks.shape[-1]
+    col = torch.arange(kb, device=blocks.device)
+    order = torch.where(blocks, col, kb + col).argsort(dim=-1)
+    return blocks.sum(-1).to(torch.int32), order.to(torch.int32).contiguous()
+
+
+def _coarsen(x, f, fill):
+    """Merges f x f blocks of the last two axes (with `all` for fill=True, `any` for False)."""
+    if f == 1:
+        return x
+    pq, pk = (-x.shape[2]) % f, (-x.shape[3]) % f
+    x = torch.nn.functional.pad(x, (0, pk, 0, pq), value=fill)
+    b, h, qb, kb = x.shape
+    x = x.view(b, h, qb // f, f, kb // f, f)
+    return x.all(5).all(3) if fill else x.any(5).any(3)
+
+
+def _pack_bits(m):
+    """bool (P, 128, 128) -> int32 (P, 128, 4): bit c of word w = column 32 w + c."""
+    weights = (1 << torch.arange(32, device=m.device, dtype=torch.int64))
+    words = (m.view(m.shape[0], TILE, TILE // 32, 32).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _kernel_tiles(bm: BlockMask, device):
+    present, full = (x.to(device) for x in bm.to_blocks())
+    f = TILE // bm.block_size
+    p_t = _coarsen(present, f, False)
+    # Sub-blocks past the sequence (padding to whole tiles) hide nothing: whole for `all`.
+    f_t = _coarsen(full, f, True) & p_t
+    partial = p_t & ~f_t
+    b, h, qt, kt = p_t.shape
+    bitmap_of = torch.full((b, h, qt, kt), -1, dtype=torch.int32, device=device)
+    where = partial.nonzero()
+    bits = torch.zeros((1, TILE, TILE // 32), dtype=torch.int32, device=device)
+    if len(where):
+        words = []
+        arange = torch.arange(TILE, device=device)
+        for c0 in range(0, len(where), max(1, _CHUNK // (TILE * TILE))):
+            w = where[c0: c0 + _CHUNK // (TILE * TILE)]
+            rows = w[:, 2, None] * TILE + arange            # (P, 128)
+            cols = w[:, 3, None] * TILE + arange
+            rs = (rows // bm.block_size).clamp(max=present.shape[2] - 1)
+            cs = (cols // bm.block_size).clamp(max=present.shape[3] - 1)
+            bi, hi = w[:, 0, None, None], w[:, 1, None, None]
+            sub_p = present[bi, hi, rs[:, :, None], cs[:, None, :]]
+            sub_f = full[bi, hi, rs[:, :, None], cs[:, None, :]]
+            m = sub_f | sub_p
+            if bm.mask_mod is not None:
+                # Positions past the sequence (the tile's padding) are asked as the last one,
+                # so a mask_mod that indexes per-token tensors stays in bounds.
+                qi = rows.clamp(max=max(bm.seq_lengths[0] - 1, 0))[:, :, None]
+                ki = cols.clamp(max=max(bm.seq_lengths[1] - 1, 0))[:, None, :]
+                m = sub_f | (sub_p & bm._mod(bi, hi, qi, ki).to(device))
+            words.append(_pack_bits(m))
+        words = torch.cat(words)
+        bits, inverse = torch.unique(words.view(len(words), -1), dim=0, return_inverse=True)
+        bits = bits.view(-1, TILE, TILE // 32).contiguous()
+        bitmap_of[where[:, 0], where[:, 1], where[:, 2], where[:, 3]] = inverse.to(torch.int32)
+    count, order = _to_lists(p_t)
+    width = max(1, int(count.max()) if count.numel() else 1)
+    index = order[..., :width].contiguous()
+    bitmap = torch.gather(bitmap_of, -1, index.long()).contiguous()
+    return count.contiguous(), index, bitmap, bits
+
+
+def _check(q, k, v, block_mask):
+    expect_rank(q, 4, "q", LAYOUT)
+    expect_rank(k, 4, "k", LAYOUT)
+    expect_rank(v, 4, "v", LAYOUT)
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a ferrokernels.BlockMask, got {type(block_mask).__name__}")
+    mb, mh, mq, mk = block_mask.shape
+    b, nq, hq, _ = q.shape
+    if (mq, mk) != (nq, k.shape[1]):
+        raise ShapeError(f"block_mask covers {mq} queries x {mk} keys, but q has {nq} and k {k.shape[1]}")
+    if mb not in (1, b) or mh not in (1, hq):
+        raise ShapeError(f"block_mask's (B, H) = ({mb}, {mh}) must be (1 or {b}, 1 or {hq}) for q's batch and heads")
+
+
+def _hopper(q, v) -> bool:
+    return (is_torch(q) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and max(q.shape[-1], v.shape[-1]) <= TILE and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
+def sparse_attention(q, k, v, block_mask: BlockMask, *, scale: Optional[float] = None, return_lse: bool = False,
+                     out=None):
+    """Exact attention ``softmax(scale * q @ k^T + mask) @ v`` under ``block_mask``.
+
+    q ``(batch, seqlen_q, heads_q, head_dim)``, k / v ``(batch, seqlen_k, heads_kv, head_dim)``
+    (GQA: ``heads_q`` a multiple of ``heads_kv``). ``block_mask`` covers ``(seqlen_q,
+    seqlen_k)``, with a batch / head axis of the inputs' size or 1. Rows that see no key
+    return 0 (LSE ``-inf``). Returns out ``(batch, seqlen_q, heads_q, head_dim_v)``, and with
+    ``return_lse`` the float32 natural-log LSE ``(batch, heads_q, seqlen_q)``.
+    """
+    _check(q, k, v, block_mask)
+    if not _hopper(q, v):
+        mask = block_mask.to_dense().to(q.device) if is_torch(q) else block_mask.to_dense().numpy()
+        o, lse = _dense(q, k, v, out, causal=False, scale=scale, window=(-1, -1), softcap=0.0, alibi=None,
+                        mask=mask, return_lse=return_lse)
+        return (o, lse) if return_lse else o
+    if out is None:
+        out = empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
+    lse = empty(q, (q.shape[0], q.shape[2], q.shape[1]), float32_of(q)) if return_lse else None
+    count, index, bitmap, bits = block_mask.tiles(q.device)
+    workspace = torch.empty(1, dtype=torch.int32, device=q.device)
+    _native.sparse_attention_fwd(q, k, v, out, lse, count, index, bitmap, bits,
+                                 scale=None if scale is None else float(scale), workspace=workspace,
+                                 stream=stream_of(q))
+    return (out, lse) if return_lse else out
+
+
+# --- patterns --------------------------------------------------------------------------------
+# Each builder returns a BlockMask for (q_len, kv_len) with the causal diagonal aligned
+# bottom-right (query i sits at key position i + kv_len - q_len), as ferrokernels.attention's
+# causal. Blocks are classified exactly (partial blocks keep the element mask); only the
+# blocks a cheap block-level bound admits are evaluated.
+
+def _grid(q_len, kv_len, block_size, device):
+    """Per block (QB, KB): the least and largest distance (query position - key) inside it and
+    the first key, for the block-level bounds."""
+    off = kv_len - q_len
+    qb = torch.arange(math.ceil(q_len / block_size), device=device)[:, None] * block_size
+    kb = torch.arange(math.ceil(kv_len / block_size), device=device)[None, :] * block_size
+    d_min = qb + off - (kb + block_size - 1)
+    d_max = qb + block_size - 1 + off - kb
+    return d_min, d_max, kb
+
+
+def _pattern(mod, q_len, kv_len, candidates, block_size, device, heads=None):
+    return BlockMask.from_mask_mod(mod, None, heads, q_len, kv_len, block_size=block_size, device=device,
+                                   candidates=candidates[None, None] if candidates.ndim == 2 else candidates)
+
+
+def causal_mask(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> BlockMask:
+    """Causal attention (bottom-right): the blocks below the diagonal full, the diagonal ones
+    masked per element."""
+    off = kv_len - q_len
+    d_min, d_max, _ = _grid(q_len, kv_len, block_size, device)
+    return _pattern(lambda b, h, q, kv: kv <= q + off, q_len, kv_len, d_max >= 0, block_size, device)
+
+
+def sliding_window(q_len: int, kv_len: int, window: int, *, causal: bool = True, block_size: int = 128,
+                   device="cpu") -> BlockMask:
+    """Local attention (Longformer / Mistral's sliding window): a query sees the ``window``
+    keys ending at its own position (causal), or the keys within ``window - 1`` of it on both
+    sides (``causal=False``)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    off = kv_len - q_len
+    d_min, d_max, _ = _grid(q_len, kv_len, block_size, device)
+    if causal:
+        mod = lambda b, h, q, kv: (kv <= q + off) & (q + off - kv < window)  # noqa: E731
+        cand = (d_max >= 0) & (d_min < window)
+    else:
+        mod = lambda b, h, q, kv: (q + off - kv).abs() < window  # noqa: E731
+        cand = (d_max > -window) & (d_min < window)
+    return _pattern(mod, q_len, kv_len, cand, block_size, device)
+
+
+def streaming(q_len: int, kv_len: int, sink: int = 128, recent: int = 1024, *, block_size: int = 128,
+              device="cpu") -> BlockMask:
+    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention
+    Sinks"): causal, each query sees the first ``sink`` keys and the ``recent`` keys up to
+    itself."""
+    off = kv_len - q_len
+    d_min, d_max, k0 = _grid(q_len, kv_len, block_size, device)
+    mod = lambda b, h, q, kv: (kv <= q + off) & ((kv < sink) | (q + off - kv < recent))  # noqa: E731
+    return _pattern(mod, q_len, kv_len, (d_max >= 0) & ((k0 < sink) | (d_min < recent)), block_size, device)
+
+
+def a_shape(q_len: int, kv_len: int, sink_blocks: int = 1, local_blocks: int = 4, *, block_size: int = 64,
+            device="cpu") -> BlockMask:
+    """MInference's A-shape head (Jiang et al., 2024, "MInference 1.0"): the first
+    ``sink_blocks`` key blocks and the ``local_blocks`` blocks up to the query's own, in whole
+    blocks (causal inside the diagonal block)."""
+    off = kv_len - q_len
+
+    def mod(b, h, q, kv):
+        qb, kb = (q + off) // block_size, kv // block_size
+        return (kv <= q + off) & ((kb < sink_blocks) | (qb - kb < local_blocks))
+    d_min, d_max, k0 = _grid(q_len, kv_len, block_size, device)
+    cand = (d_max >= 0) & ((k0 < sink_blocks * block_size) | (d_min < (local_blocks + 1) * block_size))
+    return _pattern(mod, q_len, kv_len, cand, block_size, device)
+
+
+def duo_attention(q_len: int, kv_len: int, retrieval_heads, sink: int = 128, recent: int = 1024, *,
+                  block_size: int = 128, device="cpu") -> BlockMask:
+    """DuoAttention (Xiao et al., 2024, "DuoAttention: Efficient Long-Context LLM Inference with
+    Retrieval and Streaming Heads"): per head, retrieval heads (``retrieval_heads[h]`` True)
+    attend causally to everything, streaming heads to sink + recent keys as StreamingLLM."""
+    ret = torch.as_tensor(retrieval_heads, dtype=torch.bool, device=device).flatten()
+    off = kv_len - q_len
+
+    def mod(b, h, q, kv):
+        return (kv <= q + off) & (ret[h] | (kv < sink) | (q + off - kv < recent))
+    d_min, d_max, k0 = _grid(q_len, kv_len, block_size, device)
+    cand = (d_max >= 0)[None, None] & (ret.view(1, -1, 1, 1) | ((k0 < sink) | (d_min < recent))[None, None])
+    return _pattern(mod, q_len, kv_len, cand, block_size, device, heads=len(ret))
+
+
+def strided(q_len: int, kv_len: int, heads: int, local_blocks: int = 4, stride: int = 8, *,
+            block_size: int = 128, device="cpu") -> BlockMask:
+    """S2-Attention (Lin et al., 2024, "S2-Attention: Hardware-Aware Context Sharding Among
+    Attention Heads"): each head sees its ``local_blocks`` nearest key blocks and every
+    ``stride``-th block from a head-dependent offset (``h % stride``), so the heads together
+    cover the whole context. Causal."""
+    off = kv_len - q_len
+
+    def mod(b, h, q, kv):
+        qb, kb = (q + off) // block_size, kv // block_size
+        return (kv <= q + off) & ((qb - kb < local_blocks) | (kb % stride == h % stride))
+    d_min, d_max, k0 = _grid(q_len, kv_len, block_size, device)
+    shard = (k0 // block_size % stride)[None] == (torch.arange(heads, device=device) % stride).view(-1, 1, 1)
+    cand = (d_max >= 0) & (shard | (d_min < (local_blocks + 1) * block_size))
+    return _pattern(mod, q_len, kv_len, cand[None], block_size, device, heads=heads)
+
+
+def power(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> BlockMask:
+    """PowerAttention (Chen et al., 2025, "PowerAttention: Exponentially Scaling of Receptive
+    Fields for Effective Sparse Attention"): a query block sees its own block and the blocks
+    2^k blocks before it (k = 0, 1, 2, ...), so any key is reached within log2(n) layers.
+    Causal."""
+    off = kv_len - q_len
+
+    def mod(b, h, q, kv):
+        d = (q + off) // block_size - kv // block_size
+        return (kv <= q + off) & ((d == 0) | ((d > 0) & ((d & (d - 1)) == 0)))
+    qb = torch.arange(math.ceil(q_len / block_size), device=device)[:, None]
+    kb = torch.arange(math.ceil(kv_len / block_size), device=device)[None, :]
+    # Block distances of the keys a query block can hold (its rows may straddle two key blocks).
+    lo = (qb * block_size + off) // block_size - kb
+    hi = ((qb + 1) * block_size - 1 + off) // block_size - kb
+    pow2 = lambda d: (d == 0) | ((d > 0) & ((d & (d - 1)) == 0))  # noqa: E731
+    cand = (hi >= 0) & (pow2(lo) | pow2(hi) | (hi - lo > 1))
+    return _pattern(mod, q_len, kv_len, cand, block_size, device)

@@ -1,0 +1,112 @@
+//! Block-sparse attention: the Hopper attention kernel walking, per (batch, head, query block
+//! of 128 rows), a list of 128-key tiles instead of the causal/window range. A listed tile is
+//! whole (no per-element mask beyond the sequence's end) or partial, with a 128 x 128 bitmap.
+//! python/ferrokernels/sparse.py builds the lists from a `BlockMask` (FlexAttention's layout,
+//! blocks of 64 or 128) and runs the CPU path (the dense kernel under the expanded mask).
+
+use crate::cuda::driver;
+use crate::dlpack::{DType, Device, TensorView};
+use crate::error::{Error, Result};
+use crate::ops::attention::{self, AttentionArgs, TileList, shape_err};
+use crate::ops::gemm::expect_contiguous;
+
+/// Rows of a query block and keys of a key tile in the lists.
+pub const TILE: usize = 128;
+
+/// One call: q, k, v, out, lse, scale and workspace in `attn` (no other attention option), and
+/// the tile lists, whose batch and head axes are either full or 1 (one mask for all).
+#[derive(Debug, Clone, Copy)]
+pub struct SparseArgs<'a> {
+    pub attn: AttentionArgs<'a>,
+    /// int32 (batch | 1, heads_q | 1, q_tiles): listed key tiles per query block.
+    pub count: &'a TensorView,
+    /// int32 (batch | 1, heads_q | 1, q_tiles, max): the key tiles, ascending.
+    pub index: &'a TensorView,
+    /// int32, index's shape: -1 for a whole tile, else the tile's bitmap in `bits`.
+    pub bitmap: &'a TensorView,
+    /// int32 (bitmaps, 128, 4): row r, bit c of word w set = key 32 w + c visible to row r.
+    pub bits: &'a TensorView,
+}
+
+fn check_lists(a: &SparseArgs, batch: usize, heads: usize, q_tiles: usize) -> Result<(i64, i64, usize)> {
+    let q = a.attn.q;
+    for t in [a.count, a.index, a.bitmap, a.bits] {
+        t.expect_same_device(q)?;
+        t.expect_dtype(&[DType::I32])?;
+        expect_contiguous(t)?;
+    }
+    let c = a.count;
+    c.expect_rank(3, "(batch | 1, heads_q | 1, q_tiles)")?;
+    if (c.dim(0) != 1 && c.dim(0) != batch) || (c.dim(1) != 1 && c.dim(1) != heads) || c.dim(2) != q_tiles {
+        return shape_err(format!(
+            "{} must be ({batch} or 1, {heads} or 1, {q_tiles}) for q of batch {batch}, {heads} heads and \
+             {q_tiles} blocks of {TILE} rows, got {:?}",
+            c.name, c.shape
+        ));
+    }
+    a.index.expect_rank(4, "(batch | 1, heads_q | 1, q_tiles, max)")?;
+    let max = a.index.dim(3);
+    let want = [c.dim(0) as i64, c.dim(1) as i64, q_tiles as i64, max as i64];
+    a.index.expect_shape(&want)?;
+    a.bitmap.expect_shape(&want)?;
+    if max == 0 || max > i32::MAX as usize {
+        return shape_err(format!("{} must hold at least one tile per query block", a.index.name));
+    }
+    a.bits.expect_rank(3, "(bitmaps, 128, 4)")?;
+    if a.bits.dim(0) == 0 || a.bits.dim(1) != TILE || a.bits.dim(2) != TILE / 32 {
+        return shape_err(format!("{} must be (bitmaps >= 1, 128, 4), got {:?}", a.bits.name, a.bits.shape));
+    }
+    let stride = |axis: usize| if c.dim(axis) == 1 { 0 } else { c.stride(axis) };
+    Ok((stride(0), stride(1), max))
+}
+
+/// Runs sparse attention into `a.attn.out` (and `lse`) on an sm_90 GPU.
+pub fn forward(a: &SparseArgs, stream: usize) -> Result<()> {
+    let at = &a.attn;
+    if at.causal || at.window != (-1, -1) || at.mask.is_some() || at.alibi.is_some() || at.softcap != 0.0 || at.varlen.is_some() {
+        return Err(Error::Value(
+            "sparse_attention takes its mask from block_mask alone (no causal, window, mask, alibi, softcap or varlen)".into(),
+        ));
+    }
+    let mut d = attention::check(at)?;
+    d.sparse = true;
+    let (sb, sh, max) = check_lists(a, d.batch, d.heads_q, d.seqlen_q.div_ceil(TILE))?;
+    if d.head_dim.max(d.head_dim_v) > TILE {
+        return Err(Error::NotImplemented(format!(
+            "sparse_attention on the GPU takes head dims up to {TILE}, got {} / {}",
+            d.head_dim, d.head_dim_v
+        )));
+    }
+    if d.batch == 0 || d.seqlen_q == 0 || d.heads_q == 0 {
+        return Ok(());
+    }
+    let ordinal = match at.q.device {
+        Device::Cuda(o) => o,
+        Device::Cpu => {
+            return Err(Error::Device("the native sparse kernel runs on CUDA tensors; ferrokernels.sparse_attention runs the CPU path".into()));
+        }
+    };
+    if at.q.dtype == DType::F32 {
+        return Err(Error::DType("q is float32; the CUDA sparse kernel takes float16 or bfloat16".into()));
+    }
+    for t in [at.q, at.k, at.v, at.out] {
+        t.expect_aligned(16)?;
+    }
+    let dev = driver::device(ordinal)?;
+    if dev.arch != "sm_90a" {
+        return Err(Error::NotImplemented(format!(
+            "the block-list kernel needs an sm_90 GPU; {} is {} (ferrokernels.sparse_attention falls back to a dense mask)",
+            dev.name, dev.arch
+        )));
+    }
+    let list = TileList {
+        count: a.count.ptr as u64,
+        index: a.index.ptr as u64,
+        bitmap: a.bitmap.ptr as u64,
+        bits: a.bits.ptr as u64,
+        sb,
+        sh,
+        max: max as i32,
+    };
+    attention::launch_sm90(dev, at, &d, attention::kernel_params(at, &d), Some(list), stream)
+}

@@ -1,0 +1,195 @@
+"""Block-sparse attention against float64 attention under the dense mask the BlockMask means:
+masks from mask_mods, from block matrices with and without full lists, shared and per-head,
+blocks of 64 and 128, ragged ends, GQA, empty rows; the kernel's tile lists against the dense
+mask; and bad input."""
+
+import pytest
+import torch
+
+import ferrokernels as fk
+import ferrokernels.sparse as sp
+from conftest import check_against_reference, devices, dtypes_for, make
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
+SHAPES = [(2, 300, 300, 4, 2, 64), (1, 257, 500, 2, 1, 128), (1, 384, 384, 3, 3, 64), (2, 64, 129, 2, 2, 128)]
+
+
+def causal(b, h, q, kv):
+    return q >= kv
+
+
+def window(size):
+    return lambda b, h, q, kv: (q >= kv) & (q - kv < size)
+
+
+def head_stride(b, h, q, kv):
+    """A mask that differs per head and per batch entry: local keys plus every (h + 2)-th."""
+    return ((q - kv).abs() < 40) | ((kv % (h + 2)) == b)
+
+
+def random_blocks(b, h, nq, nk, bs, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    qb, kb = -(-nq // bs), -(-nk // bs)
+    blocks = torch.rand(b, h, qb, kb, generator=g) < density
+    full = blocks & (torch.rand(b, h, qb, kb, generator=g) < 0.5)
+    return blocks, full
+
+
+def poisoned(q, dv=None):
+    shape = tuple(q.shape[:-1]) + (dv or q.shape[-1],)
+    return torch.full(shape, float("nan"), dtype=q.dtype, device=q.device)
+
+
+def run(q, k, v, bm):
+    out = poisoned(q)
+    _, lse = fk.sparse_attention(q, k, v, bm, return_lse=True, out=out)
+    check_against_reference(q, k, v, out, lse, mask=bm.to_dense().to(q.device))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("mod", [causal, window(100), head_stride], ids=["causal", "window", "per-head"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mask_mod_masks(device, block_size, mod, shape):
+    b, nq, nk, hq = shape[:4]
+    per_head = mod is head_stride
+    bm = fk.BlockMask.from_mask_mod(mod, b if per_head else None, hq if per_head else None, nq, nk,
+                                    block_size=block_size, device=device)
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=hash((shape, block_size, i)) % 2**31)
+        run(q, k, v, bm)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+def test_block_matrices(device, block_size, density):
+    """Random per-(batch, head) block matrices, half the blocks full and half masked by a
+    mask_mod; also every block full (no mask_mod)."""
+    shape = (2, 333, 400, 4, 2, 64)
+    b, nq, nk, hq = shape[:4]
+    blocks, full = random_blocks(b, hq, nq, nk, block_size, density, seed=block_size)
+    masks = [fk.BlockMask.from_blocks(blocks.to(device), seq_lengths=(nq, nk), block_size=block_size),
+             fk.BlockMask.from_blocks(blocks.to(device), full=full.to(device), seq_lengths=(nq, nk),
+                                      block_size=block_size, mask_mod=lambda b, h, q, kv: (q + kv) % 3 != 0)]
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=100 + i)
+        for bm in masks:
+            run(q, k, v, bm)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_rows_without_keys_and_scale(device):
+    """Query blocks whose lists are empty give 0 and LSE -inf; a custom scale."""
+    shape = (1, 256, 256, 2, 1, 128)
+    blocks = torch.zeros(1, 2, 2, 2, dtype=torch.bool)
+    blocks[0, 0, 1, 0] = True  # head 0: second query block sees the first key block; the rest nothing
+    bm = fk.BlockMask.from_blocks(blocks.to(device), seq_lengths=(256, 256))
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=7 + i)
+        out = poisoned(q)
+        _, lse = fk.sparse_attention(q, k, v, bm, scale=0.3, return_lse=True, out=out)
+        check_against_reference(q, k, v, out, lse, scale=0.3, mask=bm.to_dense().to(device))
+        assert torch.equal(out[:, :128], torch.zeros_like(out[:, :128]))
+        assert torch.isinf(lse[0, 1]).all()
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("mod", [causal, window(70), head_stride], ids=["causal", "window", "per-head"])
+def test_kernel_tiles_spell_the_mask(block_size, mod):
+    """The kernel's 128 x 128 lists (ascending tiles, whole or bitmap) expanded back give
+    exactly the mask; identical bitmaps are stored once."""
+    nq, nk = 333, 530
+    per_head = mod is head_stride
+    bm = fk.BlockMask.from_mask_mod(mod, 2 if per_head else None, 3 if per_head else None, nq, nk,
+                                    block_size=block_size)
+    count, index, bitmap, bits = bm.tiles()
+    dense = torch.zeros(count.shape[0], count.shape[1], count.shape[2] * 128, -(-nk // 128) * 128, dtype=torch.bool)
+    unpacked = ((bits[..., None] >> torch.arange(32)) & 1).bool().view(bits.shape[0], 128, 128)
+    for b in range(count.shape[0]):
+        for h in range(count.shape[1]):
+            for qt in range(count.shape[2]):
+                tiles = index[b, h, qt, : count[b, h, qt]].tolist()
+                assert tiles == sorted(set(tiles))
+                for j, kt in enumerate(tiles):
+                    m = bitmap[b, h, qt, j]
+                    block = torch.ones(128, 128, dtype=torch.bool) if m < 0 else unpacked[m]
+                    dense[b, h, qt * 128:(qt + 1) * 128, kt * 128:(kt + 1) * 128] = block
+    assert torch.equal(dense[..., :nq, :nk], bm.to_dense())
+    assert len(torch.unique(bits.view(bits.shape[0], -1), dim=0)) == bits.shape[0]
+
+
+def test_block_mask_layout_and_density():
+    bm = fk.BlockMask.from_mask_mod(causal, None, None, 1024, 1024, block_size=128)
+    assert bm.shape == (1, 1, 1024, 1024)
+    present, full = bm.to_blocks()
+    assert torch.equal(present, torch.ones(8, 8, dtype=torch.bool).tril()[None, None])
+    assert torch.equal(full, torch.ones(8, 8, dtype=torch.bool).tril(-1)[None, None])
+    assert bm.density() == pytest.approx(36 / 64)
+    assert int(bm.kv_num_blocks.sum()) == 8 and int(bm.full_kv_num_blocks.sum()) == 28
+
+
+def test_bad_input():
+    q, k, v = make((1, 100, 100, 2, 2, 64), torch.float32, "cpu", seed=1)
+    bm = fk.BlockMask.from_mask_mod(causal, None, None, 100, 100)
+    with pytest.raises(TypeError, match="block_mask"):
+        fk.sparse_attention(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_mask covers 100 queries"):
+        fk.sparse_attention(q[:, :50], k, v, bm)
+    with pytest.raises(ValueError, match=r"\(B, H\)"):
+        fk.sparse_attention(q, k, v, fk.BlockMask.from_mask_mod(causal, 3, None, 100, 100))
+    with pytest.raises(ValueError, match="block_size"):
+        fk.BlockMask.from_mask_mod(causal, None, None, 100, 100, block_size=32)
+    num = torch.ones(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_indices must lie in"):
+        fk.BlockMask(num, torch.full((1, 1, 1, 1), 5, dtype=torch.int32), seq_lengths=(100, 100))
+    with pytest.raises(ValueError, match="kv_num_blocks must lie in"):
+        fk.BlockMask(num * 3, torch.zeros((1, 1, 1, 1), dtype=torch.int32), seq_lengths=(100, 100))
+    with pytest.raises(ValueError, match="int32"):
+        fk.BlockMask(num.long(), torch.zeros((1, 1, 1, 1), dtype=torch.int32), seq_lengths=(100, 100))
+    with pytest.raises(ValueError, match=r"\(B, H, 1\)"):
+        fk.BlockMask(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros((1, 1, 2, 1), dtype=torch.int32),
+                     seq_lengths=(100, 100))
+
+
+PATTERNS = [
+    ("causal", lambda: sp.causal_mask(300, 500, block_size=64), lambda b, h, q, kv: kv <= q + 200, None),
+    ("window", lambda: sp.sliding_window(700, 700, 100), lambda b, h, q, kv: (kv <= q) & (q - kv < 100), None),
+    ("window-both-sides", lambda: sp.sliding_window(700, 650, 100, causal=False),
+     lambda b, h, q, kv: (q - 50 - kv).abs() < 100, None),
+    ("streaming", lambda: sp.streaming(900, 900, 64, 200, block_size=64),
+     lambda b, h, q, kv: (kv <= q) & ((kv < 64) | (q - kv < 200)), None),
+    ("a-shape", lambda: sp.a_shape(900, 900, 1, 3),
+     lambda b, h, q, kv: (kv <= q) & ((kv // 64 < 1) | (q // 64 - kv // 64 < 3)), None),
+    ("duo", lambda: sp.duo_attention(600, 600, [True, False, False], 64, 100),
+     lambda b, h, q, kv: (kv <= q) & ((h == 0) | (kv < 64) | (q - kv < 100)), 3),
+    ("strided", lambda: sp.strided(1000, 1000, 4, 2, 3),
+     lambda b, h, q, kv: (kv <= q) & ((q // 128 - kv // 128 < 2) | (kv // 128 % 3 == h % 3)), 4),
+    ("power", lambda: sp.power(2000, 2000, block_size=64),
+     lambda b, h, q, kv: (kv <= q) & ((q // 64 - kv // 64 == 0) | ((q // 64 - kv // 64) & (q // 64 - kv // 64 - 1) == 0)),
+     None),
+]
+
+
+@pytest.mark.parametrize("name,build,mod,heads", PATTERNS, ids=[p[0] for p in PATTERNS])
+def test_patterns_match_their_definition(name, build, mod, heads):
+    """Each builder evaluates only the blocks its block-level bound admits: the result must be
+    the mask of its definition evaluated everywhere, block for block and element for element."""
+    bm = build()
+    everywhere = fk.BlockMask.from_mask_mod(mod, None, heads, *bm.seq_lengths, block_size=bm.block_size)
+    assert torch.equal(bm.to_blocks()[0], everywhere.to_blocks()[0])
+    assert torch.equal(bm.to_blocks()[1], everywhere.to_blocks()[1])
+    assert torch.equal(bm.to_dense(), everywhere.to_dense())
+    assert 0 < bm.density() < 1
+
+
+@pytest.mark.parametrize("device", devices())
+def test_patterns_attend(device):
+    """The per-head patterns (DuoAttention, S2 strides) through sparse_attention, GQA."""
+    shape = (1, 520, 520, 4, 2, 128)
+    masks = [sp.duo_attention(520, 520, [True, False, True, False], 64, 100, device=device),
+             sp.strided(520, 520, 4, 1, 2, device=device), sp.sliding_window(520, 520, 130, device=device)]
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=60 + i)
+        for bm in masks:
+            run(q, k, v, bm)
