@@ -96,6 +96,32 @@ def run(quick: bool = False):
                 records.append(rec)
                 print(f"  n={n:6d} {name:20s} d={density:.3f} {label:15s} {ms:9.3f} ms {rec['tflops']:7.1f} TF/s "
                       f"vs_dense {rec['vs_dense']:.2f}" + (f" diff {rel:.1e}" if rel is not None else ""))
+        records += estimation(n, sets, dense_ms)
         del sets, hnd
         torch.cuda.empty_cache()
+    return records
+
+
+def estimation(n, sets, dense_ms):
+    """Masks chosen per input (estimate_blocks, top 10% of key blocks per query block): the
+    estimation (scoring, selection, the kernel's lists) against the sparse kernel it feeds.
+    The issue's bound: overhead <= 10% of the kernel time at 32K."""
+    records = []
+    top = max(1, n // 128 // 10)
+    for method in ("pooled", "antidiagonal"):
+        est = lambda i: sp.estimate_blocks(sets[i][0], sets[i][1], method=method, top_k=top).tiles()  # noqa: E731
+        bm = sp.estimate_blocks(sets[0][0], sets[0][1], method=method, top_k=top)
+        density = bm.density()
+        est_ms = time_ms(est, 2, warmup=2, reps=10)
+        bm.tiles("cuda")
+        kern_ms = time_ms(lambda i: fk.sparse_attention(*sets[i], bm), 2, warmup=2, reps=10)
+        params = {"seqlen": n, "heads": H, "head_dim": D, "pattern": f"estimated-{method}", "density": round(density, 4)}
+        for label, ms in (("ferrokernels", kern_ms), ("ferrokernels-estimate", est_ms)):
+            flops = 4 * H * D * n * n * density if label == "ferrokernels" else None
+            records.append({"bench": "sparse", "impl": label, "params": params, "ms": round(ms, 4),
+                            "tflops": round(flops / ms / 1e9, 1) if flops else None, "gbps": None, "rel_err": None,
+                            "vs_dense": round(ms / (density * dense_ms), 3) if flops else None,
+                            "overhead": None if flops else round(est_ms / kern_ms, 3)})
+        print(f"  n={n:6d} estimated-{method:12s} d={density:.3f} kernel {kern_ms:8.3f} ms estimate {est_ms:7.3f} ms "
+              f"({100 * est_ms / kern_ms:.1f}%)")
     return records

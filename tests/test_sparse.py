@@ -193,3 +193,93 @@ def test_patterns_attend(device):
         q, k, v = make(shape, dtype, device, seed=60 + i)
         for bm in masks:
             run(q, k, v, bm)
+
+
+@pytest.mark.parametrize("q_len,kv_len,block_size", [(1000, 1000, 128), (300, 556, 128), (300, 500, 128), (333, 333, 64)])
+def test_causal_tiles_spell_the_mask(q_len, kv_len, block_size):
+    """causal_mask's fast tile lists (shared triangular bitmap where the diagonal is
+    tile-aligned; evaluated bitmaps otherwise) expand back to the causal mask."""
+    bm = sp.causal_mask(q_len, kv_len, block_size=block_size)
+    count, index, bitmap, bits = bm.tiles()
+    unpacked = ((bits[..., None] >> torch.arange(32)) & 1).bool().view(bits.shape[0], 128, 128)
+    dense = torch.zeros(count.shape[2] * 128, index.shape[-1] * 0 + -(-kv_len // 128) * 128, dtype=torch.bool)
+    for qt in range(count.shape[2]):
+        for j, kt in enumerate(index[0, 0, qt, : count[0, 0, qt]].tolist()):
+            m = bitmap[0, 0, qt, j]
+            dense[qt * 128:(qt + 1) * 128, kt * 128:(kt + 1) * 128] = True if m < 0 else unpacked[m]
+    assert torch.equal(dense[:q_len, :kv_len], bm.to_dense()[0, 0])
+
+
+def test_antidiagonal_scores_are_strided_antidiagonals():
+    """_antidiagonal's strided matmul against the definition: entry (a, c) sums q_i . k_j over
+    i in query group a, j in key group c with (i + j) % stride == stride - 1."""
+    q, k, _ = make((1, 64, 64, 2, 2, 8), torch.float32, "cpu", seed=3)
+    stride = 8
+    got = sp._antidiagonal(q, k, 64, stride)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double())
+    i, j = torch.arange(64)[:, None], torch.arange(64)[None, :]
+    s = s * ((i + j) % stride == stride - 1)
+    want = s.view(1, 2, 8, stride, 8, stride).sum((3, 5))
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method", ["pooled", "antidiagonal"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_estimated_blocks_attend(device, method, causal):
+    """Masks chosen from the inputs run exactly under what they chose (GQA, ragged ends,
+    fewer queries than keys), keep the sink and diagonal blocks, and never leave a row empty."""
+    shape = (2, 300, 700, 4, 2, 64)
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=80 + i)
+        for opts in (dict(threshold=0.6), dict(top_k=2)):
+            bm = sp.estimate_blocks(q, k, method=method, causal=causal, **opts)
+            present, _ = bm.to_blocks()
+            assert present[..., 0].all()  # the sink block
+            assert present.sum(-1).min() >= 1 + (not causal or False)
+            if causal:  # no block past the diagonal: key block start <= last query's position
+                kb = torch.arange(present.shape[-1], device=present.device) * 128
+                last = torch.arange(present.shape[-2], device=present.device) * 128 + 127 + 400
+                assert not (present & (kb[None, :] > last[:, None])).any()
+            run(q, k, v, bm)
+
+
+def test_estimated_blocks_follow_the_scores():
+    """A key block that matches every query stands out: both scorers select it under a tight
+    threshold, and threshold 1 keeps every visible block."""
+    q, k, _ = make((1, 1024, 1024, 2, 2, 64), torch.float32, "cpu", seed=9)
+    target = torch.randn(64)
+    q = q * 0.1 + target
+    k[:, 512:640] = target * 4
+    for method in ("pooled", "antidiagonal"):
+        present, _ = sp.estimate_blocks(q, k, method=method, threshold=0.3, sink_blocks=0).to_blocks()
+        assert present[0, :, 5:, 4].all(), method           # key block 4 for every query block past it
+        assert present[0].sum(-1).float().mean() < 3, method  # and little else
+        everything, _ = sp.estimate_blocks(q, k, method=method, threshold=1.0).to_blocks()
+        assert torch.equal(everything[0, 0], torch.ones(8, 8, dtype=torch.bool).tril()), method
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["pooled", "antidiagonal"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("opts", [dict(threshold=0.7), dict(top_k=5), dict(threshold=1.0)], ids=["mass", "topk", "all"])
+def test_gpu_selection_matches_the_torch_path(method, causal, opts, monkeypatch):
+    """The selection kernel (one launch from the block scores to the tile lists) chooses the
+    blocks the torch path chooses from the same scores on the same GPU: all rows but a few
+    whose choice sits on a rounding boundary (near-equal block scores: the kernel's exp and
+    sort are not torch's); threshold 1 keeps everything on both."""
+    q, k, v = (x.cuda() for x in make((2, 2048, 2304, 4, 2, 64), torch.bfloat16, "cpu", seed=11))
+    shift = torch.randn(64, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    q = q + shift * 2  # structure, so that rows are not uniform
+    gpu = sp.estimate_blocks(q, k, method=method, causal=causal, sink_blocks=1, local_blocks=2, **opts)
+    monkeypatch.setattr(sp, "_SELECT_KERNEL", False)
+    cpu = sp.estimate_blocks(q, k, method=method, causal=causal, sink_blocks=1, local_blocks=2, **opts)
+    assert gpu._lists is None  # built as tile lists by the kernel
+    got, want = gpu.to_blocks(), cpu.to_blocks()
+    rows_differ = (got[0] != want[0]).any(-1).float().mean().item()
+    assert rows_differ <= (0.0 if opts.get("threshold") == 1.0 else 0.03), rows_differ
+    # The kernel's lists attend exactly as the same blocks given as a BlockMask.
+    out = fk.sparse_attention(q, k, v, gpu)
+    ref = fk.sparse_attention(q, k, v, fk.BlockMask.from_blocks(
+        got[0], full=got[1], seq_lengths=gpu.seq_lengths, mask_mod=gpu.mask_mod))
+    assert torch.equal(out, ref)

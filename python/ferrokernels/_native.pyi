@@ -72,6 +72,9 @@ def gemm_w8a8_fwd(x: Any, qweight: Any, w_scale: Any, out: Any, *, xq: Any, x_sc
                   act: str = "fp8", stream: int = 0) -> None: ...
 def sparse_attention_fwd(q: Any, k: Any, v: Any, out: Any, lse: Any, count: Any, index: Any, bitmap: Any, bits: Any, *,
                          scale: Optional[float] = None, workspace: Any = None, stream: int = 0) -> None: ...
+def sparse_select_blocks(scores: Any, count: Any, index: Any, bitmap: Any, *, diag: int = 0, causal: bool = True,
+                         softmax: bool = True, top_k: int = 0, threshold: float = 0.9, sink_blocks: int = 1,
+                         local_blocks: int = 1, stream: int = 0) -> None: ...
 def quant_attention_prepare(q: Any, k: Any, v: Any, *, stats: Any, channels: Any, q_codes: Any, q_scale: Any,
                             k_codes: Any, k_scale: Any, v_codes: Any, q_post: float, v_lo: Optional[Any] = None,
                             smooth_k: bool = True,

@@ -65,12 +65,17 @@ class BlockMask:
         Square blocks.
     mask_mod : callable, optional
         ``mask_mod(b, h, q_idx, kv_idx)`` on broadcastable int64 tensors, True = attend.
+    validate : bool
+        Check that counts and indices are in range (one host sync). Masks built by this
+        module's functions skip it; pass False only for lists you know are right: the kernel
+        trusts them.
 
     ``B`` and ``H`` may be 1: the mask is shared by every batch entry / head.
     """
 
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None, *,
-                 seq_lengths: Tuple[int, int], block_size: int = 128, mask_mod: Optional[Callable] = None):
+                 seq_lengths: Tuple[int, int], block_size: int = 128, mask_mod: Optional[Callable] = None,
+                 validate: bool = True):
         if block_size not in (64, 128):
             raise ValueError(f"block_size must be 64 or 128, got {block_size!r}")
         if (not isinstance(seq_lengths, (tuple, list)) or len(seq_lengths) != 2
@@ -96,25 +101,51 @@ class BlockMask:
                 raise ShapeError(f"{num_name} must have kv_num_blocks' (B, H) {tuple(kv_num_blocks.shape[:2])} "
                                  f"and device, got {tuple(num.shape[:2])} on {num.device}")
             # One host sync, once per mask: the kernel trusts these bounds.
+            if not validate:
+                continue
             if num.numel() and (int(num.min()) < 0 or int(num.max()) > idx.shape[-1]):
                 raise ValueError(f"{num_name} must lie in [0, {idx.shape[-1]}] (the length of {idx_name})")
             used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
             if used.any() and (int(idx[used].min()) < 0 or int(idx[used].max()) >= kb):
                 raise ValueError(f"{idx_name} must lie in [0, {kb}) for kv_len {self.seq_lengths[1]} "
                                  f"in blocks of {block_size}")
-        self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
-        self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
+        self._lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
         self._tiles = None
+
+    @classmethod
+    def _from_tiles(cls, tiles, *, seq_lengths, mask_mod=None) -> "BlockMask":
+        """A 128-block mask that starts as the kernel's lists (estimate_blocks on the GPU); its
+        FlexAttention lists are derived when first read."""
+        bm = cls.__new__(cls)
+        bm.block_size, bm.seq_lengths, bm.mask_mod = TILE, tuple(seq_lengths), mask_mod
+        bm._lists, bm._tiles = None, tuple(tiles)
+        return bm
+
+    def _flex_lists(self):
+        if self._lists is None:
+            count, index, bitmap, _ = self._tiles
+            kt = math.ceil(self.seq_lengths[1] / TILE)
+            used = torch.arange(index.shape[-1], device=index.device) < count[..., None]
+            place = lambda keep: torch.zeros(count.shape + (kt + 1,), dtype=torch.bool, device=index.device).scatter_(  # noqa: E731
+                -1, torch.where(keep, index.long(), kt), True)[..., :kt]
+            partial, present = place(used & (bitmap >= 0)), place(used)
+            self._lists = _to_lists(partial) + _to_lists(present & ~partial)
+        return self._lists
+
+    kv_num_blocks = property(lambda self: self._flex_lists()[0], doc="int32 (B, H, QB): partial blocks per query block")
+    kv_indices = property(lambda self: self._flex_lists()[1], doc="int32 (B, H, QB, K): the partial blocks")
+    full_kv_num_blocks = property(lambda self: self._flex_lists()[2], doc="int32 (B, H, QB): full blocks, or None")
+    full_kv_indices = property(lambda self: self._flex_lists()[3], doc="int32 (B, H, QB, K): the full blocks, or None")
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         """(B, H, q_len, kv_len), B and H possibly 1 (shared)."""
-        b, h = self.kv_num_blocks.shape[:2]
-        return (b, h) + self.seq_lengths
+        first = self._lists[0] if self._lists is not None else self._tiles[0]
+        return tuple(first.shape[:2]) + self.seq_lengths
 
     @property
     def device(self):
-        return self.kv_num_blocks.device
+        return (self._lists[0] if self._lists is not None else self._tiles[0]).device
 
     def __repr__(self):
         return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, density={self.density():.3f}, "
@@ -139,7 +170,9 @@ class BlockMask:
         partial = blocks & ~full
         num, idx = _to_lists(partial)
         fnum, fidx = _to_lists(full)
-        return cls(num, idx, fnum, fidx, seq_lengths=tuple(seq_lengths), block_size=block_size, mask_mod=mask_mod)
+        # Lists built here are in range by construction: no host sync.
+        return cls(num, idx, fnum, fidx, seq_lengths=tuple(seq_lengths), block_size=block_size, mask_mod=mask_mod,
+                   validate=False)
 
     @classmethod
     def from_mask_mod(cls, mask_mod: Callable, B: Optional[int], H: Optional[int], q_len: int, kv_len: int, *,
@@ -236,11 +269,14 @@ class BlockMask:
 
 
 def _to_lists(blocks):
-    """(count, ascending indices) int32 from a bool (B, H, QB, KB) block matrix."""
+    """(count, indices) int32 from a bool (B, H, QB, KB) block matrix: each row's attended
+    blocks ascending, then zeros. A cumulative sum places them (no sort)."""
     kb = blocks.shape[-1]
-    col = torch.arange(kb, device=blocks.device)
-    order = torch.where(blocks, col, kb + col).argsort(dim=-1)
-    return blocks.sum(-1).to(torch.int32), order.to(torch.int32).contiguous()
+    col = torch.arange(kb, device=blocks.device).expand(blocks.shape)
+    slot = torch.where(blocks, blocks.cumsum(-1) - 1, kb)  # unattended blocks land in a spare slot
+    idx = torch.zeros(blocks.shape[:-1] + (kb + 1,), dtype=torch.int64, device=blocks.device)
+    idx.scatter_(-1, slot, col)
+    return blocks.sum(-1).to(torch.int32), idx[..., :kb].to(torch.int32).contiguous()
 
 
 def _coarsen(x, f, fill):
@@ -261,8 +297,38 @@ def _pack_bits(m):
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
+class CausalMod:
+    """The causal mask_mod, ``kv <= q + offset`` (offset = kv_len - q_len: bottom-right), as an
+    object the tile builder recognises: its partial 128-tiles need no evaluation (one shared
+    lower-triangular bitmap where the diagonal is tile-aligned), so masks made per input
+    (``estimate_blocks``) reach the kernel without a host sync."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = int(offset)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + self.offset
+
+
+def _causal_tiles(p_t, f_t, offset, device):
+    """Lists for a CausalMod mask whose diagonal falls on tile edges: a partial tile is the
+    diagonal one (bitmap 0, lower-triangular), one below it (1, all visible) or above (2,
+    nothing); whole tiles -1. Every list is KT long (no count read back to size it)."""
+    b, h, qt, kt = p_t.shape
+    rel = torch.arange(kt, device=device)[None, :] - torch.arange(qt, device=device)[:, None] - offset // TILE
+    kind = torch.where(rel == 0, 0, torch.where(rel < 0, 1, 2)).to(torch.int32)
+    bitmap_of = torch.where(p_t & ~f_t, kind, -1).to(torch.int32)
+    tri = torch.ones(TILE, TILE, dtype=torch.bool, device=device).tril()
+    bits = _pack_bits(torch.stack([tri, torch.ones_like(tri), torch.zeros_like(tri)]))
+    count, order = _to_lists(p_t)
+    bitmap = torch.gather(bitmap_of, -1, order.long()).contiguous()
+    return count.contiguous(), order, bitmap, bits
+
+
 def _kernel_tiles(bm: BlockMask, device):
     present, full = (x.to(device) for x in bm.to_blocks())
+    if isinstance(bm.mask_mod, CausalMod) and bm.block_size == TILE and bm.mask_mod.offset % TILE == 0:
+        return _causal_tiles(present, full & present, bm.mask_mod.offset, device)
     f = TILE // bm.block_size
     p_t = _coarsen(present, f, False)
     # Sub-blocks past the sequence (padding to whole tiles) hide nothing: whole for `all`.
@@ -374,9 +440,8 @@ def _pattern(mod, q_len, kv_len, candidates, block_size, device, heads=None):
 def causal_mask(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> BlockMask:
     """Causal attention (bottom-right): the blocks below the diagonal full, the diagonal ones
     masked per element."""
-    off = kv_len - q_len
     d_min, d_max, _ = _grid(q_len, kv_len, block_size, device)
-    return _pattern(lambda b, h, q, kv: kv <= q + off, q_len, kv_len, d_max >= 0, block_size, device)
+    return _pattern(CausalMod(kv_len - q_len), q_len, kv_len, d_max >= 0, block_size, device)
 
 
 def sliding_window(q_len: int, kv_len: int, window: int, *, causal: bool = True, block_size: int = 128,
@@ -473,3 +538,141 @@ def power(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> Bl
     pow2 = lambda d: (d == 0) | ((d > 0) & ((d & (d - 1)) == 0))  # noqa: E731
     cand = (hi >= 0) & (pow2(lo) | pow2(hi) | (hi - lo > 1))
     return _pattern(mod, q_len, kv_len, cand, block_size, device)
+
+
+# --- blocks chosen from the input ------------------------------------------------------------
+
+_SELECT_KERNEL = True  # tests turn it off to compare the kernel with the torch path on one device
+
+
+def _select_on_gpu(q, causal, off, block_size, kb) -> bool:
+    """The selection kernel takes 128-blocks with the causal diagonal on tile edges."""
+    return (_SELECT_KERNEL and is_torch(q) and q.is_cuda and block_size == TILE and kb <= _native_max_tiles()
+            and (not causal or off % TILE == 0))
+
+
+def _native_max_tiles() -> int:
+    return 2048  # src/ops/sparse.rs: SELECT_MAX_TILES
+
+
+def _select_gpu(scores, nq, nk, *, causal, off, softmax, top_k, threshold, sink_blocks, local_blocks):
+    """The kernel's tile lists straight from the block scores (kernels/sparse.cu), no sync."""
+    scores = scores.float().contiguous()
+    b, h, qt, kt = scores.shape
+    count = torch.empty((b, h, qt), dtype=torch.int32, device=scores.device)
+    index = torch.empty((b, h, qt, kt), dtype=torch.int32, device=scores.device)
+    bitmap = torch.empty_like(index)
+    _native.sparse_select_blocks(scores, count, index, bitmap, diag=off // TILE, causal=causal, softmax=softmax,
+                                 top_k=top_k or 0, threshold=threshold if threshold is not None else 1.0,
+                                 sink_blocks=sink_blocks, local_blocks=local_blocks, stream=stream_of(scores))
+    tri = torch.ones(TILE, TILE, dtype=torch.bool, device=scores.device).tril()
+    tiles = (count, index, bitmap, _pack_bits(tri[None]))
+    return BlockMask._from_tiles(tiles, seq_lengths=(nq, nk), mask_mod=CausalMod(off) if causal else None)
+
+
+def _pool(x, block_size):
+    """Mean over blocks of tokens: (B, N, H, D) -> (B, H, ceil(N / bs), D) in float32, the last
+    block averaged over its real tokens."""
+    b, n, h, d = x.shape
+    pad = (-n) % block_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+    # One read of x, summed in float32 (no float copy of it).
+    xs = x.view(b, -1, block_size, h, d).sum(2, dtype=torch.float32)
+    if pad:
+        xs[:, -1] *= block_size / (block_size - pad)
+    return (xs / block_size).transpose(1, 2)
+
+
+def _antidiagonal(q, k, block_size, stride):
+    """XAttention's block scores: per block, the scores of every stride-th antidiagonal
+    (query rows i and keys j with (i + j) % stride == stride - 1), as one strided matmul:
+    the rows i = s (mod stride) of q meet the keys j = stride - 1 - s (mod stride) of k.
+    (B, N, H, D) -> (B, H, N / stride, Nk / stride), float32."""
+    b, n, h, d = q.shape
+    nk = k.shape[1]
+    qs = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, (-n) % block_size)).view(b, -1, stride, h, d)
+    ks = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, (-nk) % block_size)).view(b, -1, stride, h, d).flip(2)
+    qs = qs.permute(0, 3, 1, 2, 4).reshape(b, h, qs.shape[1], stride * d)
+    ks = ks.permute(0, 3, 1, 2, 4).reshape(b, h, ks.shape[1], stride * d)
+    return (qs @ ks.transpose(-1, -2)).float()
+
+
+def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] = None, top_k: Optional[int] = None,
+                    causal: bool = True, scale: Optional[float] = None, stride: int = 16, block_size: int = 128,
+                    sink_blocks: int = 1, local_blocks: int = 1) -> BlockMask:
+    """A per-(batch, head) BlockMask chosen from the inputs, without training:
+
+    - ``method="pooled"`` (SeerAttention's gate without its learned projections, Gao et al.,
+      2024): block scores = softmax over key blocks of mean-pooled q . mean-pooled k.
+    - ``method="antidiagonal"`` (XAttention, Xu et al., 2025): the attention of every
+      ``stride``-th antidiagonal of each block, softmaxed over each query row, summed per block.
+
+    Each query block keeps the fewest key blocks whose scores add up to ``threshold`` of the
+    row (default 0.9), or its ``top_k`` best, plus the first ``sink_blocks`` and the ``local_blocks`` up to
+    its own (so no row is empty). q ``(batch, seqlen_q, heads_q, D)``, k ``(batch, seqlen_k,
+    heads_kv, D)``, GQA allowed; with ``causal`` the diagonal is bottom-right and the mask is
+    causal inside the diagonal blocks. No host sync: it can run per call.
+    """
+    expect_rank(q, 4, "q", LAYOUT)
+    expect_rank(k, 4, "k", LAYOUT)
+    if method not in ("pooled", "antidiagonal"):
+        raise ValueError(f"method must be 'pooled' or 'antidiagonal', got {method!r}")
+    if threshold is not None and top_k is not None:
+        raise ValueError("give threshold (0 < t <= 1) or top_k (>= 1), not both")
+    if threshold is None and top_k is None:
+        threshold = 0.9
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if block_size not in (64, 128) or block_size % stride:
+        raise ValueError(f"block_size must be 64 or 128 and a multiple of stride, got {block_size} / {stride}")
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    if hk == 0 or hq % hk:
+        raise ShapeError(f"q has {hq} heads, which must be a multiple of k's {hk} heads (GQA/MQA)")
+    k = k.repeat_interleave(hq // hk, dim=2) if hq != hk else k
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qb, kb = math.ceil(nq / block_size), math.ceil(nk / block_size)
+    off = nk - nq
+    d_min, d_max, k0 = _grid(nq, nk, block_size, q.device)
+    visible = d_max >= 0 if causal else torch.ones_like(d_max, dtype=torch.bool)
+    if method == "pooled":
+        s = (_pool(q, block_size) @ _pool(k, block_size).transpose(-1, -2)) * scale
+        score_in = s  # the GPU selection softmaxes the visible logits itself
+        if not _select_on_gpu(q, causal, off, block_size, kb):
+            s = s.masked_fill(~visible, float("-inf"))
+            score = torch.softmax(s, -1).nan_to_num(0.0)
+    else:
+        r = block_size // stride
+        s = _antidiagonal(q, k, block_size, stride) * scale
+        # Antidiagonal row i / col j stand for query i * stride + s and key j * stride + ...;
+        # causal at that granularity, and keys past the sequence out.
+        qi = torch.arange(s.shape[-2], device=q.device)[:, None] * stride + stride - 1 + off
+        kj = torch.arange(s.shape[-1], device=q.device)[None, :] * stride
+        keep = kj < nk
+        if causal:
+            keep = keep & (kj <= qi)
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+        score = score_in = p.view(b, hq, qb, r, kb, r).sum((3, 5)) / r
+    if _select_on_gpu(q, causal, off, block_size, kb):
+        return _select_gpu(score_in, nq, nk, causal=causal, off=off, softmax=method == "pooled", top_k=top_k,
+                           threshold=threshold, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    if threshold is not None:
+        val, order = score.sort(-1, descending=True)
+        # Keep a block while the mass before it is short of the threshold.
+        before = val.cumsum(-1) - val
+        # (threshold 1 keeps every visible block, whatever float32 rounding does to the sums)
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, (before < threshold) | (threshold >= 1))
+    else:
+        idx = score.topk(min(top_k, kb), -1).indices
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
+    qpos = torch.arange(qb, device=q.device)[:, None] * block_size + off  # a query block's first position
+    always = (k0 < sink_blocks * block_size) | ((qpos - k0 >= 0) & (qpos - k0 < local_blocks * block_size))
+    always = always | ((d_max >= 0) & (d_min < 0))  # the diagonal blocks
+    blocks = (chosen | always) & visible
+    if not causal:
+        return BlockMask.from_blocks(blocks, seq_lengths=(nq, nk), block_size=block_size)
+    return BlockMask.from_blocks(blocks, full=blocks & (d_min >= 0), seq_lengths=(nq, nk), block_size=block_size,
+                                 mask_mod=CausalMod(off))

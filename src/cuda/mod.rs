@@ -51,6 +51,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),
     ("quant_attention.cu", include_str!("../../kernels/quant_attention.cu")),
+    ("sparse.cu", include_str!("../../kernels/sparse.cu")),
 ];
 
 /// What ptxas reported for one kernel.

@@ -4,11 +4,13 @@
 //! python/ferrokernels/sparse.py builds the lists from a `BlockMask` (FlexAttention's layout,
 //! blocks of 64 or 128) and runs the CPU path (the dense kernel under the expanded mask).
 
-use crate::cuda::driver;
+use crate::cuda::KernelSource;
+use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
 use crate::ops::attention::{self, AttentionArgs, TileList, shape_err};
 use crate::ops::gemm::expect_contiguous;
+use std::ffi::c_void;
 
 /// Rows of a query block and keys of a key tile in the lists.
 pub const TILE: usize = 128;
@@ -109,4 +111,109 @@ pub fn forward(a: &SparseArgs, stream: usize) -> Result<()> {
         max: max as i32,
     };
     attention::launch_sm90(dev, at, &d, attention::kernel_params(at, &d), Some(list), stream)
+}
+
+/// Key blocks per row of block scores (the GPU half of `estimate_blocks`): the tile lists of
+/// `SparseArgs`, written in one launch (kernels/sparse.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct SelectArgs<'a> {
+    /// float32 (batch, heads, q_tiles, k_tiles), contiguous: logits (`softmax`) or each row's
+    /// probabilities.
+    pub scores: &'a TensorView,
+    /// int32 (batch, heads, q_tiles) and (batch, heads, q_tiles, k_tiles) x 2: the outputs.
+    pub count: &'a TensorView,
+    pub index: &'a TensorView,
+    pub bitmap: &'a TensorView,
+    /// Key tile on query tile 0's diagonal: (kv_len - q_len) / 128.
+    pub diag: i64,
+    pub causal: bool,
+    pub softmax: bool,
+    /// > 0: keep the top_k blocks; 0: keep blocks until `threshold` of the row's mass.
+    pub top_k: usize,
+    pub threshold: f64,
+    pub sink_blocks: usize,
+    pub local_blocks: usize,
+}
+
+/// The most key tiles a row of scores may have (kernels/sparse.cu: SEL_MAX).
+pub const SELECT_MAX_TILES: usize = 2048;
+
+/// Mirrors `struct SparseSelectParams` in kernels/sparse.cu.
+#[repr(C)]
+struct SelectParams {
+    scores: u64,
+    count: u64,
+    index: u64,
+    bitmap: u64,
+    rows: i32,
+    qb: i32,
+    kb: i32,
+    diag: i32,
+    causal: i32,
+    softmax: i32,
+    top_k: i32,
+    threshold: f32,
+    sink_blocks: i32,
+    local_blocks: i32,
+}
+
+pub fn select_kernel() -> KernelSource {
+    let source = "#include \"sparse.cu\"\n\
+                  extern \"C\" __global__ void __launch_bounds__(SEL_THREADS) sparse_select_blocks(const __grid_constant__ SparseSelectParams p) {\n\
+                  \x20   sparse_select(p);\n}\n";
+    KernelSource::portable("sparse_select_blocks".into(), source.into())
+}
+
+/// Fills `count`, `index` and `bitmap` from `scores` on the GPU.
+pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
+    let s = a.scores;
+    s.expect_dtype(&[DType::F32])?;
+    s.expect_rank(4, "(batch, heads, q_tiles, k_tiles)")?;
+    expect_contiguous(s)?;
+    let (b, h, qb, kb) = (s.dim(0), s.dim(1), s.dim(2), s.dim(3));
+    if kb == 0 || kb > SELECT_MAX_TILES {
+        return shape_err(format!("{} has {kb} key tiles; the selection kernel takes 1 to {SELECT_MAX_TILES}", s.name));
+    }
+    for t in [a.count, a.index, a.bitmap] {
+        t.expect_same_device(s)?;
+        t.expect_dtype(&[DType::I32])?;
+        expect_contiguous(t)?;
+    }
+    a.count.expect_shape(&[b as i64, h as i64, qb as i64])?;
+    a.index.expect_shape(&s.shape)?;
+    a.bitmap.expect_shape(&s.shape)?;
+    if !(a.threshold.is_finite() && a.threshold > 0.0) && a.top_k == 0 {
+        return Err(Error::Value(format!("threshold must be in (0, 1] when top_k is 0, got {}", a.threshold)));
+    }
+    let rows = b * h * qb;
+    if rows == 0 {
+        return Ok(());
+    }
+    if rows > i32::MAX as usize || a.diag.unsigned_abs() > i32::MAX as u64 / 2 {
+        return shape_err(format!("{} is too large for the selection kernel", s.name));
+    }
+    let ordinal = match s.device {
+        Device::Cuda(o) => o,
+        Device::Cpu => return Err(Error::Device("the block selection kernel runs on CUDA tensors".into())),
+    };
+    let dev = driver::device(ordinal)?;
+    let mut p = SelectParams {
+        scores: s.ptr as u64,
+        count: a.count.ptr as u64,
+        index: a.index.ptr as u64,
+        bitmap: a.bitmap.ptr as u64,
+        rows: rows as i32,
+        qb: qb as i32,
+        kb: kb as i32,
+        diag: a.diag as i32,
+        causal: a.causal as i32,
+        softmax: a.softmax as i32,
+        top_k: a.top_k.min(i32::MAX as usize) as i32,
+        threshold: a.threshold as f32,
+        sink_blocks: a.sink_blocks.min(i32::MAX as usize) as i32,
+        local_blocks: a.local_blocks.min(i32::MAX as usize) as i32,
+    };
+    let f = dev.function(&select_kernel(), 0)?;
+    let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut SelectParams as *mut c_void])
 }

@@ -12,7 +12,7 @@ use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
-use crate::ops::sparse::{self, SparseArgs};
+use crate::ops::sparse::{self, SelectArgs, SparseArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -112,6 +112,47 @@ fn sparse_attention_fwd(
     attn.workspace = view(&workspace);
     let args = SparseArgs { attn, count: &count.view, index: &index.view, bitmap: &bitmap.view, bits: &bits.view };
     py.detach(|| sparse::forward(&args, stream)).map_err(to_py)
+}
+
+/// sparse_select_blocks(scores, count, index, bitmap, *, diag, causal, softmax, top_k,
+/// threshold, sink_blocks, local_blocks, stream): estimate_blocks' selection (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (scores, count, index, bitmap, *, diag=0, causal=true, softmax=true, top_k=0, threshold=0.9,
+                    sink_blocks=1, local_blocks=1, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_select_blocks(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    count: &Bound<'_, PyAny>,
+    index: &Bound<'_, PyAny>,
+    bitmap: &Bound<'_, PyAny>,
+    diag: i64,
+    causal: bool,
+    softmax: bool,
+    top_k: usize,
+    threshold: f64,
+    sink_blocks: usize,
+    local_blocks: usize,
+    stream: usize,
+) -> PyResult<()> {
+    let scores = import(scores, "scores", stream, false)?;
+    let count = import(count, "count", stream, true)?;
+    let index = import(index, "index", stream, true)?;
+    let bitmap = import(bitmap, "bitmap", stream, true)?;
+    let args = SelectArgs {
+        scores: &scores.view,
+        count: &count.view,
+        index: &index.view,
+        bitmap: &bitmap.view,
+        diag,
+        causal,
+        softmax,
+        top_k,
+        threshold,
+        sink_blocks,
+        local_blocks,
+    };
+    py.detach(|| sparse::select(&args, stream)).map_err(to_py)
 }
 
 /// Both offset tensors or neither.
@@ -600,6 +641,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(append_kv_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_attention_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_select_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;

@@ -1,0 +1,167 @@
+// estimate_blocks' selection on the GPU (python/ferrokernels/sparse.py holds the torch
+// reference it matches): from a row of block scores per (batch, head, 128-row query block),
+// the key blocks to keep, written straight as the attention kernel's tile lists, so a mask
+// chosen per call costs one launch after the scores instead of dozens of torch ops.
+//
+// One CTA per row: the visible blocks' scores (softmaxed when they are logits), a bitonic sort
+// in shared memory, the blocks whose mass before them is short of the threshold (or the top_k),
+// plus the sink, local and diagonal blocks; then the kept blocks compacted in ascending order.
+#include "common/types.cuh"
+
+constexpr int SEL_THREADS = 256;
+constexpr int SEL_MAX = 2048;  // key blocks per row: 256K keys in tiles of 128
+constexpr int SEL_PER = SEL_MAX / SEL_THREADS;
+
+// Mirrors `SelectParams` in src/ops/sparse.rs.
+struct SparseSelectParams {
+    const float* scores;  // (rows, kb), rows = batch * heads * qb
+    i32* count;           // (rows): kept tiles
+    i32* index;           // (rows, kb): kept tiles ascending, then zeros
+    i32* bitmap;          // (rows, kb): 0 = the causal diagonal tile (bitmap 0), -1 = whole
+    int rows, qb, kb;
+    int diag;             // the diagonal tile of query block 0: (kv_len - q_len) / 128
+    int causal, softmax;  // softmax: the scores are logits (else already a row's probabilities)
+    int top_k;            // > 0: keep the top_k; else the threshold
+    float threshold;
+    int sink_blocks, local_blocks;
+};
+
+// Exclusive prefix sums of SEL_PER consecutive values per thread (v in, out in place), the
+// block's total returned to every thread. Two __syncthreads.
+template <typename V>
+__device__ __forceinline__ V block_scan(V (&v)[SEL_PER], V* warp_tot) {
+    V run = V(0);
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) {
+        const V x = v[i];
+        v[i] = run;
+        run += x;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    V inc = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    if (lane == 31) warp_tot[warp] = inc;
+    __syncthreads();
+    V before = V(0), total = V(0);
+#pragma unroll
+    for (int w = 0; w < SEL_THREADS / 32; ++w) {
+        before += w < warp ? warp_tot[w] : V(0);
+        total += warp_tot[w];
+    }
+    const V base = before + inc - run;
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) v[i] += base;
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float block_reduce_max(float v, float* tmp) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = tmp[0];
+#pragma unroll
+    for (int w = 1; w < SEL_THREADS / 32; ++w) m = fmaxf(m, tmp[w]);
+    __syncthreads();
+    return m;
+}
+
+__device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
+    __shared__ float key[SEL_MAX];
+    __shared__ short col[SEL_MAX];
+    __shared__ unsigned char keep[SEL_MAX];
+    __shared__ float ftmp[SEL_THREADS / 32];
+    __shared__ int itmp[SEL_THREADS / 32];
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const int qr = row % p.qb, diag = p.diag + qr;
+    int n = 1;
+    while (n < p.kb) n <<= 1;
+    const float* s = p.scores + (i64)row * p.kb;
+    auto visible = [&](int c) { return c < p.kb && (!p.causal || c <= diag); };
+    for (int c = tid; c < n; c += SEL_THREADS) {
+        key[c] = visible(c) ? s[c] : neg_inf();
+        col[c] = (short)c;
+        keep[c] = 0;
+    }
+    __syncthreads();
+    if (p.softmax && p.top_k <= 0) {
+        float m = neg_inf();
+        for (int c = tid; c < n; c += SEL_THREADS) m = fmaxf(m, key[c]);
+        m = block_reduce_max(m, ftmp);
+        float e[SEL_PER], sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < SEL_PER; ++i) {
+            const int c = tid * SEL_PER + i;
+            e[i] = c < n && key[c] != neg_inf() ? __expf(key[c] - m) : 0.f;
+        }
+        float tot[SEL_PER];
+#pragma unroll
+        for (int i = 0; i < SEL_PER; ++i) tot[i] = e[i];
+        sum = block_scan(tot, ftmp);
+#pragma unroll
+        for (int i = 0; i < SEL_PER; ++i) {
+            const int c = tid * SEL_PER + i;
+            if (c < n && key[c] != neg_inf()) key[c] = e[i] / sum;
+        }
+        __syncthreads();
+    }
+    // Descending bitonic sort of (key, col); invisible blocks (-inf) sink to the end.
+    for (int k = 2; k <= n; k <<= 1)
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = tid; i < n; i += SEL_THREADS) {
+                const int x = i ^ j;
+                if (x > i && ((key[i] < key[x]) == ((i & k) == 0))) {
+                    const float t = key[i];
+                    key[i] = key[x], key[x] = t;
+                    const short c = col[i];
+                    col[i] = col[x], col[x] = c;
+                }
+            }
+            __syncthreads();
+        }
+    // Keep sorted position i while the mass before it is short of the threshold (or i < top_k).
+    float before[SEL_PER];
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) {
+        const int c = tid * SEL_PER + i;
+        before[i] = c < n && key[c] != neg_inf() ? key[c] : 0.f;
+    }
+    if (p.top_k <= 0) block_scan(before, ftmp);
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) {
+        const int c = tid * SEL_PER + i;
+        if (c >= n || key[c] == neg_inf()) continue;
+        const bool chosen = p.top_k > 0 ? c < p.top_k : (before[i] < p.threshold || p.threshold >= 1.f);
+        if (chosen) keep[col[c]] = 1;
+    }
+    __syncthreads();
+    // The kept blocks in ascending order: sink, local and diagonal blocks always.
+    int flag[SEL_PER];
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) {
+        const int c = tid * SEL_PER + i;
+        const bool always = c < p.sink_blocks || c == diag || (diag - c >= 0 && diag - c < p.local_blocks);
+        flag[i] = visible(c) && (keep[c] || always) ? 1 : 0;
+    }
+    int pos[SEL_PER];
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) pos[i] = flag[i];
+    const int total = block_scan(pos, itmp);
+    i32* index = p.index + (i64)row * p.kb;
+    i32* bitmap = p.bitmap + (i64)row * p.kb;
+#pragma unroll
+    for (int i = 0; i < SEL_PER; ++i) {
+        const int c = tid * SEL_PER + i;
+        if (flag[i]) {
+            index[pos[i]] = c;
+            bitmap[pos[i]] = p.causal && c == diag ? 0 : -1;
+        }
+    }
+    for (int c = total + tid; c < p.kb; c += SEL_THREADS) index[c] = 0, bitmap[c] = -1;
+    if (tid == 0) p.count[row] = total;
+}
