@@ -29,7 +29,7 @@ struct DecodeParams {
     void* o;                  // like q
     float* lse;               // (batch, heads_q, q_len) natural log, or null
     const i32* seqlens;       // (batch,) keys in the cache, new tokens included
-    const i32* block_table;   // (batch, max_pages), or null: contiguous
+    const i32* block_table;   // (batch, max_pages) or per kv head (batch, heads_kv, max_pages); null: contiguous
     float* part_o;            // splits > 1: (splits, batch, heads_q, q_len, D)
     float* part_lse;          // splits > 1: (splits, batch, heads_q, q_len), log2 units
     i64 q_sb, q_ss, q_sh;
@@ -37,7 +37,7 @@ struct DecodeParams {
     i64 v_sb, v_ss, v_sh;
     i64 o_sb, o_ss, o_sh;
     i64 lse_sb, lse_sh, lse_ss;
-    i64 bt_sb;
+    i64 bt_sb, bt_sh;         // bt_sh 0: one table for every kv head
     i32 batch, q_len, heads_q, heads_kv, group, head_dim;
     i32 page_shift;           // log2(page size); unused when contiguous
     i32 capacity;             // keys one sequence can hold
@@ -70,7 +70,7 @@ __device__ __forceinline__ void decode_bounds(const DecodeParams& p, int len, in
 __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk, int key, i64& ko, i64& vo) {
     i64 page, slot;
     if (p.block_table != nullptr) {
-        page = p.block_table[b * p.bt_sb + (key >> p.page_shift)];
+        page = p.block_table[b * p.bt_sb + hk * p.bt_sh + (key >> p.page_shift)];
         slot = key & ((1 << p.page_shift) - 1);
         if (page < 0 || page >= p.num_pages) return false;
     } else {

@@ -251,3 +251,28 @@ def test_torch_compile_fullgraph_of_a_decode_step():
     want = step(q, kn, vn, kc, vc, seqlens)
     assert torch.equal(k, kc) and torch.equal(v, vc)  # the cache was written in both runs
     assert (got - want).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_per_head_block_tables(device, page_size):
+    """A (batch, heads_kv, max_pages) block table: each kv head reads its own pages (sparse
+    decode's layout). Head h's tokens live on pages of its own in one pool; other heads' slots
+    on those pages hold noise that must not be read."""
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v, seqlens = make_cache(2, 150, 6, 2, 64, 2, dtype, device, seed=70 + i)
+        pools, tables = [], []
+        for h in range(2):
+            pk, pv, t = to_paged(k, v, seqlens, page_size, seed=80 + h)
+            n = pk.shape[0]
+            pk[:, :, 1 - h] = torch.randn_like(pk[:, :, 1 - h]) * 50  # the other head's slots: noise
+            pools.append((pk, pv))
+            tables.append(torch.where(t >= 0, t + h * n, -1))  # head h's pages: the h-th part of the pool
+        pool_k = torch.cat([pools[0][0], pools[1][0]])
+        pool_v = torch.cat([pools[0][1], pools[1][1]])
+        table = torch.stack(tables, 1).to(torch.int32).contiguous()
+        out = torch.full_like(q, float("nan"))
+        _, lse = fk.decode_attention(q, pool_k, pool_v, seqlens, block_table=table, return_lse=True, out=out)
+        check(q, k, v, seqlens, out, lse)
+    with pytest.raises(ValueError, match="block_table"):
+        fk.append_kv(k[:, :1], v[:, :1], pool_k, pool_v, seqlens, table)

@@ -283,3 +283,66 @@ def test_gpu_selection_matches_the_torch_path(method, causal, opts, monkeypatch)
     ref = fk.sparse_attention(q, k, v, fk.BlockMask.from_blocks(
         got[0], full=got[1], seq_lengths=gpu.seq_lengths, mask_mod=gpu.mask_mod))
     assert torch.equal(out, ref)
+
+
+def paged_cache(batch, lens, hk, d, page_size, dtype, device, seed):
+    """A shuffled page pool holding `lens` tokens per sequence, its block table, and the same
+    cache gathered contiguous (batch, capacity, hk, d)."""
+    g = torch.Generator().manual_seed(seed)
+    mp = -(-max(lens) // page_size)
+    pool = batch * mp + 2
+    kc = torch.randn(pool, page_size, hk, d, generator=g).to(device, dtype)
+    vc = torch.randn(pool, page_size, hk, d, generator=g).to(device, dtype)
+    table = torch.randperm(pool, generator=g)[: batch * mp].view(batch, mp).to(device, torch.int32)
+    return kc, vc, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_sparse_decode_attends_the_selected_pages(device, q_len):
+    """Quest selection + per-head block tables: each kv head attends exactly the tokens of its
+    chosen pages (checked against float64 attention over those tokens gathered per head), the
+    pages holding the new tokens are always chosen, and a budget covering the sequence is the
+    full decode."""
+    from test_decode import check
+    ps, hk, g, d = 16, 2, 3, 64
+    for i, dtype in enumerate(dtypes_for(device)):
+        kc, vc, table, lens = paged_cache(2, [203, 40], hk, d, ps, dtype, device, seed=90 + i)
+        q = torch.randn(2, q_len, hk * g, d, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+        summ = sp.page_summaries(kc)
+        sel, new_lens = sp.select_pages(q, summ, lens, table, ps, budget=80)
+        assert sel.shape == (2, hk, 5) and new_lens.tolist() == [4 * 16 + 203 - 12 * 16, 40]
+        last_pages = table[0, (203 - q_len) // ps: 13]  # the pages holding the new tokens
+        for h in range(hk):
+            assert set(last_pages.tolist()) <= set(sel[0, h].tolist())
+        # Gather each head's chosen tokens into a contiguous cache and attend them in float64.
+        cap = int(new_lens.max())
+        k_sel = torch.zeros(2, cap, hk, d, dtype=dtype, device=device)
+        v_sel = torch.zeros_like(k_sel)
+        for b in range(2):
+            for h in range(hk):
+                rows = kc[sel[b, h].long(), :, h].reshape(-1, d)[: int(new_lens[b])]
+                k_sel[b, : len(rows), h] = rows
+                v_sel[b, : len(rows), h] = vc[sel[b, h].long(), :, h].reshape(-1, d)[: int(new_lens[b])]
+        out, lse = sp.sparse_decode(q, kc, vc, lens, table, budget=80, summaries=summ, return_lse=True)
+        check(q, k_sel, v_sel, new_lens, out, lse)
+        full = fk.decode_attention(q, kc, vc, lens, block_table=table)
+        assert torch.equal(sp.sparse_decode(q, kc, vc, lens, table, budget=1024, summaries=summ), full)
+
+
+def test_quest_bound_finds_the_relevant_page():
+    """A page whose keys point along q has the highest bound: with room for one page besides
+    the current one, every head picks it. page_summaries updates pages in place."""
+    ps, hk, d = 16, 2, 64
+    kc, vc, table, lens = paged_cache(1, [160], hk, d, ps, torch.float32, "cpu", seed=5)
+    q = torch.randn(1, 1, hk * 2, d, generator=torch.Generator().manual_seed(1))
+    summ = sp.page_summaries(kc)
+    target = int(table[0, 3])
+    kc[target] = q[0, 0, ::2][None].expand(ps, hk, d) * 10  # random pages bound ~1.8 |q|_1 per row: loose
+    sp.page_summaries(kc, pages=torch.tensor([target]), out=summ)
+    sel, new_lens = sp.select_pages(q, summ, lens, table, ps, budget=32)
+    assert sel.shape == (1, hk, 2) and int(new_lens[0]) == 32
+    for h in range(hk):
+        assert target in sel[0, h].tolist() and int(table[0, 9]) in sel[0, h].tolist()
+    with pytest.raises(ValueError, match="budget"):
+        sp.select_pages(q, summ, lens, table, ps, budget=8)

@@ -52,9 +52,10 @@ def _cache_geometry(k_cache, block_table):
     expect_rank(k_cache, 4, "k_cache", CACHE_LAYOUT)
     if block_table is None:
         return 0, 0, int(k_cache.shape[1])
-    expect_rank(block_table, 2, "block_table", "(batch, max_pages)")
+    if getattr(block_table, "ndim", None) != 3:
+        expect_rank(block_table, 2, "block_table", "(batch, max_pages) or (batch, heads_kv, max_pages)")
     page_size = int(k_cache.shape[1])
-    return page_size, int(k_cache.shape[0]), int(block_table.shape[1]) * page_size
+    return page_size, int(k_cache.shape[0]), int(block_table.shape[-1]) * page_size
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal_q: bool = True,
@@ -70,7 +71,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
         ``(num_pages, page_size, heads_kv, head_dim)`` when ``block_table`` is given. heads_q
         must be a multiple of heads_kv (GQA/MQA: every q head of a kv head shares one pass).
     cache_seqlens : int32 (batch,), keys per sequence including the q_len new tokens.
-    block_table : int32 (batch, max_pages): page j of sequence b is ``block_table[b, j]``.
+    block_table : int32 (batch, max_pages): page j of sequence b is ``block_table[b, j]``; or
+        (batch, heads_kv, max_pages): kv head h of sequence b reads its own pages
+        ``block_table[b, h, j]`` (sparse decode: a page set per head).
     causal_q : new token i sees keys up to its own position (else every key in the cache).
     scale : softmax scale, default 1/sqrt(head_dim).
     softcap : scores become ``softcap * tanh(score / softcap)`` (Gemma 2).

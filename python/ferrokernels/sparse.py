@@ -676,3 +676,74 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
         return BlockMask.from_blocks(blocks, seq_lengths=(nq, nk), block_size=block_size)
     return BlockMask.from_blocks(blocks, full=blocks & (d_min >= 0), seq_lengths=(nq, nk), block_size=block_size,
                                  mask_mod=CausalMod(off))
+
+
+# --- sparse decode -----------------------------------------------------------------------------
+# Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM
+# Inference"): each page of the paged KV cache is summarised by the channel-wise min and max of
+# its keys; q . k over a page is at most sum_d max(q_d min_d, q_d max_d), and the pages with the
+# highest bound are the ones attended. The selection gives every kv head its own pages, which
+# decode_attention reads through a (batch, heads_kv, max_pages) block table.
+
+def page_summaries(k_cache, pages=None, out=None):
+    """Channel-wise (min, max) of each page's keys per kv head, float32 ``(num_pages, heads_kv,
+    head_dim)`` each, from a paged cache ``(num_pages, page_size, heads_kv, head_dim)``. With
+    ``pages`` (int tensor of page ids) and ``out`` (the two tensors) only those pages are
+    recomputed, in place: call it after append_kv with the pages the new tokens went to. A
+    page's unused slots count too (the page holding a sequence's last tokens is always
+    attended, so its bound does not matter)."""
+    expect_rank(k_cache, 4, "k_cache", "(num_pages, page_size, heads_kv, head_dim)")
+    if pages is None:
+        return k_cache.amin(1).float(), k_cache.amax(1).float()
+    if out is None:
+        raise ValueError("pass out=(page_min, page_max) to update some pages in place")
+    sel = k_cache[pages.long()]
+    out[0][pages.long()] = sel.amin(1).float()
+    out[1][pages.long()] = sel.amax(1).float()
+    return out
+
+
+def select_pages(q, summaries, cache_seqlens, block_table, page_size: int, budget: int):
+    """Per (batch, kv head) the pages of highest Quest bound, at most ``budget`` tokens per head:
+    the pages holding the q_len new tokens always, then the best of the rest (the bound summed
+    over the head's query heads and new tokens). Returns the per-head block table int32
+    ``(batch, heads_kv, pages)`` (pages in their sequence order, so positions keep their order)
+    and the int32 lengths of the selected sequences, for ``decode_attention``. Sequences within
+    the budget keep every page. No host sync."""
+    page_min, page_max = summaries
+    b, q_len, hq, d = q.shape
+    hk = page_min.shape[1]
+    if hq % hk:
+        raise ShapeError(f"q has {hq} heads, which must be a multiple of the cache's {hk} heads")
+    if budget < page_size:
+        raise ValueError(f"budget must be at least one page ({page_size} tokens), got {budget}")
+    mp = block_table.shape[-1]
+    keep = min(mp, budget // page_size)
+    lens = cache_seqlens.long()
+    n_pages = (lens + page_size - 1) // page_size                       # (b,)
+    first_new = (lens - q_len).clamp(min=0) // page_size                # pages from here hold new tokens
+    mins = page_min[block_table.long().clamp(min=0)]                   # (b, mp, hk, d)
+    maxs = page_max[block_table.long().clamp(min=0)]
+    qg = q.float().view(b, q_len, hk, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b, hk, -1, d)
+    # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min, summed over the group's rows.
+    bound = (qg.clamp(min=0) @ maxs.permute(0, 2, 3, 1) + qg.clamp(max=0) @ mins.permute(0, 2, 3, 1)).sum(2)
+    page = torch.arange(mp, device=q.device)
+    bound = bound.masked_fill((page >= n_pages[:, None])[:, None], float("-inf"))
+    bound = bound.masked_fill(((page >= first_new[:, None]) & (page < n_pages[:, None]))[:, None], float("inf"))
+    chosen = bound.topk(keep, -1).indices.sort(-1).values             # (b, hk, keep), ascending
+    table = torch.gather(block_table.long()[:, None].expand(b, hk, mp), -1, chosen).to(torch.int32).contiguous()
+    last = lens - (n_pages - 1) * page_size
+    new_lens = torch.where(n_pages > keep, (keep - 1) * page_size + last, lens).to(torch.int32)
+    return table, new_lens
+
+
+def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, *, budget: int, summaries=None, **kwargs):
+    """decode_attention over the ``budget`` most relevant tokens per kv head (Quest page
+    selection, ``select_pages``). ``summaries`` = ``page_summaries(k_cache)``, kept up to date
+    by the caller (recomputed here when omitted: a full read of the cache). Other keyword
+    arguments go to ``decode_attention`` (scale, softcap, return_lse, ...)."""
+    from .decode import decode_attention
+    if summaries is None:
+        summaries = page_summaries(k_cache)
+    table, lens = select_pages(q, summaries, cache_seqlens, block_table, int(k_cache.shape[1]), budget)
+    return decode_attention(q, k_cache, v_cache, lens, block_table=table, **kwargs)

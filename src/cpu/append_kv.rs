@@ -47,7 +47,7 @@ fn run<T: Element>(a: &AppendArgs, d: &AppendDims, tables: &CacheTables) {
     (0..d.batch * d.n_new).into_par_iter().for_each(|task| {
         let (b, t) = (task / d.n_new, task % d.n_new);
         let pos = tables.seqlens[b] as usize + t;
-        let (page, slot) = tables.locate(b, pos);
+        let (page, slot) = tables.locate(b, 0, pos);
         let mut row = vec![0f32; d.head_dim];
         for h in 0..d.heads_kv {
             let (src, dst) = (vn.row::<T>(b, t, h), v.row::<T>(page, slot, h));

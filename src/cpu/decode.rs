@@ -6,7 +6,7 @@
 use super::{Element, Rows, host_i32};
 use crate::dlpack::{DType, TensorView};
 use crate::error::Result;
-use crate::ops::decode::{CacheDims, DecodeArgs, DecodeDims, check_tables};
+use crate::ops::decode::{CacheDims, DecodeArgs, DecodeDims, check_tables, table_rows};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -26,6 +26,7 @@ pub fn forward(a: &DecodeArgs, d: &DecodeDims) -> Result<()> {
 pub(crate) struct CacheTables {
     pub seqlens: Vec<i32>,
     block_table: Option<Vec<i32>>,
+    heads: usize,
     stride: usize,
     page_size: usize,
 }
@@ -35,17 +36,20 @@ impl CacheTables {
         let t = CacheTables {
             seqlens: host_i32(seqlens),
             block_table: block_table.map(host_i32),
-            stride: block_table.map_or(0, |t| t.dim(1)),
+            heads: block_table.map_or(1, |t| table_rows(t).0),
+            stride: block_table.map_or(0, |t| table_rows(t).1),
             page_size: cache.page_size,
         };
-        check_tables(cache, &t.seqlens, t.block_table.as_deref().map(|b| (b, t.stride)), extra)?;
+        check_tables(cache, &t.seqlens, t.block_table.as_deref().map(|b| (b, t.heads, t.stride)), extra)?;
         Ok(t)
     }
 
-    /// (page or batch index, slot) of key `key` of sequence `b`.
-    pub fn locate(&self, b: usize, key: usize) -> (usize, usize) {
+    /// (page or batch index, slot) of key `key` of sequence `b` as kv head `hk` reads it (a
+    /// table with one row per sequence serves every head).
+    pub fn locate(&self, b: usize, hk: usize, key: usize) -> (usize, usize) {
+        let row = if self.heads > 1 { b * self.heads + hk } else { b };
         match &self.block_table {
-            Some(bt) => (bt[b * self.stride + key / self.page_size] as usize, key % self.page_size),
+            Some(bt) => (bt[row * self.stride + key / self.page_size] as usize, key % self.page_size),
             None => (b, key),
         }
     }
@@ -64,7 +68,7 @@ fn run<T: Element>(a: &DecodeArgs, d: &DecodeDims, tables: &CacheTables) {
         let mut scores = vec![0f32; len];
         let mut acc = vec![0f32; dim];
         // Key rows of this sequence, located once and reused by every row of the group.
-        let rows: Vec<(usize, usize)> = (0..len).map(|key| tables.locate(b, key)).collect();
+        let rows: Vec<(usize, usize)> = (0..len).map(|key| tables.locate(b, hk, key)).collect();
         for i in 0..d.q_len {
             let (lo, hi) = d.bounds(len, i);
             for gi in 0..group {

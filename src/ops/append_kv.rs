@@ -64,6 +64,10 @@ pub fn check(a: &AppendArgs) -> Result<AppendDims> {
     if head_dim == 0 || head_dim % 8 != 0 {
         return shape_err(format!("k_new has head_dim {head_dim}; it must be a positive multiple of 8"));
     }
+    if let Some(bt) = a.block_table.filter(|t| t.ndim() != 2) {
+        // A new token's heads share one page: per-head tables are for reading (decode).
+        bt.expect_rank(2, "(batch, max_pages)")?;
+    }
     let cache = check_cache(k, a.v_cache, a.cache_seqlens, a.block_table, batch)?;
     for t in [kn, vn, a.k_cache, a.v_cache] {
         t.expect_last_contiguous()?;

@@ -162,7 +162,15 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
 
 /// The cache layout shared by decode_attention and append_kv: K and V alike, `cache_seqlens`
 /// int32 (batch,), and either a contiguous cache (batch first) or a page pool with an int32
-/// block table.
+/// block table, (batch, max_pages) or per kv head (batch, heads_kv, max_pages): each head
+/// reading its own pages (sparse decode keeps a different page set per head).
+pub const TABLE_LAYOUT: &str = "(batch, max_pages) or (batch, heads_kv, max_pages)";
+
+/// (kv heads with their own row, row length) of a block table's row-major elements.
+pub fn table_rows(bt: &TensorView) -> (usize, usize) {
+    if bt.ndim() == 3 { (bt.dim(1), bt.dim(2)) } else { (1, bt.dim(1)) }
+}
+
 pub fn check_cache(
     k: &TensorView,
     v: &TensorView,
@@ -178,9 +186,15 @@ pub fn check_cache(
         Some(bt) => {
             bt.expect_same_device(k)?;
             bt.expect_dtype(&[DType::I32])?;
-            bt.expect_rank(2, "(batch, max_pages)")?;
+            if bt.ndim() != 2 && bt.ndim() != 3 {
+                bt.expect_rank(2, TABLE_LAYOUT)?;
+            }
             bt.expect_dim(0, batch, "batch")?;
-            if bt.stride(1) != 1 && bt.dim(1) > 1 {
+            if bt.ndim() == 3 {
+                bt.expect_dim(1, k.dim(2), "heads_kv (k_cache's axis 2)")?;
+            }
+            let last = bt.ndim() - 1;
+            if bt.stride(last) != 1 && bt.dim(last) > 1 {
                 return Err(Error::Layout(format!("{} must be contiguous along max_pages", bt.name)));
             }
             let ps = k.dim(1);
@@ -190,7 +204,7 @@ pub fn check_cache(
                     k.name
                 ));
             }
-            (ps, k.dim(0), bt.dim(1) * ps)
+            (ps, k.dim(0), table_rows(bt).1 * ps)
         }
         None => {
             k.expect_dim(0, batch, "batch")?;
@@ -205,8 +219,8 @@ pub fn check_cache(
 
 /// Host-side check of the lengths and the block table: every length plus `extra` (tokens about
 /// to be appended) within the capacity, and every page those keys use inside the pool.
-/// `block_table` is row-major with `bt_stride`.
-pub fn check_tables(c: &CacheDims, seqlens: &[i32], block_table: Option<(&[i32], usize)>, extra: usize) -> Result<()> {
+/// `block_table` is row-major: (elements, rows per sequence (kv heads or 1), row length).
+pub fn check_tables(c: &CacheDims, seqlens: &[i32], block_table: Option<(&[i32], usize, usize)>, extra: usize) -> Result<()> {
     if block_table.is_some() && c.page_size == 0 {
         return shape_err("the paged cache has page size 0 (axis 1)".into());
     }
@@ -218,16 +232,19 @@ pub fn check_tables(c: &CacheDims, seqlens: &[i32], block_table: Option<(&[i32],
                 c.capacity
             )));
         }
-        if let Some((bt, stride)) = block_table {
+        if let Some((bt, heads, stride)) = block_table {
             let used = (len as usize + extra).div_ceil(c.page_size);
-            for p in 0..used {
-                let page = bt[b * stride + p];
-                if page < 0 || page as usize >= c.num_pages {
-                    return Err(Error::Value(format!(
-                        "block_table[{b}, {p}] is {page}, outside the cache's {} pages (sequence {b} uses {} keys)",
-                        c.num_pages,
-                        len as usize + extra
-                    )));
+            for h in 0..heads {
+                for p in 0..used {
+                    let page = bt[(b * heads + h) * stride + p];
+                    if page < 0 || page as usize >= c.num_pages {
+                        let at = if heads > 1 { format!("{b}, {h}, {p}") } else { format!("{b}, {p}") };
+                        return Err(Error::Value(format!(
+                            "block_table[{at}] is {page}, outside the cache's {} pages (sequence {b} uses {} keys)",
+                            c.num_pages,
+                            len as usize + extra
+                        )));
+                    }
                 }
             }
         }
@@ -386,6 +403,7 @@ struct DecodeParams {
     o_s: [i64; 3],
     lse_s: [i64; 3],
     bt_sb: i64,
+    bt_sh: i64,
     batch: i32,
     q_len: i32,
     heads_q: i32,
@@ -472,6 +490,7 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
         o_s: st(a.out),
         lse_s: a.lse.map_or([0; 3], st),
         bt_sb: a.block_table.map_or(0, |t| t.stride(0)),
+        bt_sh: a.block_table.map_or(0, |t| if t.ndim() == 3 { t.stride(1) } else { 0 }),
         batch: d.batch as i32,
         q_len: d.q_len as i32,
         heads_q: d.heads_q as i32,
@@ -529,8 +548,8 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_struct() {
-        // 9 pointers, 16 i64 strides, 14 i32, 2 f32.
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 16 * 8 + 14 * 4 + 2 * 4);
+        // 9 pointers, 17 i64 strides, 14 i32, 2 f32.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 17 * 8 + 14 * 4 + 2 * 4);
     }
 
     #[test]

@@ -290,9 +290,9 @@ fn decode_check_tables(
         }
         let seqlens = crate::cpu::host_i32(&sl.view);
         let table = bt.as_ref().map(|t| crate::cpu::host_i32(&t.view));
-        let stride = bt.as_ref().map_or(0, |t| t.view.dim(1));
+        let (heads, stride) = bt.as_ref().map_or((1, 0), |t| decode::table_rows(&t.view));
         let cache = CacheDims { page_size, num_pages, capacity };
-        decode::check_tables(&cache, &seqlens, table.as_deref().map(|t| (t, stride)), extra)
+        decode::check_tables(&cache, &seqlens, table.as_deref().map(|t| (t, heads, stride)), extra)
     };
     check().map_err(to_py)
 }
