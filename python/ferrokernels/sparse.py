@@ -722,11 +722,13 @@ def select_pages(q, summaries, cache_seqlens, block_table, page_size: int, budge
     lens = cache_seqlens.long()
     n_pages = (lens + page_size - 1) // page_size                       # (b,)
     first_new = (lens - q_len).clamp(min=0) // page_size                # pages from here hold new tokens
-    mins = page_min[block_table.long().clamp(min=0)]                   # (b, mp, hk, d)
-    maxs = page_max[block_table.long().clamp(min=0)]
     qg = q.float().view(b, q_len, hk, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b, hk, -1, d)
-    # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min, summed over the group's rows.
-    bound = (qg.clamp(min=0) @ maxs.permute(0, 2, 3, 1) + qg.clamp(max=0) @ mins.permute(0, 2, 3, 1)).sum(2)
+    # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min; summed over the group's rows it
+    # needs only the rows' sums of q+ and q-. Bounds of every pool page (one read of the
+    # summaries, no gathered copies), then the table's pages picked out.
+    pos, neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)          # (b, hk, d)
+    every = (torch.einsum("bhd,phd->bhp", pos, page_max) + torch.einsum("bhd,phd->bhp", neg, page_min))
+    bound = torch.gather(every, -1, block_table.long().clamp(min=0)[:, None].expand(b, hk, mp))
     page = torch.arange(mp, device=q.device)
     bound = bound.masked_fill((page >= n_pages[:, None])[:, None], float("-inf"))
     bound = bound.masked_fill(((page >= first_new[:, None]) & (page < n_pages[:, None]))[:, None], float("inf"))
