@@ -543,16 +543,13 @@ def power(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> Bl
 # --- blocks chosen from the input ------------------------------------------------------------
 
 _SELECT_KERNEL = True  # tests turn it off to compare the kernel with the torch path on one device
+_SELECT_MAX_TILES = 2048  # key tiles per row the selection kernel takes (src/ops/sparse.rs: SELECT_MAX_TILES)
 
 
 def _select_on_gpu(q, causal, off, block_size, kb) -> bool:
     """The selection kernel takes 128-blocks with the causal diagonal on tile edges."""
-    return (_SELECT_KERNEL and is_torch(q) and q.is_cuda and block_size == TILE and kb <= _native_max_tiles()
+    return (_SELECT_KERNEL and is_torch(q) and q.is_cuda and block_size == TILE and kb <= _SELECT_MAX_TILES
             and (not causal or off % TILE == 0))
-
-
-def _native_max_tiles() -> int:
-    return 2048  # src/ops/sparse.rs: SELECT_MAX_TILES
 
 
 def _select_gpu(scores, nq, nk, *, causal, off, softmax, top_k, threshold, sink_blocks, local_blocks):
