@@ -38,14 +38,16 @@ def _check_int32(x, name, rank):
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
 
 
-def _present(num, idx, n_kv):
-    """(B, H, QB, KB) bool from a count + index list (entries past the count are ignored)."""
-    b, h, qb = num.shape
-    pos = torch.arange(idx.shape[-1], device=idx.device)
-    valid = pos < num[..., None].long()
-    out = torch.zeros((b, h, qb, n_kv + 1), dtype=torch.bool, device=idx.device)
-    # Invalid entries go to a spare column that is dropped.
-    out.scatter_(-1, torch.where(valid, idx.long(), n_kv), True)
+def _listed(num, idx):
+    """bool, idx's shape: the entries of each list within its count."""
+    return torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
+
+
+def _present(idx, keep, n_kv):
+    """(B, H, QB, KB) bool with the blocks of `idx` where `keep` is set."""
+    out = torch.zeros(idx.shape[:-1] + (n_kv + 1,), dtype=torch.bool, device=idx.device)
+    # Entries not kept go to a spare column that is dropped.
+    out.scatter_(-1, torch.where(keep, idx.long(), n_kv), True)
     return out[..., :n_kv]
 
 
@@ -105,7 +107,7 @@ class BlockMask:
                 continue
             if num.numel() and (int(num.min()) < 0 or int(num.max()) > idx.shape[-1]):
                 raise ValueError(f"{num_name} must lie in [0, {idx.shape[-1]}] (the length of {idx_name})")
-            used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+            used = _listed(num, idx)
             if used.any() and (int(idx[used].min()) < 0 or int(idx[used].max()) >= kb):
                 raise ValueError(f"{idx_name} must lie in [0, {kb}) for kv_len {self.seq_lengths[1]} "
                                  f"in blocks of {block_size}")
@@ -125,10 +127,8 @@ class BlockMask:
         if self._lists is None:
             count, index, bitmap, _ = self._tiles
             kt = math.ceil(self.seq_lengths[1] / TILE)
-            used = torch.arange(index.shape[-1], device=index.device) < count[..., None]
-            place = lambda keep: torch.zeros(count.shape + (kt + 1,), dtype=torch.bool, device=index.device).scatter_(  # noqa: E731
-                -1, torch.where(keep, index.long(), kt), True)[..., :kt]
-            partial, present = place(used & (bitmap >= 0)), place(used)
+            used = _listed(count, index)
+            partial, present = _present(index, used & (bitmap >= 0), kt), _present(index, used, kt)
             self._lists = _to_lists(partial) + _to_lists(present & ~partial)
         return self._lists
 
@@ -190,18 +190,10 @@ class BlockMask:
         candidates = candidates.to(device).expand(nb, nh, qb, kb)
         anyb = torch.zeros((nb, nh, qb, kb), dtype=torch.bool, device=device)
         allb = torch.zeros_like(anyb)
-        where = candidates.nonzero()
-        arange = torch.arange(block_size, device=device)
-        step = max(1, _CHUNK // (block_size * block_size))
-        for c0 in range(0, len(where), step):
-            w = where[c0: c0 + step]
-            rows = w[:, 2, None] * block_size + arange  # (P, bs)
-            cols = w[:, 3, None] * block_size + arange
+        for w, rows, cols, qi, ki in _block_chunks(candidates.nonzero(), block_size, q_len, kv_len):
             inside = (rows < q_len)[:, :, None] & (cols < kv_len)[:, None, :]
-            m = torch.as_tensor(mask_mod(w[:, 0, None, None], w[:, 1, None, None],
-                                         rows.clamp(max=q_len - 1)[:, :, None],
-                                         cols.clamp(max=kv_len - 1)[:, None, :]), device=device)
-            m = m.to(torch.bool).expand(len(w), block_size, block_size)
+            m = _eval_mod(mask_mod, w[:, 0, None, None], w[:, 1, None, None], qi, ki, device)
+            m = m.expand(len(w), block_size, block_size)
             # Padding past the sequence: absent for "any", visible for "all".
             at = (w[:, 0], w[:, 1], w[:, 2], w[:, 3])
             anyb[at] = (m & inside).flatten(1).any(1)
@@ -214,10 +206,10 @@ class BlockMask:
     def to_blocks(self):
         """(attended, full): bool ``(B, H, QB, KB)``."""
         kb = math.ceil(self.seq_lengths[1] / self.block_size)
-        present = _present(self.kv_num_blocks, self.kv_indices, kb)
+        present = _present(self.kv_indices, _listed(self.kv_num_blocks, self.kv_indices), kb)
         full = torch.zeros_like(present)
         if self.full_kv_num_blocks is not None:
-            full = _present(self.full_kv_num_blocks, self.full_kv_indices, kb)
+            full = _present(self.full_kv_indices, _listed(self.full_kv_num_blocks, self.full_kv_indices), kb)
         return present | full, full
 
     def density(self) -> float:
@@ -243,7 +235,7 @@ class BlockMask:
         return f | (p & m)
 
     def _mod(self, b, h, q, kv):
-        return torch.as_tensor(self.mask_mod(b, h, q, kv), device=self.device).to(torch.bool)
+        return _eval_mod(self.mask_mod, b, h, q, kv, self.device)
 
     def tiles(self, device=None):
         """The kernel's lists at 128 x 128 tiles (built once, cached): per (B, H, 128-row query
@@ -266,6 +258,27 @@ class BlockMask:
             kwargs["mask_mod"] = mod
         return FlexBlockMask.from_kv_blocks(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
                                             self.full_kv_indices, **kwargs)
+
+
+def _eval_mod(mask_mod, b, h, q, kv, device):
+    """mask_mod on broadcastable index tensors, as a bool tensor on `device`."""
+    return torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
+
+
+def _block_chunks(where, size, q_len, kv_len):
+    """The elements of blocks `where` (rows of (b, h, q block, kv block)), size x size each, a
+    chunk of at most _CHUNK elements at a time: (blocks, their rows (P, size), their keys
+    (P, size), and the query / key indices to ask a mask_mod, broadcastable to (P, size, size)).
+    Positions past the sequence (a block's padding) are asked as the last one, so a mask_mod
+    that indexes per-token tensors stays in bounds."""
+    arange = torch.arange(size, device=where.device)
+    step = max(1, _CHUNK // (size * size))
+    for c0 in range(0, len(where), step):
+        w = where[c0: c0 + step]
+        rows = w[:, 2, None] * size + arange
+        cols = w[:, 3, None] * size + arange
+        yield (w, rows, cols, rows.clamp(max=max(q_len - 1, 0))[:, :, None],
+               cols.clamp(max=max(kv_len - 1, 0))[:, None, :])
 
 
 def _to_lists(blocks):
@@ -310,25 +323,31 @@ class CausalMod:
         return kv_idx <= q_idx + self.offset
 
 
-def _causal_tiles(p_t, f_t, offset, device):
-    """Lists for a CausalMod mask whose diagonal falls on tile edges: a partial tile is the
-    diagonal one (bitmap 0, lower-triangular), one below it (1, all visible) or above (2,
-    nothing); whole tiles -1. Every list is KT long (no count read back to size it)."""
-    b, h, qt, kt = p_t.shape
+def _causal_bitmaps(p_t, f_t, offset, device):
+    """Bitmaps of a CausalMod mask whose diagonal falls on tile edges, without evaluating it:
+    a partial tile is the diagonal one (bitmap 0, lower-triangular), one below it (1, all
+    visible) or above (2, nothing); whole tiles -1."""
+    qt, kt = p_t.shape[2:]
     rel = torch.arange(kt, device=device)[None, :] - torch.arange(qt, device=device)[:, None] - offset // TILE
     kind = torch.where(rel == 0, 0, torch.where(rel < 0, 1, 2)).to(torch.int32)
     bitmap_of = torch.where(p_t & ~f_t, kind, -1).to(torch.int32)
     tri = torch.ones(TILE, TILE, dtype=torch.bool, device=device).tril()
-    bits = _pack_bits(torch.stack([tri, torch.ones_like(tri), torch.zeros_like(tri)]))
+    return bitmap_of, _pack_bits(torch.stack([tri, torch.ones_like(tri), torch.zeros_like(tri)]))
+
+
+def _tile_lists(p_t, bitmap_of, bits, sized):
+    """(count, index, bitmap, bits) from the attended tiles and each tile's bitmap. `sized`:
+    lists as long as the longest one (reading the counts back: a sync); else KT long."""
     count, order = _to_lists(p_t)
-    bitmap = torch.gather(bitmap_of, -1, order.long()).contiguous()
-    return count.contiguous(), order, bitmap, bits
+    if sized:
+        order = order[..., :max(1, int(count.max()) if count.numel() else 1)].contiguous()
+    return count.contiguous(), order, torch.gather(bitmap_of, -1, order.long()).contiguous(), bits
 
 
 def _kernel_tiles(bm: BlockMask, device):
     present, full = (x.to(device) for x in bm.to_blocks())
     if isinstance(bm.mask_mod, CausalMod) and bm.block_size == TILE and bm.mask_mod.offset % TILE == 0:
-        return _causal_tiles(present, full & present, bm.mask_mod.offset, device)
+        return _tile_lists(present, *_causal_bitmaps(present, full & present, bm.mask_mod.offset, device), sized=False)
     f = TILE // bm.block_size
     p_t = _coarsen(present, f, False)
     # Sub-blocks past the sequence (padding to whole tiles) hide nothing: whole for `all`.
@@ -340,11 +359,7 @@ def _kernel_tiles(bm: BlockMask, device):
     bits = torch.zeros((1, TILE, TILE // 32), dtype=torch.int32, device=device)
     if len(where):
         words = []
-        arange = torch.arange(TILE, device=device)
-        for c0 in range(0, len(where), max(1, _CHUNK // (TILE * TILE))):
-            w = where[c0: c0 + _CHUNK // (TILE * TILE)]
-            rows = w[:, 2, None] * TILE + arange            # (P, 128)
-            cols = w[:, 3, None] * TILE + arange
+        for w, rows, cols, qi, ki in _block_chunks(where, TILE, *bm.seq_lengths):
             rs = (rows // bm.block_size).clamp(max=present.shape[2] - 1)
             cs = (cols // bm.block_size).clamp(max=present.shape[3] - 1)
             bi, hi = w[:, 0, None, None], w[:, 1, None, None]
@@ -352,21 +367,13 @@ def _kernel_tiles(bm: BlockMask, device):
             sub_f = full[bi, hi, rs[:, :, None], cs[:, None, :]]
             m = sub_f | sub_p
             if bm.mask_mod is not None:
-                # Positions past the sequence (the tile's padding) are asked as the last one,
-                # so a mask_mod that indexes per-token tensors stays in bounds.
-                qi = rows.clamp(max=max(bm.seq_lengths[0] - 1, 0))[:, :, None]
-                ki = cols.clamp(max=max(bm.seq_lengths[1] - 1, 0))[:, None, :]
                 m = sub_f | (sub_p & bm._mod(bi, hi, qi, ki).to(device))
             words.append(_pack_bits(m))
         words = torch.cat(words)
         bits, inverse = torch.unique(words.view(len(words), -1), dim=0, return_inverse=True)
         bits = bits.view(-1, TILE, TILE // 32).contiguous()
         bitmap_of[where[:, 0], where[:, 1], where[:, 2], where[:, 3]] = inverse.to(torch.int32)
-    count, order = _to_lists(p_t)
-    width = max(1, int(count.max()) if count.numel() else 1)
-    index = order[..., :width].contiguous()
-    bitmap = torch.gather(bitmap_of, -1, index.long()).contiguous()
-    return count.contiguous(), index, bitmap, bits
+    return _tile_lists(p_t, bitmap_of, bits, sized=True)
 
 
 def _check(q, k, v, block_mask):
@@ -635,10 +642,11 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
     off = nk - nq
     d_min, d_max, k0 = _grid(nq, nk, block_size, q.device)
     visible = d_max >= 0 if causal else torch.ones_like(d_max, dtype=torch.bool)
+    on_gpu = _select_on_gpu(q, causal, off, block_size, kb)
     if method == "pooled":
         s = (_pool(q, block_size) @ _pool(k, block_size).transpose(-1, -2)) * scale
         score_in = s  # the GPU selection softmaxes the visible logits itself
-        if not _select_on_gpu(q, causal, off, block_size, kb):
+        if not on_gpu:
             s = s.masked_fill(~visible, float("-inf"))
             score = torch.softmax(s, -1).nan_to_num(0.0)
     else:
@@ -653,7 +661,7 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
             keep = keep & (kj <= qi)
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
         score = score_in = p.view(b, hq, qb, r, kb, r).sum((3, 5)) / r
-    if _select_on_gpu(q, causal, off, block_size, kb):
+    if on_gpu:
         return _select_gpu(score_in, nq, nk, causal=causal, off=off, softmax=method == "pooled", top_k=top_k,
                            threshold=threshold, sink_blocks=sink_blocks, local_blocks=local_blocks)
     if threshold is not None:

@@ -705,15 +705,22 @@ pub(crate) fn ptr(t: Option<&TensorView>) -> u64 {
     t.map_or(0, |t| t.ptr as u64)
 }
 
-fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Result<()> {
+/// What every CUDA attention kernel (dense, sparse) needs of q/k/v/out beyond `check`: 16-bit
+/// elements, 16-byte aligned rows.
+pub(crate) fn check_cuda_inputs(a: &AttentionArgs) -> Result<()> {
     if a.q.dtype == DType::F32 {
         return Err(Error::DType(
-            "q is float32; the CUDA attention kernel takes float16 or bfloat16 (float32 runs on the CPU path)".into(),
+            "q is float32; the CUDA attention kernels take float16 or bfloat16 (float32 runs on the CPU path)".into(),
         ));
     }
     for t in [a.q, a.k, a.v, a.out] {
         t.expect_aligned(16)?;
     }
+    Ok(())
+}
+
+fn forward_cuda(ordinal: i32, a: &AttentionArgs, d: &Dims, stream: usize) -> Result<()> {
+    check_cuda_inputs(a)?;
     if d.batch > 65535 || d.heads_q > 65535 {
         return shape_err(format!(
             "q has batch {} and {} heads; the CUDA kernel supports at most 65535 of each",

@@ -88,12 +88,7 @@ pub fn forward(a: &SparseArgs, stream: usize) -> Result<()> {
             return Err(Error::Device("the native sparse kernel runs on CUDA tensors; ferrokernels.sparse_attention runs the CPU path".into()));
         }
     };
-    if at.q.dtype == DType::F32 {
-        return Err(Error::DType("q is float32; the CUDA sparse kernel takes float16 or bfloat16".into()));
-    }
-    for t in [at.q, at.k, at.v, at.out] {
-        t.expect_aligned(16)?;
-    }
+    attention::check_cuda_inputs(at)?;
     let dev = driver::device(ordinal)?;
     if dev.arch != "sm_90a" {
         return Err(Error::NotImplemented(format!(
