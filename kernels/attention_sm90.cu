@@ -63,11 +63,14 @@ __device__ __forceinline__ TileCoord tile_coord(const TileSched& s, int w, int b
 // in ascending order, each either whole (every key visible to every row, as far as the
 // sequence reaches) or partial, with a bitmap (python/ferrokernels/sparse.py builds the list
 // from a BlockMask). Null `count`: dense attention.
+// A negative entry -1 - t is tile t of the head's gathered key columns (vertical_slash: the
+// tensor maps tkc / tvc), masked by the one 128-bit row `cols[-2 - bitmap]` for all rows.
 struct TileList {
     const i32* count;   // [b * sb + h * sh + qb]
     const i32* index;   // [(b * sb + h * sh + qb) * max + i]: key tile numbers
-    const i32* bitmap;  // same place: -1 = whole, else the partial tile's bitmap in `bits`
+    const i32* bitmap;  // same place: -1 = whole, >= 0 the partial tile's bitmap in `bits`, <= -2 a column row
     const u32* bits;    // (bitmaps, 128 rows, BN / 32 words): bit c of word w = key 32 w + c
+    const u32* cols;    // (column rows, BN / 32 words), the same bit order
     i64 sb, sh;         // (batch, head) strides of count, 0 where the mask is shared
     int max;            // list capacity per query block
 };
@@ -80,14 +83,15 @@ struct AttentionSm90Params {
     int tiles;     // m_blocks * pairs
     int* counter;  // zeroed before launch: tiles handed out past the first round; null = static
     TileList list;
+    TmaDesc tkc, tvc;  // gathered key columns (batch, columns, heads_q, head_dim), or unused
 };
 
-// Masks the keys of a partial sparse tile whose bitmap row of this thread's first row is
-// `row` (the second row is 8 below): s[i][e] is key 8i + 2t + (e & 1).
+// Masks the keys of a partial sparse tile by the bitmap rows of this thread's two rows, `ra`
+// and `rb` (8 rows below): s[i][e] is key 8i + 2t + (e & 1).
 template <int BN>
-__device__ __forceinline__ void mask_bitmap(float (&s)[BN / 8][4], const u32* row, int t) {
+__device__ __forceinline__ void mask_bitmap(float (&s)[BN / 8][4], const u32* ra, const u32* rb, int t) {
     static_assert(BN == 128, "a bitmap row is one 16-byte load");
-    const uint4 a = *reinterpret_cast<const uint4*>(row), c = *reinterpret_cast<const uint4*>(row + 8 * 4);
+    const uint4 a = *reinterpret_cast<const uint4*>(ra), c = *reinterpret_cast<const uint4*>(rb);
     const u32 w[2][4] = {{a.x, a.y, a.z, a.w}, {c.x, c.y, c.z, c.w}};
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i)
@@ -126,12 +130,16 @@ struct Sm90Dense {
         for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BM * 128, &P.tq, c * 64, h, row, b, bar);
     }
     static __device__ __forceinline__ void load_k(const Params& P, u32 sK, int hk, int row, int b, u32 bar) {
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) tma_load_4d(sK + c * BN * 128, &P.tk, c * 64, hk, row, b, bar);
+        load_tile<D>(&P.tk, sK, hk, row, b, bar);
     }
     static __device__ __forceinline__ void load_v(const Params& P, u32 sV, int hk, int row, int b, u32 bar) {
+        load_tile<DV>(&P.tv, sV, hk, row, b, bar);
+    }
+    // BN rows of `map` (K, V or their gathered columns) in 64-column swizzled boxes.
+    template <int W>
+    static __device__ __forceinline__ void load_tile(const TmaDesc* map, u32 dst, int h, int row, int b, u32 bar) {
 #pragma unroll
-        for (int c = 0; c < DV / 64; ++c) tma_load_4d(sV + c * BN * 128, &P.tv, c * 64, hk, row, b, bar);
+        for (int c = 0; c < W / 64; ++c) tma_load_4d(dst + c * BN * 128, map, c * 64, h, row, b, bar);
     }
     static __device__ __forceinline__ Row row(const Params& P, int b, int h, int, int, const SeqInfo&) {
         return Row{score_mod(P.p, b, h)};
@@ -318,6 +326,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
                 mbar_wait(k_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(k_full(s), L::K_BYTES);
                 const int kt = SPARSE ? tiles[j] : j;
+                if constexpr (SPARSE) {
+                    // Gathered columns are per query head, in their own (unpacked) tensors.
+                    const bool col = kt < 0;
+                    const int hh = col ? w.h : w.hk, row = col ? (-1 - kt) * BN : k_row0 + kt * BN;
+                    OPS::template load_tile<OPS::D>(col ? &P.tkc : &P.tk, sK + s * L::K_BYTES, hh, row, w.b, k_full(s));
+                    mbar_wait(v_empty(s), phase_of(n) ^ 1);
+                    mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
+                    OPS::template load_tile<DV>(col ? &P.tvc : &P.tv, sV + s * L::V_SLOT, hh, row, w.b, v_full(s));
+                    continue;
+                }
                 OPS::load_k(P, sK + s * L::K_BYTES, w.hk, k_row0 + kt * BN, bq, k_full(s));
                 mbar_wait(v_empty(s), phase_of(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(s), L::V_BYTES);
@@ -384,14 +402,22 @@ __device__ __forceinline__ void attention_fwd_sm90(const typename OPS::Params& P
         };
         // Scale and mask S of list position j (key tile kt), then P and the rescale factor of O.
         auto softmax_tile = [&](float (&s)[BN / 8][4], int j, int kt, float (&alpha)[2], const typename OPS::Keys& ks) {
-            const int n0 = kt * BN;
+            // A column tile's keys all lie before this query block (its bitmap row says which).
+            const int n0 = SPARSE && kt < 0 ? 0 : kt * BN;
             const unsigned char tile = EXTRAS ? mask_span(p, b, h, m0, m1, n0, min(n0 + BN, seq.nk)) : TILE_FULL;
             const bool extra = EXTRAS && (mod.slope_log2 != 0.f || tile != TILE_FULL);
             const int bitmap = SPARSE ? P.list.bitmap[(i64)w.list * P.list.max + j] : -1;
-            const bool need_mask = extra || bitmap >= 0 || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
+            const bool need_mask = extra || bitmap != -1 || !window_covers(p, seq, w0, w0 + 64, n0, n0 + BN);
             const float factor = scores_to_log2<T, BN, EXTRAS>(s, p, seq, mod, b, h, row_a, n0, t, need_mask, extra);
-            if constexpr (SPARSE)
-                if (bitmap >= 0) mask_bitmap<BN>(s, P.list.bits + ((i64)bitmap * BM + row_a - m0) * (BN / 32), t);
+            if constexpr (SPARSE) {
+                if (bitmap >= 0) {
+                    const u32* ra = P.list.bits + ((i64)bitmap * BM + row_a - m0) * (BN / 32);
+                    mask_bitmap<BN>(s, ra, ra + 8 * (BN / 32), t);
+                } else if (bitmap < -1) {
+                    const u32* r = P.list.cols + (i64)(-2 - bitmap) * (BN / 32);
+                    mask_bitmap<BN>(s, r, r, t);
+                }
+            }
             OPS::softmax(s, m_row, l_row, alpha, factor, ks);
         };
 

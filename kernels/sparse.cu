@@ -165,3 +165,63 @@ __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
     for (int c = total + tid; c < p.kb; c += SEL_THREADS) index[c] = 0, bitmap[c] = -1;
     if (tid == 0) p.count[row] = total;
 }
+
+// vertical_slash's lists on the GPU (VerticalSlashMask._torch_tiles is the reference): per
+// (batch, head, 128-row query block) the key tiles crossed by the head's diagonals, then the
+// column tiles the block needs, each with the 128-bit row of the columns it takes.
+// Mirrors `VsParams` in src/ops/sparse.rs.
+struct SparseVsParams {
+    const unsigned char* rel;  // (bh, nrel): relative key tile r + r_min crossed by a diagonal
+    const i32* cols;           // (bh, ct * 128): sorted column positions, nk past the real ones
+    i32* count;                // (rows)
+    i32* index;                // (rows, max): tiles ascending, then -1 - t for column tile t
+    i32* bitmap;               // (rows, max): -1 whole, 0 / 1 the causal bitmaps, -2 - r column row r
+    u32* col_bits;             // (rows * ct, 4)
+    int rows, qt, kt, ct, max, nrel, r_min, off;
+};
+
+__device__ __forceinline__ void vs_lists(const SparseVsParams& p) {
+    __shared__ int itmp[SEL_THREADS / 32];
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const int bh = row / p.qt, i = row - bh * p.qt;
+    const unsigned char* rel = p.rel + (i64)bh * p.nrel;
+    const i64 first = (i64)i * 128 + p.off;  // the block's first query position
+    // Key tile j is crossed by a diagonal somewhere in this block (and reaches its rows).
+    auto listed = [&](int j) {
+        const int r = j - i - p.r_min;
+        return j < p.kt && (i64)j * 128 <= first + 127 && r >= 0 && r < p.nrel && rel[r];
+    };
+    int flag[SEL_PER], pos[SEL_PER];
+#pragma unroll
+    for (int k = 0; k < SEL_PER; ++k) pos[k] = flag[k] = listed(tid * SEL_PER + k) ? 1 : 0;
+    const int total = block_scan(pos, itmp);
+    i32* index = p.index + (i64)row * p.max;
+    i32* bitmap = p.bitmap + (i64)row * p.max;
+#pragma unroll
+    for (int k = 0; k < SEL_PER; ++k) {
+        const int j = tid * SEL_PER + k;
+        if (!flag[k]) continue;
+        index[pos[k]] = j;
+        // Tiles reaching past the first row's position are cut by the causal diagonal: one of
+        // the two bitmaps, by where the tile sits from the block's diagonal.
+        bitmap[pos[k]] = (i64)j * 128 + 127 <= first ? -1 : j - i - p.off / 128;
+    }
+    // The column tiles whose first column lies before the block (a prefix: columns ascend).
+    const i32* cols = p.cols + (i64)bh * p.ct * 128;
+    const int n_ct = __syncthreads_count(tid < p.ct && cols[tid * 128] < first);
+    for (int t = 0; t < n_ct; ++t) {
+        if (tid < 128) {
+            // A column joins if no listed tile holds it already (diagonal 0 lists every tile
+            // reaching into the block, so what is left lies before every row).
+            const int c = cols[t * 128 + tid];
+            const bool take = c < first && !listed(c / 128);
+            const u32 w = __ballot_sync(0xffffffffu, take);
+            if ((tid & 31) == 0) p.col_bits[((i64)row * p.ct + t) * 4 + (tid >> 5)] = w;
+        }
+        if (tid == 0) {
+            index[total + t] = -1 - t;
+            bitmap[total + t] = -2 - (row * p.ct + t);
+        }
+    }
+    if (tid == 0) p.count[row] = total + n_ct;
+}

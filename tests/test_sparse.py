@@ -346,3 +346,164 @@ def test_quest_bound_finds_the_relevant_page():
         assert target in sel[0, h].tolist() and int(table[0, 9]) in sel[0, h].tolist()
     with pytest.raises(ValueError, match="budget"):
         sp.select_pages(q, summ, lens, table, ps, budget=8)
+
+
+# --- MInference vertical-slash ------------------------------------------------------------------
+
+def vertical_slash_definition(columns, diagonals, nq, nk):
+    """The mask straight from its definition, float-free: a query at position p sees key c <= p
+    if c is a column of its head, or c's 128-tile is crossed by a diagonal (or diagonal 0)
+    somewhere in the query's 128-row block (all 128 rows, also those past q_len)."""
+    b, h = columns.shape[:2]
+    off = nk - nq
+    rows = torch.arange(nq)
+    pos = rows + off
+    out = torch.zeros(b, h, nq, nk, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            tiles = torch.zeros(-(-nq // 128), -(-nk // 128), dtype=torch.bool)
+            for d in set(diagonals[bi, hi].tolist()) | {0}:
+                if not 0 <= d < nk:
+                    continue
+                for r in range(tiles.shape[0] * 128):  # whole blocks, also past q_len
+                    c = r + off - d
+                    if 0 <= c < nk:
+                        tiles[r // 128, c // 128] = True
+            m = tiles[rows // 128][:, torch.arange(nk) // 128]
+            for c in columns[bi, hi].tolist():
+                if 0 <= c < nk:
+                    m[:, c] = True
+            out[bi, hi] = m & (torch.arange(nk)[None, :] <= pos[:, None])
+    return out
+
+
+def kernel_lists_to_dense(bm, nq, nk):
+    """The kernel's lists read as the kernel reads them: tiles whole or by bitmap, negative
+    entries as gathered column tiles masked by their column-bit rows."""
+    count, index, bitmap, bits = bm.tiles()
+    col_bits = bm.column_bits()
+    cols = bm.columns
+    unpack = lambda w: ((w[..., None] >> torch.arange(32)) & 1).bool().reshape(w.shape[:-1] + (-1,))  # noqa: E731
+    unpacked = unpack(bits).view(bits.shape[0], 128, 128)
+    kt = -(-nk // 128)
+    dense = torch.zeros(count.shape[0], count.shape[1], count.shape[2] * 128, kt * 128 + 1, dtype=torch.bool)
+    for b in range(count.shape[0]):
+        for h in range(count.shape[1]):
+            for qt in range(count.shape[2]):
+                rows = slice(qt * 128, (qt + 1) * 128)
+                entries = index[b, h, qt, : count[b, h, qt]].tolist()
+                whole = [e for e in entries if e >= 0]
+                assert whole == sorted(set(whole))
+                for j, e in enumerate(entries):
+                    m = int(bitmap[b, h, qt, j])
+                    if e >= 0:
+                        assert m >= -1
+                        block = torch.ones(128, 128, dtype=torch.bool) if m < 0 else unpacked[m]
+                        assert not (dense[b, h, rows, e * 128:(e + 1) * 128] & block).any()
+                        dense[b, h, rows, e * 128:(e + 1) * 128] |= block
+                    else:
+                        assert m <= -2
+                        t = -1 - e
+                        keys = cols[b, h, t * 128:(t + 1) * 128]
+                        take = unpack(col_bits[-2 - m])
+                        for c, on in zip(keys.tolist(), take.tolist()):
+                            if on:  # each key attended once
+                                assert not dense[b, h, rows, c].any()
+                                dense[b, h, rows, c] = True
+    return dense[..., :nq, :nk]
+
+
+VS_CASES = [(1, 300, 300, 2, 37, 9), (2, 257, 640, 3, 130, 40), (1, 512, 512, 1, 300, 5), (1, 100, 700, 2, 64, 3)]
+
+
+@pytest.mark.parametrize("b,nq,nk,h,n_cols,n_diag", VS_CASES)
+def test_vertical_slash_mask_and_lists(b, nq, nk, h, n_cols, n_diag):
+    """Random columns (with duplicates and out-of-range ids) and diagonals: the BlockMask views
+    and the kernel's lists (whole tiles, causal bitmaps, column tiles with their bit rows, no
+    key twice) both spell the definition. Covers kv_len - q_len off the tile grid."""
+    g = torch.Generator().manual_seed(nq + nk)
+    cols = torch.randint(-5, nk + 5, (b, h, n_cols), generator=g)
+    diags = torch.randint(0, nk, (b, h, n_diag), generator=g)
+    bm = sp.VerticalSlashMask(cols, diags, seq_lengths=(nq, nk))
+    want = vertical_slash_definition(cols, diags, nq, nk)
+    assert torch.equal(bm.to_dense(), want)
+    assert torch.equal(kernel_lists_to_dense(bm, nq, nk), want)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,sizes", [((2, 700, 700, 4, 2, 64), (40, 10)), ((1, 2048, 2048, 4, 1, 128), (300, 50))])
+def test_vertical_slash_attends(device, shape, sizes):
+    """Online estimation then attention, exact under the estimated mask (GQA, ragged end, a
+    batch whose entries choose differently, several column tiles); the sinks, the local band
+    and the strongest column are always in."""
+    b, n, _, _, _, d = shape
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, v = make(shape, dtype, device, seed=200 + i)
+        target = torch.randn(d, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+        q[b - 1] += target
+        k[b - 1, 333] = 2 * target  # a key every query of the last batch entry likes
+        bm = sp.vertical_slash(q, k, vertical_size=sizes[0], slash_size=sizes[1], last_q=64)
+        dense = bm.to_dense()
+        pos = torch.arange(n, device=dense.device)
+        assert dense[:, :, pos, pos].all() and dense[:, :, 30:, :30].all()
+        assert dense[b - 1, :, 334:, 333].all()
+        run(q, k, v, bm)
+
+
+def test_vertical_slash_bad_input():
+    q, k, _ = make((1, 256, 256, 2, 1, 64), torch.float32, "cpu", seed=1)
+    with pytest.raises(ValueError, match="vertical_size"):
+        sp.vertical_slash(q, k, vertical_size=0)
+    with pytest.raises(fk.ShapeError, match="multiple"):
+        sp.vertical_slash(q, k[:, :, [0, 0, 0]])
+    cols = torch.zeros(1, 2, 3, dtype=torch.int64)
+    with pytest.raises(fk.ShapeError, match="columns"):
+        sp.VerticalSlashMask(cols.float(), cols, seq_lengths=(256, 256))
+    with pytest.raises(fk.ShapeError, match="share"):
+        sp.VerticalSlashMask(cols, cols[:, :1], seq_lengths=(256, 256))
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        sp.VerticalSlashMask(cols, cols, seq_lengths=(300, 256))
+
+
+def test_vertical_slash_scores_are_diagonal_sums():
+    """The estimate keeps the diagonals (and columns) with the largest summed attention of the
+    last queries: a planted period-64 pattern is found."""
+    q, k, _ = make((1, 512, 512, 1, 1, 32), torch.float32, "cpu", seed=4)
+    q, k = q * 0.01, k * 0.01
+    k[0, ::64] += 20 * q[0, -64:].mean(0)                        # columns 0, 64, 128, ...
+    bm = sp.vertical_slash(q, k, vertical_size=8, slash_size=1, last_q=64, sink=0, local=1)
+    assert sorted(bm.columns[0, 0, :8].tolist()) == list(range(0, 512, 64))
+
+
+def test_diagonal_sums_by_definition():
+    a = torch.rand(2, 3, 5, 40, dtype=torch.float64)
+    got = sp._diagonal_sums(a)
+    want = torch.zeros(2, 3, 40, dtype=torch.float64)
+    for r in range(5):
+        for c in range(40):
+            d = 40 - 5 + r - c
+            if d >= 0:
+                want[..., d] += a[..., r, c]
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,nq,nk,h,n_cols,n_diag", VS_CASES + [(1, 4000, 4096, 4, 1000, 300)])
+def test_vertical_slash_gpu_lists_match_torch(b, nq, nk, h, n_cols, n_diag, monkeypatch):
+    """The list kernel writes what the torch path writes: counts, entries, bitmap ids and the
+    column bit rows the entries name."""
+    g = torch.Generator().manual_seed(nq * 7 + nk)
+    cols = torch.randint(-5, nk + 5, (b, h, n_cols), generator=g).cuda()
+    diags = torch.randint(0, nk, (b, h, n_diag), generator=g).cuda()
+    gpu = sp.VerticalSlashMask(cols, diags, seq_lengths=(nq, nk))
+    count, index, bitmap, bits = gpu.tiles()
+    col_bits = gpu.column_bits()
+    monkeypatch.setattr(sp, "_SELECT_KERNEL", False)
+    ref = sp.VerticalSlashMask(cols, diags, seq_lengths=(nq, nk))
+    r_count, r_index, r_bitmap, r_bits = ref.tiles()
+    r_col_bits = ref.column_bits()
+    assert torch.equal(count, r_count) and torch.equal(bits, r_bits)
+    used = sp._listed(count, index)
+    assert torch.equal(index[used], r_index[used]) and torch.equal(bitmap[used], r_bitmap[used])
+    rows = -2 - bitmap[used & (bitmap < -1)].long()
+    assert torch.equal(col_bits[rows], r_col_bits[rows])

@@ -304,9 +304,9 @@ def _coarsen(x, f, fill):
 
 
 def _pack_bits(m):
-    """bool (P, 128, 128) -> int32 (P, 128, 4): bit c of word w = column 32 w + c."""
+    """bool (..., 32 n) -> int32 (..., n): bit c of word w = column 32 w + c."""
     weights = (1 << torch.arange(32, device=m.device, dtype=torch.int64))
-    words = (m.view(m.shape[0], TILE, TILE // 32, 32).to(torch.int64) * weights).sum(-1)
+    words = (m.reshape(m.shape[:-1] + (m.shape[-1] // 32, 32)).to(torch.int64) * weights).sum(-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
@@ -415,10 +415,13 @@ def sparse_attention(q, k, v, block_mask: BlockMask, *, scale: Optional[float] =
         out = empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
     lse = empty(q, (q.shape[0], q.shape[2], q.shape[1]), float32_of(q)) if return_lse else None
     count, index, bitmap, bits = block_mask.tiles(q.device)
+    columns = None
+    if isinstance(block_mask, VerticalSlashMask):
+        columns = block_mask.gather_columns(k, v, q.shape[2]) + (block_mask.column_bits(q.device),)
     workspace = torch.empty(1, dtype=torch.int32, device=q.device)
     _native.sparse_attention_fwd(q, k, v, out, lse, count, index, bitmap, bits,
                                  scale=None if scale is None else float(scale), workspace=workspace,
-                                 stream=stream_of(q))
+                                 columns=columns, stream=stream_of(q))
     return (out, lse) if return_lse else out
 
 
@@ -551,6 +554,7 @@ def power(q_len: int, kv_len: int, *, block_size: int = 128, device="cpu") -> Bl
 
 _SELECT_KERNEL = True  # tests turn it off to compare the kernel with the torch path on one device
 _SELECT_MAX_TILES = 2048  # key tiles per row the selection kernel takes (src/ops/sparse.rs: SELECT_MAX_TILES)
+_VS_MAX_COLUMN_TILES = 256  # column tiles per head the vertical-slash list kernel takes (src/ops/sparse.rs)
 
 
 def _select_on_gpu(q, causal, off, block_size, kb) -> bool:
@@ -681,6 +685,236 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
         return BlockMask.from_blocks(blocks, seq_lengths=(nq, nk), block_size=block_size)
     return BlockMask.from_blocks(blocks, full=blocks & (d_min >= 0), seq_lengths=(nq, nk), block_size=block_size,
                                  mask_mod=CausalMod(off))
+
+
+# --- MInference vertical-slash ---------------------------------------------------------------
+# MInference (Jiang et al., 2024, "MInference 1.0: Accelerating Pre-filling for Long-Context
+# LLMs via Dynamic Sparse Attention"): most heads attend to a few key columns (vertical lines:
+# sinks, delimiters) and a few distances (slash lines: local and periodic). The last queries'
+# attention over all keys is computed online, the top columns and diagonals kept per head. The
+# diagonals become whole 128 x 128 tiles (each diagonal crosses at most two tiles per query
+# block); the columns are gathered into per-head K/V and attended as extra tiles, each
+# column masked out of the query blocks whose tiles already hold it.
+
+class _VerticalSlashMod:
+    """mask_mod of a VerticalSlashMask: causal, and the key's tile listed or the key a column."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __call__(self, b, h, q, kv):
+        tiles, is_col = self.mask._views()[:2]
+        return (tiles[b, h, q // TILE, kv // TILE] | is_col[b, h, kv]) & (kv <= q + self.mask._off)
+
+
+class VerticalSlashMask(BlockMask):
+    """MInference's vertical-slash pattern for one (q_len, kv_len) causal (bottom-right) call:
+    query at position ``p`` (row + kv_len - q_len) attends key ``c <= p`` when ``c`` is one of its
+    head's ``columns`` or ``c``'s 128-tile is crossed, within the query's 128-row block (its
+    128 rows, also those past q_len), by one of the head's ``diagonals`` (distances p - c).
+    Diagonal 0 is always included.
+
+    columns : int ``(B, H, V)`` key positions (any order, duplicates allowed; ids outside
+    [0, kv_len) are dropped).
+    diagonals : int ``(B, H, S)`` distances in [0, kv_len) (others dropped).
+
+    Built without a host sync, and on CUDA its kernel lists come from one launch, so it can be
+    made per call (``vertical_slash``). A ``BlockMask`` for every view (``to_dense``,
+    ``to_flex``, ``density``), derived when first read: the column tiles count as partial
+    blocks there.
+    """
+
+    def __init__(self, columns, diagonals, *, seq_lengths: Tuple[int, int]):
+        nq, nk = (int(n) for n in seq_lengths)
+        if nk < nq or nq < 1:
+            raise ValueError(f"vertical-slash masks need 1 <= q_len <= kv_len, got {seq_lengths!r}")
+        for name, x in (("columns", columns), ("diagonals", diagonals)):
+            if not is_torch(x) or x.ndim != 3 or x.dtype not in (torch.int32, torch.int64) or x.shape[-1] < 1:
+                raise ShapeError(f"{name} must be an int tensor (B, H, n >= 1), got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if tuple(columns.shape[:2]) != tuple(diagonals.shape[:2]) or columns.device != diagonals.device:
+            raise ShapeError(f"columns and diagonals must share (B, H) and device, got {tuple(columns.shape[:2])} "
+                             f"and {tuple(diagonals.shape[:2])}")
+        self.block_size, self.seq_lengths = TILE, (nq, nk)
+        self._off = nk - nq
+        dev = columns.device
+        b, h = columns.shape[:2]
+        # Columns sorted, duplicates and ids out of range turned into `nk` (never visible), padded
+        # to whole tiles with it.
+        cols = torch.where((columns >= 0) & (columns < nk), columns.long(), nk)
+        cols = torch.cat([cols, torch.full((b, h, (-cols.shape[-1]) % TILE), nk, device=dev)], -1).sort(-1).values
+        dup = torch.cat([torch.zeros_like(cols[..., :1], dtype=torch.bool), cols[..., 1:] == cols[..., :-1]], -1)
+        self.columns = torch.where(dup, nk, cols).sort(-1).values
+        # Diagonal d crosses, in query block i, key tiles i + floor((off - d) / 128) and
+        # i + floor((off - d + 127) / 128): the relative tiles r, stored at r - r_min (one
+        # spare slot at the end for the dropped ones).
+        diag = torch.where((diagonals >= 0) & (diagonals < nk), diagonals.long(), nk)
+        diag = torch.cat([diag, torch.zeros((b, h, 1), dtype=torch.long, device=dev)], -1)
+        self._r_min = (self._off - nk + 1) // TILE
+        rel = torch.zeros((b, h, (self._off + TILE - 1) // TILE - self._r_min + 2), dtype=torch.bool, device=dev)
+        for shift in (0, TILE - 1):
+            r = torch.div(self._off - diag + shift, TILE, rounding_mode="floor") - self._r_min
+            rel.scatter_(-1, torch.where(diag < nk, r, rel.shape[-1] - 1), True)
+        rel[..., -1] = False
+        self._rel = rel
+        self.mask_mod = _VerticalSlashMod(self)
+        self._lists = self._tiles = self._col_bits = self._view_cache = None
+
+    shape = property(lambda self: tuple(self.columns.shape[:2]) + self.seq_lengths)
+    device = property(lambda self: self.columns.device)
+
+    def _views(self):
+        """(listed tiles (B, H, QT, KT), is-column (B, H, kv_len), full tiles), built once."""
+        if self._view_cache is None:
+            nq, nk = self.seq_lengths
+            b, h, nrel = self._rel.shape
+            qt, kt = math.ceil(nq / TILE), math.ceil(nk / TILE)
+            d_min, d_max, _ = _grid(nq, nk, TILE, self.device)
+            i = torch.arange(qt, device=self.device)[:, None]
+            j = torch.arange(kt, device=self.device)[None, :]
+            at = (j - i - self._r_min).clamp(0, nrel - 1).expand(b, h, qt, kt)
+            tiles = torch.gather(self._rel[:, :, None, :].expand(b, h, qt, nrel), -1, at) & (d_max >= 0)
+            is_col = torch.zeros((b, h, nk + 1), dtype=torch.bool, device=self.device)
+            is_col = is_col.scatter_(-1, self.columns, True)[..., :nk]
+            self._view_cache = (tiles, is_col, tiles & (d_min >= 0))
+        return self._view_cache
+
+    def _flex_lists(self):
+        if self._lists is None:
+            tiles, _, full = self._views()
+            kt = tiles.shape[-1]
+            _, d_max, _ = _grid(*self.seq_lengths, TILE, self.device)
+            col_tiles = torch.zeros(tiles.shape[:2] + (kt + 1,), dtype=torch.bool, device=self.device).scatter_(
+                -1, torch.div(self.columns, TILE, rounding_mode="floor").clamp(max=kt), True)[..., :kt]
+            blocks = tiles | (col_tiles[:, :, None, :] & (d_max >= 0))
+            self._lists = _to_lists(blocks & ~full) + _to_lists(full)
+        return self._lists
+
+    def tiles(self, device=None):
+        """The kernel's lists: the diagonals' tiles, then the column tiles each query block
+        needs as entries -1 - t whose bitmap entries -2 - r name a 128-bit row of
+        ``column_bits`` (the columns this block takes from tile t)."""
+        device = torch.device(device) if device is not None else self.device
+        if self._tiles is None:
+            gpu = (_SELECT_KERNEL and self.device.type == "cuda" and math.ceil(self.seq_lengths[1] / TILE) <= _SELECT_MAX_TILES
+                   and self.columns.shape[-1] // TILE <= _VS_MAX_COLUMN_TILES)
+            self._tiles, self._col_bits = self._gpu_tiles() if gpu else self._torch_tiles()
+        if self._tiles[0].device != device:
+            self._tiles = tuple(t.to(device) for t in self._tiles)
+            self._col_bits = self._col_bits.to(device)
+        return self._tiles
+
+    def column_bits(self, device=None):
+        self.tiles(device)
+        return self._col_bits
+
+    def _bitmaps(self):
+        """The two causal bitmaps of a diagonal cut: key tile j = i + off // 128 + t of query
+        block i, row r sees key c iff 128 t + c <= r + off % 128."""
+        r = torch.arange(TILE, device=self.device)[:, None] + self._off % TILE
+        c = torch.arange(TILE, device=self.device)[None, :]
+        return _pack_bits(torch.stack([c <= r, TILE + c <= r]))
+
+    def _gpu_tiles(self):
+        nq, nk = self.seq_lengths
+        b, h, nrel = self._rel.shape
+        qt, kt, ct = math.ceil(nq / TILE), math.ceil(nk / TILE), self.columns.shape[-1] // TILE
+        dev = self.device
+        count = torch.empty((b, h, qt), dtype=torch.int32, device=dev)
+        index = torch.empty((b, h, qt, kt + ct), dtype=torch.int32, device=dev)
+        bitmap = torch.empty_like(index)
+        col_bits = torch.empty((b * h * qt * ct, TILE // 32), dtype=torch.int32, device=dev)
+        _native.sparse_vs_lists(self._rel.view(b * h, nrel).to(torch.uint8), self.columns.view(b * h, -1).to(torch.int32),
+                                count.view(b * h, qt), index.view(b * h, qt, -1), bitmap.view(b * h, qt, -1), col_bits,
+                                key_tiles=kt, r_min=self._r_min, off=self._off, stream=stream_of(self.columns))
+        return (count, index, bitmap, self._bitmaps()), col_bits
+
+    def _torch_tiles(self):
+        """The lists of _gpu_tiles (kernels/sparse.cu: sparse_vs_lists) in torch."""
+        nq, nk = self.seq_lengths
+        off, dev = self._off, self.device
+        tiles, _, full = self._views()
+        b, h, qt, kt = tiles.shape
+        j = torch.arange(kt, device=dev)
+        kind = (j[None, :] - torch.arange(qt, device=dev)[:, None] - off // TILE).to(torch.int32)
+        count, index = _to_lists(tiles)
+        bitmap = torch.gather(torch.where(full, -1, kind).expand(b, h, qt, kt), -1, index.long())
+        cols = self.columns
+        ct = cols.shape[-1] // TILE
+        first = (torch.arange(qt, device=dev) * TILE + off)[:, None]                    # (qt, 1)
+        kt_of = torch.div(cols, TILE, rounding_mode="floor").clamp(max=kt - 1)
+        listed = torch.gather(tiles, -1, kt_of[:, :, None, :].expand(b, h, qt, cols.shape[-1]))
+        take = (cols[:, :, None, :] < first) & ~listed                                  # (b, h, qt, V)
+        n_ct = (cols[:, :, None, ::TILE] < first).sum(-1).to(torch.int32)              # (b, h, qt)
+        t = torch.arange(kt + ct, device=dev) - count[..., None].long()
+        is_col = (t >= 0) & (t < n_ct[..., None])
+        row0 = (torch.arange(b * h * qt, device=dev) * ct).view(b, h, qt, 1)
+        pad = (0, ct)
+        index = torch.where(is_col, -1 - t, torch.nn.functional.pad(index, pad))
+        bitmap = torch.where(is_col, -2 - (row0 + t), torch.nn.functional.pad(bitmap, pad, value=-1))
+        tiles = (count + n_ct, index.to(torch.int32).contiguous(), bitmap.to(torch.int32).contiguous(), self._bitmaps())
+        return tiles, _pack_bits(take).reshape(-1, TILE // 32).contiguous()
+
+    def gather_columns(self, k, v, heads_q: int):
+        """The columns' keys and values per query head, ``(batch, V, heads_q, D)``, for the
+        kernel (a mask shared over batch or heads is expanded)."""
+        b, hk = k.shape[0], k.shape[2]
+        cols = self.columns.clamp(max=self.seq_lengths[1] - 1).expand(b, heads_q, -1)
+        bi = torch.arange(b, device=k.device).view(b, 1, 1)
+        hi = (torch.arange(heads_q, device=k.device) // (heads_q // hk)).view(1, heads_q, 1)
+        return k[bi, cols, hi].transpose(1, 2).contiguous(), v[bi, cols, hi].transpose(1, 2).contiguous()
+
+
+def _diagonal_sums(a):
+    """(..., L, N) -> (..., N): entry d sums a[r, c] over the cells with (N - L + r) - c = d
+    (row r at position N - L + r, bottom-right). Each row shifted left by its index through a
+    strided view of a left-padded copy, so diagonals become columns (no index tensor)."""
+    L, n = a.shape[-2:]
+    lead = a.shape[:-2]
+    w = n + L - 1
+    padded = torch.nn.functional.pad(a, (L - 1, 0)).reshape(-1, L * w)
+    # Row r of the view starts at r * (w + 1): column x holds a[r, x + r - L + 1].
+    shifted = padded.as_strided((padded.shape[0], L, n), (L * w, w + 1, 1))
+    # Column x is the diagonal d = N - 1 - x.
+    return shifted.sum(1).flip(-1).view(lead + (n,))
+
+
+def vertical_slash(q, k, *, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64,
+                   sink: int = 30, local: int = 100, scale: Optional[float] = None) -> VerticalSlashMask:
+    """MInference's online estimate: the last ``last_q`` queries' causal attention over all
+    keys, per head; the ``vertical_size`` key columns with the most attention (the first
+    ``sink`` always) and the ``slash_size`` diagonals with the most (the ``local`` nearest
+    always) form a ``VerticalSlashMask`` (MInference's defaults). q ``(batch, q_len, heads_q,
+    D)``, k ``(batch, kv_len, heads_kv, D)``, GQA allowed. No host sync."""
+    expect_rank(q, 4, "q", LAYOUT)
+    expect_rank(k, 4, "k", LAYOUT)
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    if hk == 0 or hq % hk:
+        raise ShapeError(f"q has {hq} heads, which must be a multiple of k's {hk} heads (GQA/MQA)")
+    for name, val in (("vertical_size", vertical_size), ("slash_size", slash_size), ("last_q", last_q)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    L, g = min(last_q, nq), hq // hk
+    vert, slash = [], []
+    # kv heads in chunks: a chunk's (g L, nk) float32 scores stay within _CHUNK elements.
+    step = max(1, _CHUNK // max(1, b * g * L * nk))
+    for h0 in range(0, hk, step):
+        h1 = min(hk, h0 + step)
+        # Scores in the inputs' precision (as MInference), softmax in float32.
+        qh = q[:, nq - L:, h0 * g:h1 * g].reshape(b, L, h1 - h0, g, d)
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qh, k[:, :, h0:h1]).float()
+        s[..., nk - L:].masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        a = torch.softmax(s.mul_(scale), -1).view(b, (h1 - h0) * g, L, nk)
+        vert.append(a.sum(2))
+        slash.append(_diagonal_sums(a))
+    vert, slash = torch.cat(vert, 1), torch.cat(slash, 1)                     # (b, hq, nk)
+    vert[..., :sink] = float("inf")
+    slash[..., :local] = float("inf")
+    columns = vert.topk(min(vertical_size, nk), -1).indices
+    diagonals = slash.topk(min(slash_size, nk), -1).indices
+    return VerticalSlashMask(columns, diagonals, seq_lengths=(nq, nk))
 
 
 # --- sparse decode -----------------------------------------------------------------------------

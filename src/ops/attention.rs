@@ -424,6 +424,8 @@ pub(crate) struct AttentionSm90Params {
     pub tiles: i32,
     pub counter: u64,
     pub list: TileList,
+    pub tkc: TensorMap,
+    pub tvc: TensorMap,
 }
 
 /// Mirrors `struct TileList` in kernels/attention_sm90.cu: sparse_attention's key tiles (all
@@ -435,6 +437,7 @@ pub(crate) struct TileList {
     pub index: u64,
     pub bitmap: u64,
     pub bits: u64,
+    pub cols: u64,
     pub sb: i64,
     pub sh: i64,
     pub max: i32,
@@ -845,15 +848,23 @@ impl Sm90Grid {
     }
 }
 
-/// The Hopper kernel over the causal/window key range, or over `list` (sparse_attention).
+/// The key tiles of sparse_attention: the lists, and the gathered key / value columns their
+/// negative entries name (vertical_slash), (batch, columns, heads_q, head_dim).
+pub(crate) struct SparseTiles<'a> {
+    pub list: TileList,
+    pub cols: Option<(&'a TensorView, &'a TensorView)>,
+}
+
+/// The Hopper kernel over the causal/window key range, or over a tile list (sparse_attention).
 pub(crate) fn launch_sm90(
     dev: &driver::Device,
     a: &AttentionArgs,
     d: &Dims,
     params: AttentionParams,
-    list: Option<TileList>,
+    sparse: Option<SparseTiles>,
     stream: usize,
 ) -> Result<()> {
+    let list = sparse.as_ref().map(|s| s.list);
     let spec = AttentionSm90Spec { sparse: list.is_some(), ..AttentionSm90Spec::for_problem(a.q.dtype, d.head_dim, d.head_dim_v, d.extras(a)) };
     let smem = spec.smem_bytes();
     if smem as i32 > dev.max_smem_optin {
@@ -870,7 +881,13 @@ pub(crate) fn launch_sm90(
         tiles: grid.tiles,
         counter: grid.counter.unwrap_or(0),
         list: list.unwrap_or_default(),
+        tkc: TensorMap::ZERO,
+        tvc: TensorMap::ZERO,
     };
+    if let Some((kc, vc)) = sparse.and_then(|s| s.cols) {
+        p.tkc = tensor_map(kc, false, d.head_dim, bn)?;
+        p.tvc = tensor_map(vc, false, d.head_dim_v, bn)?;
+    }
     grid.launch(dev, &spec.kernel(), smem, stream, &mut p as *mut AttentionSm90Params as *mut c_void)
 }
 
@@ -933,10 +950,12 @@ mod tests {
         // Three 128-byte tensor maps, then the shared block at offset 384, padded to 64 bytes.
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, p), 384);
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, sched), 704);
-        // The tile list (4 pointers, 2 strides, an int: 56 bytes, 8-aligned) after the counter.
+        // The tile list (5 pointers, 2 strides, an int: 64 bytes, 8-aligned) after the counter,
+        // then the two column maps on 64-byte boundaries.
         assert_eq!(std::mem::offset_of!(AttentionSm90Params, list), 736);
-        assert_eq!(std::mem::size_of::<TileList>(), 56);
-        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 832);
+        assert_eq!(std::mem::size_of::<TileList>(), 64);
+        assert_eq!(std::mem::offset_of!(AttentionSm90Params, tkc), 832);
+        assert_eq!(std::mem::size_of::<AttentionSm90Params>(), 1088);
         let s = AttentionSm90Spec::for_problem(DType::BF16, 96, 96, true);
         assert_eq!((s.name().as_str(), s.block_n()), ("attention_fwd_sm90_bf16_d128_x", 128));
         assert!(s.kernel().source.contains("attention_fwd_sm90<Sm90Dense<__nv_bfloat16, 128, 128, 128>, 2, true, false>"));

@@ -20,5 +20,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(gemm_w8a8::W8A8Spec::all_kernels());
     v.extend(quant_attention::PrepSpec::all_kernels());
     v.push(sparse::select_kernel());
+    v.push(sparse::vs_kernel());
     v
 }

@@ -602,6 +602,8 @@ pub fn forward(a: &QuantArgs, stream: usize) -> Result<()> {
             tiles: grid.tiles,
             counter: grid.counter.unwrap_or(0),
             list: TileList::default(),
+            tkc: TensorMap::ZERO,
+            tvc: TensorMap::ZERO,
         },
         tv_lo: a.v_lo.map_or(Ok(TensorMap::ZERO), |t| byte_map(t, v_box))?,
         q_scale: a.q_scale.ptr as u64,

@@ -8,7 +8,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{self, AttentionArgs, TileList, shape_err};
+use crate::ops::attention::{self, AttentionArgs, SparseTiles, TileList, shape_err};
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
 
@@ -28,6 +28,47 @@ pub struct SparseArgs<'a> {
     pub bitmap: &'a TensorView,
     /// int32 (bitmaps, 128, 4): row r, bit c of word w set = key 32 w + c visible to row r.
     pub bits: &'a TensorView,
+    /// A vertical-slash mask's gathered columns, which the index's negative entries name.
+    pub columns: Option<Columns<'a>>,
+}
+
+/// Key columns gathered per query head (MInference's vertical lines): entry -1 - t of a list
+/// is their tile t (keys 128 t ..), masked for the whole query block by the 128-bit row
+/// `bits[-2 - bitmap]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns<'a> {
+    /// q's dtype, (batch, columns, heads_q, head_dim | head_dim_v), contiguous, columns a
+    /// multiple of 128.
+    pub k: &'a TensorView,
+    pub v: &'a TensorView,
+    /// int32 (rows, 4).
+    pub bits: &'a TensorView,
+}
+
+fn check_columns(c: &Columns, a: &AttentionArgs, batch: usize, heads: usize) -> Result<()> {
+    for (t, width) in [(c.k, a.k.dim(3)), (c.v, a.v.dim(3))] {
+        t.expect_same_device(a.q)?;
+        t.expect_dtype(&[a.q.dtype])?;
+        expect_contiguous(t)?;
+        t.expect_rank(4, "(batch, columns, heads_q, head_dim)")?;
+        if t.dim(0) != batch || t.dim(1) == 0 || t.dim(1) % TILE != 0 || t.dim(2) != heads || t.dim(3) != width {
+            return shape_err(format!(
+                "{} must be ({batch}, a multiple of {TILE}, {heads}, {width}), got {:?}",
+                t.name, t.shape
+            ));
+        }
+    }
+    if c.k.dim(1) != c.v.dim(1) {
+        return shape_err(format!("{} and {} must hold the same columns", c.k.name, c.v.name));
+    }
+    c.bits.expect_same_device(a.q)?;
+    c.bits.expect_dtype(&[DType::I32])?;
+    expect_contiguous(c.bits)?;
+    c.bits.expect_rank(2, "(rows, 4)")?;
+    if c.bits.dim(0) == 0 || c.bits.dim(1) != TILE / 32 {
+        return shape_err(format!("{} must be (rows >= 1, 4), got {:?}", c.bits.name, c.bits.shape));
+    }
+    Ok(())
 }
 
 fn check_lists(a: &SparseArgs, batch: usize, heads: usize, q_tiles: usize) -> Result<(i64, i64, usize)> {
@@ -73,6 +114,9 @@ pub fn forward(a: &SparseArgs, stream: usize) -> Result<()> {
     let mut d = attention::check(at)?;
     d.sparse = true;
     let (sb, sh, max) = check_lists(a, d.batch, d.heads_q, d.seqlen_q.div_ceil(TILE))?;
+    if let Some(c) = &a.columns {
+        check_columns(c, at, d.batch, d.heads_q)?;
+    }
     if d.head_dim.max(d.head_dim_v) > TILE {
         return Err(Error::NotImplemented(format!(
             "sparse_attention on the GPU takes head dims up to {TILE}, got {} / {}",
@@ -101,11 +145,13 @@ pub fn forward(a: &SparseArgs, stream: usize) -> Result<()> {
         index: a.index.ptr as u64,
         bitmap: a.bitmap.ptr as u64,
         bits: a.bits.ptr as u64,
+        cols: a.columns.map_or(0, |c| c.bits.ptr as u64),
         sb,
         sh,
         max: max as i32,
     };
-    attention::launch_sm90(dev, at, &d, attention::kernel_params(at, &d), Some(list), stream)
+    let tiles = SparseTiles { list, cols: a.columns.map(|c| (c.k, c.v)) };
+    attention::launch_sm90(dev, at, &d, attention::kernel_params(at, &d), Some(tiles), stream)
 }
 
 /// Key blocks per row of block scores (the GPU half of `estimate_blocks`): the tile lists of
@@ -211,4 +257,115 @@ pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
     let f = dev.function(&select_kernel(), 0)?;
     let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
     dev.launch(f, cfg, stream, &mut [&mut p as *mut SelectParams as *mut c_void])
+}
+
+/// vertical_slash's kernel lists (kernels/sparse.cu: sparse_vs_lists), one launch per mask.
+#[derive(Debug, Clone, Copy)]
+pub struct VsArgs<'a> {
+    /// uint8 (batch * heads, nrel): relative key tile `r + r_min` (key tile - query block)
+    /// crossed by one of the head's diagonals.
+    pub rel: &'a TensorView,
+    /// int32 (batch * heads, column tiles * 128): sorted column positions, kv_len past the
+    /// real ones.
+    pub cols: &'a TensorView,
+    /// int32 (batch * heads, q_tiles), (batch * heads, q_tiles, max) x 2 and (rows * column
+    /// tiles, 4): the outputs.
+    pub count: &'a TensorView,
+    pub index: &'a TensorView,
+    pub bitmap: &'a TensorView,
+    pub col_bits: &'a TensorView,
+    pub r_min: i64,
+    /// kv_len - q_len.
+    pub off: i64,
+}
+
+/// Mirrors `struct SparseVsParams` in kernels/sparse.cu.
+#[repr(C)]
+struct VsParams {
+    rel: u64,
+    cols: u64,
+    count: u64,
+    index: u64,
+    bitmap: u64,
+    col_bits: u64,
+    rows: i32,
+    qt: i32,
+    kt: i32,
+    ct: i32,
+    max: i32,
+    nrel: i32,
+    r_min: i32,
+    off: i32,
+}
+
+/// The most column tiles a head may have (one per thread of the list kernel).
+pub const VS_MAX_COLUMN_TILES: usize = 256;
+
+pub fn vs_kernel() -> KernelSource {
+    let source = "#include \"sparse.cu\"\n\
+                  extern \"C\" __global__ void __launch_bounds__(SEL_THREADS) sparse_vs_lists(const __grid_constant__ SparseVsParams p) {\n\
+                  \x20   vs_lists(p);\n}\n";
+    KernelSource::portable("sparse_vs_lists".into(), source.into())
+}
+
+/// Fills the vertical-slash lists on the GPU; `kt` key tiles per row.
+pub fn vs_lists(a: &VsArgs, kt: usize, stream: usize) -> Result<()> {
+    a.rel.expect_dtype(&[DType::U8])?;
+    a.rel.expect_rank(2, "(batch * heads, nrel)")?;
+    for t in [a.cols, a.count, a.index, a.bitmap, a.col_bits] {
+        t.expect_same_device(a.rel)?;
+        t.expect_dtype(&[DType::I32])?;
+        expect_contiguous(t)?;
+    }
+    expect_contiguous(a.rel)?;
+    let bh = a.rel.dim(0);
+    a.cols.expect_rank(2, "(batch * heads, column tiles * 128)")?;
+    let ct = a.cols.dim(1) / TILE;
+    a.count.expect_rank(2, "(batch * heads, q_tiles)")?;
+    let qt = a.count.dim(1);
+    let max = kt + ct;
+    if a.cols.dim(0) != bh || a.cols.dim(1) % TILE != 0 || ct == 0 || ct > VS_MAX_COLUMN_TILES {
+        return shape_err(format!(
+            "{} must be ({bh}, 128 to {} columns in whole tiles), got {:?}",
+            a.cols.name, VS_MAX_COLUMN_TILES * TILE, a.cols.shape
+        ));
+    }
+    if kt == 0 || kt > SELECT_MAX_TILES {
+        return shape_err(format!("vertical_slash's list kernel takes 1 to {SELECT_MAX_TILES} key tiles, got {kt}"));
+    }
+    a.count.expect_shape(&[bh as i64, qt as i64])?;
+    a.index.expect_shape(&[bh as i64, qt as i64, max as i64])?;
+    a.bitmap.expect_shape(&[bh as i64, qt as i64, max as i64])?;
+    a.col_bits.expect_shape(&[(bh * qt * ct) as i64, (TILE / 32) as i64])?;
+    let rows = bh * qt;
+    if rows == 0 {
+        return Ok(());
+    }
+    if rows * ct > i32::MAX as usize / 2 || a.off.unsigned_abs() > i32::MAX as u64 / 2 || a.r_min.unsigned_abs() > i32::MAX as u64 / 2 {
+        return shape_err(format!("{} is too large for the list kernel", a.cols.name));
+    }
+    let ordinal = match a.rel.device {
+        Device::Cuda(o) => o,
+        Device::Cpu => return Err(Error::Device("the vertical-slash list kernel runs on CUDA tensors".into())),
+    };
+    let dev = driver::device(ordinal)?;
+    let mut p = VsParams {
+        rel: a.rel.ptr as u64,
+        cols: a.cols.ptr as u64,
+        count: a.count.ptr as u64,
+        index: a.index.ptr as u64,
+        bitmap: a.bitmap.ptr as u64,
+        col_bits: a.col_bits.ptr as u64,
+        rows: rows as i32,
+        qt: qt as i32,
+        kt: kt as i32,
+        ct: ct as i32,
+        max: max as i32,
+        nrel: a.rel.dim(1) as i32,
+        r_min: a.r_min as i32,
+        off: a.off as i32,
+    };
+    let f = dev.function(&vs_kernel(), 0)?;
+    let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut VsParams as *mut c_void])
 }

@@ -12,7 +12,7 @@ use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
-use crate::ops::sparse::{self, SelectArgs, SparseArgs};
+use crate::ops::sparse::{self, Columns, SelectArgs, SparseArgs, VsArgs};
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -78,10 +78,10 @@ fn attention_fwd(
 }
 
 /// sparse_attention_fwd(q, k, v, out, lse, count, index, bitmap, bits, *, scale, workspace,
-/// stream): the block-list kernel (see ops::sparse; python/ferrokernels/sparse.py builds the
-/// lists).
+/// columns, stream): the block-list kernel (see ops::sparse; python/ferrokernels/sparse.py
+/// builds the lists). `columns`: (k_cols, v_cols, col_bits) of a vertical-slash mask.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, count, index, bitmap, bits, *, scale=None, workspace=None, stream=0))]
+#[pyo3(signature = (q, k, v, out, lse, count, index, bitmap, bits, *, scale=None, workspace=None, columns=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn sparse_attention_fwd(
     py: Python<'_>,
@@ -96,9 +96,18 @@ fn sparse_attention_fwd(
     bits: &Bound<'_, PyAny>,
     scale: Option<f64>,
     workspace: Option<&Bound<'_, PyAny>>,
+    columns: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)>,
     stream: usize,
 ) -> PyResult<()> {
     let (q, k, v) = (import(q, "q", stream, false)?, import(k, "k", stream, false)?, import(v, "v", stream, false)?);
+    let cols = match &columns {
+        Some((kc, vc, cb)) => Some((
+            import(kc, "block_mask (key columns)", stream, false)?,
+            import(vc, "block_mask (value columns)", stream, false)?,
+            import(cb, "block_mask (column bits)", stream, false)?,
+        )),
+        None => None,
+    };
     let out = import(out, "out", stream, true)?;
     let lse = import_opt(lse, "lse", stream, true)?;
     let count = import(count, "block_mask (tile counts)", stream, false)?;
@@ -110,7 +119,8 @@ fn sparse_attention_fwd(
     attn.lse = view(&lse);
     attn.scale = scale;
     attn.workspace = view(&workspace);
-    let args = SparseArgs { attn, count: &count.view, index: &index.view, bitmap: &bitmap.view, bits: &bits.view };
+    let columns = cols.as_ref().map(|(kc, vc, cb)| Columns { k: &kc.view, v: &vc.view, bits: &cb.view });
+    let args = SparseArgs { attn, count: &count.view, index: &index.view, bitmap: &bitmap.view, bits: &bits.view, columns };
     py.detach(|| sparse::forward(&args, stream)).map_err(to_py)
 }
 
@@ -153,6 +163,43 @@ fn sparse_select_blocks(
         local_blocks,
     };
     py.detach(|| sparse::select(&args, stream)).map_err(to_py)
+}
+
+/// sparse_vs_lists(rel, cols, count, index, bitmap, col_bits, *, key_tiles, r_min, off,
+/// stream): vertical_slash's kernel lists (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (rel, cols, count, index, bitmap, col_bits, *, key_tiles, r_min, off, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_vs_lists(
+    py: Python<'_>,
+    rel: &Bound<'_, PyAny>,
+    cols: &Bound<'_, PyAny>,
+    count: &Bound<'_, PyAny>,
+    index: &Bound<'_, PyAny>,
+    bitmap: &Bound<'_, PyAny>,
+    col_bits: &Bound<'_, PyAny>,
+    key_tiles: usize,
+    r_min: i64,
+    off: i64,
+    stream: usize,
+) -> PyResult<()> {
+    let rel = import(rel, "rel", stream, false)?;
+    let cols = import(cols, "cols", stream, false)?;
+    let count = import(count, "count", stream, true)?;
+    let index = import(index, "index", stream, true)?;
+    let bitmap = import(bitmap, "bitmap", stream, true)?;
+    let col_bits = import(col_bits, "col_bits", stream, true)?;
+    let args = VsArgs {
+        rel: &rel.view,
+        cols: &cols.view,
+        count: &count.view,
+        index: &index.view,
+        bitmap: &bitmap.view,
+        col_bits: &col_bits.view,
+        r_min,
+        off,
+    };
+    py.detach(|| sparse::vs_lists(&args, key_tiles, stream)).map_err(to_py)
 }
 
 /// Both offset tensors or neither.
@@ -642,6 +689,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_select_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
