@@ -179,9 +179,9 @@ def load_bench_module(name: str):
     raise SystemExit(f"benchmarks/bench_{name}.py not found: run from the repository root")
 
 
-BENCHES: Sequence[str] = ("attention", "decode", "gemm", "quant_attention", "sparse")
+BENCHES: Sequence[str] = ("attention", "decode", "gemm", "quant_attention", "sparse", "kv")
 ALIASES = {"quant": "quant_attention"}
-NOT_BUILT = {"kv": "KV-cache compression"}
+NOT_BUILT: dict = {}
 X_AXES = ("seqlen", "m", "prompt_tokens", "n_new", "seqs")  # the swept parameter, first one present
 # Parameters that vary with the swept one instead of defining a panel (written beside the points).
 ALONG_X = {"decode": ("batch",)}

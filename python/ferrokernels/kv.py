@@ -1,0 +1,483 @@
+"""KV-cache compression: the published presses.
+
+A press looks at one layer's keys and values after prefill (and the last queries, for the
+attention-based ones) and keeps a budget of tokens per kv head; the rest is dropped (or merged
+into what is kept), so the memory is released. Every press here follows the scoring formula
+of NVIDIA kvpress where kvpress defines the method (its ``compression_ratio`` is ``ratio``:
+the fraction removed), on batches of any size, on the CPU or the GPU:
+
+- ``StreamingLLM`` (Xiao et al., 2023): the first ``n_sink`` tokens and the most recent.
+- ``SnapKV`` (Li et al., 2024): the attention of the last ``window`` queries, averaged over
+  them, pooled over ``kernel`` neighbouring keys, averaged over each kv head's query heads;
+  the window itself is kept.
+- ``PyramidKV`` (Cai et al., 2024): SnapKV's scores with a budget that shrinks with depth.
+- ``ObservedAttention`` (H2O, Zhang et al., 2023): the attention every key receives from
+  every query after it, averaged over those queries (computed in query chunks from the
+  prefill's LSE: the full attention matrix never exists).
+- ``TOVA`` (Oren et al., 2024): the last query's attention averaged over all heads.
+- ``Knorm`` (Devoto et al., 2024): keys with the smallest L2 norm are the most attended.
+- ``ThinK`` (Xu et al., 2024): drops key *channels* (the least ``q^2 k^2`` energy), kept
+  compact with their channel ids (``ChannelPruned``).
+- ``DuoAttention`` / RazorAttention (Xiao et al., 2024; Tang et al., 2024): retrieval heads keep
+  everything, streaming heads keep sink + recent; head scores supplied, or estimated from how
+  much of the window's attention falls outside sink + recent.
+- ``AdaKV`` (Feng et al., 2024): one top-k over all heads of a layer (with a per-head
+  floor): heads get different budgets.
+- ``KVMerge`` (KVMerger / EMS style): tokens another press evicts are merged into their most
+  similar kept key, weighted by their scores, instead of being dropped.
+
+Tensors use ferrokernels' layout: keys / values ``(batch, seqlen, heads_kv, head_dim)``,
+queries ``(batch, n, heads_q, head_dim)`` already rotated (the window's queries, or all of
+them for ObservedAttention). A press returns a ``Compressed``: the kept keys / values
+``(batch, kept, heads_kv, head_dim)`` in their original order, the kept positions and the
+per-head lengths (presses with per-head budgets pad to the longest head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ._runtime import ShapeError, expect_rank, torch
+from .attention import LAYOUT
+
+_CHUNK = 1 << 24  # score elements computed at once (ObservedAttention)
+
+
+@dataclass
+class Compressed:
+    """One layer's compressed KV.
+
+    keys, values : ``(batch, kept, heads_kv, head_dim)``; positions ``(batch, heads_kv,
+    kept)`` int64, the kept tokens' original positions, ascending (``-1`` past a head's
+    length); lengths ``(batch, heads_kv)`` int32. For presses with one budget every head's
+    length is ``kept``."""
+
+    keys: "torch.Tensor"
+    values: "torch.Tensor"
+    positions: "torch.Tensor"
+    lengths: "torch.Tensor"
+
+    @property
+    def uniform(self) -> bool:
+        """Every head keeps the same number of tokens (no padding)."""
+        return bool((self.lengths == self.keys.shape[1]).all())
+
+
+def _check_kv(keys, values, queries=None, need_queries=False, name="press"):
+    expect_rank(keys, 4, "keys", LAYOUT)
+    expect_rank(values, 4, "values", LAYOUT)
+    if tuple(values.shape[:3]) != tuple(keys.shape[:3]):
+        raise ShapeError(f"values {tuple(values.shape)} must match keys {tuple(keys.shape)} but for head_dim")
+    if queries is None:
+        if need_queries:
+            raise ValueError(f"{name} scores keys by attention: pass queries (batch, n, heads_q, head_dim)")
+        return
+    expect_rank(queries, 4, "queries", LAYOUT)
+    if queries.shape[0] != keys.shape[0] or queries.shape[3] != keys.shape[3] or queries.shape[2] % keys.shape[2]:
+        raise ShapeError(f"queries {tuple(queries.shape)} must share keys' batch and head_dim {tuple(keys.shape)}, "
+                         f"with heads_q a multiple of heads_kv")
+
+
+def _ratio(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"ratio (the fraction removed) must be in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def _window_attention(keys, queries, scale=None):
+    """float32 ``(batch, heads_q, w, seqlen)``: the softmax attention of the w queries, which
+    sit at the last w positions (causal among themselves), over all keys."""
+    b, n, hk, d = keys.shape
+    w, hq = queries.shape[1], queries.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // hk
+    # Scores in the inputs' precision (as the model computes them), softmax in float32.
+    s = torch.einsum("bwhgd,bnhd->bhgwn", queries.view(b, w, hk, g, d), keys).float() * scale
+    s[..., n - w:].masked_fill_(torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1).view(b, hq, w, n)
+
+
+def _group_mean(x, hk):
+    """(batch, heads_q, ...) -> (batch, heads_kv, ...): the mean over each kv head's group."""
+    b, hq = x.shape[:2]
+    return x.view(b, hk, hq // hk, *x.shape[2:]).mean(2)
+
+
+def _keep(keys, values, scores, n_kept):
+    """The n_kept best-scored tokens per (batch, kv head), in their original order."""
+    idx = scores.topk(n_kept, -1).indices.sort(-1).values                  # (b, hk, kept)
+    return _gather(keys, values, idx, torch.full(idx.shape[:2], n_kept, dtype=torch.int32, device=idx.device))
+
+
+def _gather(keys, values, idx, lengths):
+    """Per (batch, kv head) rows idx (b, hk, kept) of keys / values; -1 entries give zeros."""
+    b, hk, kept = idx.shape
+    safe = idx.clamp(min=0).transpose(1, 2)                                  # (b, kept, hk)
+    k = torch.gather(keys, 1, safe[..., None].expand(b, kept, hk, keys.shape[3]))
+    v = torch.gather(values, 1, safe[..., None].expand(b, kept, hk, values.shape[3]))
+    pad = (idx < 0).transpose(1, 2)[..., None]
+    if bool(pad.any()):
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+    return Compressed(k.contiguous(), v.contiguous(), idx, lengths)
+
+
+class Press:
+    """A scorer press: per (batch, kv head) scores, the ``budget`` best kept."""
+
+    needs_queries = False
+
+    def __init__(self, ratio: float = 0.5):
+        self.ratio = _ratio(ratio)
+
+    def score(self, keys, values, queries=None):
+        """float32 ``(batch, heads_kv, seqlen)``: higher = keep."""
+        raise NotImplementedError
+
+    def budget(self, n: int, layer: int = 0, n_layers: int = 1) -> int:
+        """Tokens kept per head out of n (kvpress: ``max(1, int(n * (1 - ratio)))``)."""
+        return max(1, int(n * (1 - self.ratio)))
+
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+        _check_kv(keys, values, queries, self.needs_queries, type(self).__name__)
+        n = keys.shape[1]
+        if self.ratio == 0:
+            pos = torch.arange(n, device=keys.device).expand(keys.shape[0], keys.shape[2], n)
+            return Compressed(keys, values, pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=keys.device))
+        return _keep(keys, values, self.score(keys, values, queries), min(n, self.budget(n, layer, n_layers)))
+
+
+class StreamingLLM(Press):
+    """The first ``n_sink`` tokens and the most recent ones."""
+
+    def __init__(self, ratio: float = 0.5, n_sink: int = 4):
+        super().__init__(ratio)
+        self.n_sink = int(n_sink)
+
+    def score(self, keys, values, queries=None):
+        b, n, hk, _ = keys.shape
+        if n <= self.n_sink:
+            raise ValueError(f"StreamingLLM needs more than n_sink={self.n_sink} tokens, got {n}")
+        pruned = n - int(n * (1 - self.ratio))
+        pos = torch.arange(n, device=keys.device)
+        drop = (pos >= self.n_sink) & (pos < self.n_sink + pruned)
+        return (~drop).float().expand(b, hk, n)
+
+
+class Knorm(Press):
+    """Keys with a small L2 norm draw the most attention: score = -||k||."""
+
+    def score(self, keys, values, queries=None):
+        return -keys.float().norm(dim=-1).transpose(1, 2)
+
+
+class SnapKV(Press):
+    """The last ``window`` queries' attention, averaged over them, pooled over ``kernel``
+    neighbouring keys, averaged per kv head; the window is always kept."""
+
+    needs_queries = True
+
+    def __init__(self, ratio: float = 0.5, window: int = 64, kernel: int = 5):
+        super().__init__(ratio)
+        self.window, self.kernel = int(window), int(kernel)
+
+    def score(self, keys, values, queries=None, scale=None):
+        b, n, hk, _ = keys.shape
+        w = queries.shape[1]
+        if n <= w:
+            raise ValueError(f"{type(self).__name__} needs more keys ({n}) than window queries ({w})")
+        a = _window_attention(keys, queries, scale)[..., : n - w].mean(2)      # (b, hq, n - w)
+        a = torch.nn.functional.avg_pool1d(a, self.kernel, stride=1, padding=self.kernel // 2)
+        s = _group_mean(a, hk)
+        return torch.nn.functional.pad(s, (0, w), value=float(s.max()))
+
+
+class PyramidKV(SnapKV):
+    """SnapKV with a per-layer budget: more tokens in the first layers, fewer in the last,
+    the same total (kvpress's pyramid, ``beta`` its steepness)."""
+
+    def __init__(self, ratio: float = 0.5, window: int = 64, kernel: int = 5, beta: int = 20):
+        super().__init__(ratio, window, kernel)
+        if beta < 1:
+            raise ValueError(f"beta must be >= 1, got {beta}")
+        self.beta = beta
+
+    def budget(self, n: int, layer: int = 0, n_layers: int = 1) -> int:
+        w = self.window
+        cap = w + n * (1 - self.ratio)
+        lo = (cap - w) / self.beta
+        hi = (cap - w) * 2 - lo
+        if hi >= n - w:
+            hi = n - w
+            lo = (cap - w) * 2 - hi
+        if not (n >= hi >= lo >= w) or n_layers < 2:
+            return round(n * (1 - self.ratio))
+        return round(hi - layer * (hi - lo) / (n_layers - 1))
+
+
+class TOVA(Press):
+    """The last query's attention, averaged over every head of the layer; the last token is
+    always kept."""
+
+    needs_queries = True
+
+    def score(self, keys, values, queries=None, scale=None):
+        b, n, hk, _ = keys.shape
+        a = _window_attention(keys, queries[:, -1:], scale)[:, :, 0, : n - 1].mean(1, keepdim=True)  # (b, 1, n - 1)
+        return torch.nn.functional.pad(a, (0, 1), value=float(a.max())).expand(b, hk, n)
+
+
+class ObservedAttention(Press):
+    """H2O's accumulated attention: each key's attention from every query at or after it,
+    divided by how many there are, averaged per kv head. ``queries`` are all of them (the
+    prefill's); the attention is computed in query chunks from their LSE."""
+
+    needs_queries = True
+
+    def score(self, keys, values, queries=None, scale=None):
+        b, n, hk, d = keys.shape
+        nq, hq = queries.shape[1], queries.shape[2]
+        if nq != n:
+            raise ShapeError(f"ObservedAttention needs every query: got {nq} for {n} keys")
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        g = hq // hk
+        # Each query row's LSE (from the attention kernel on the GPU: the prefill computes it
+        # anyway), then the probabilities a chunk of rows at a time, summed per key: never the
+        # whole matrix.
+        qg = queries.view(b, n, hk, g, d)
+        step = max(1, 4 * _CHUNK // max(1, b * hq * n))
+        pos = torch.arange(n, device=keys.device)
+
+        def scores(r0, r1):
+            s = torch.einsum("bqhgd,bkhd->bhgqk", qg[:, r0:r1], keys).float() * scale
+            return s.masked_fill_(pos[None, :] > pos[r0:r1, None], float("-inf"))
+
+        if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
+            from .attention import attention
+            # A narrow V: only the LSE is read.
+            lse = attention(queries, keys, keys[..., :8], causal=True, scale=scale, return_lse=True)[1].view(b, hk, g, n)
+        else:
+            lse = torch.cat([torch.logsumexp(scores(r0, min(n, r0 + step)), -1) for r0 in range(0, n, step)], -1)
+        total = torch.zeros(b, hk, g, n, device=keys.device)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            total += torch.exp(scores(r0, r1) - lse[..., r0:r1, None]).sum(3)
+        scores = total / torch.arange(n, 0, -1, device=keys.device, dtype=torch.float32)
+        return scores.mean(2)
+
+
+class ThinK:
+    """Key channel pruning: per (batch, kv head) the ``key_ratio`` of channels with the least
+    energy ``mean_w(q_c^2) * mean_n(k_c^2)`` (queries of the last ``window``, averaged over the
+    group) are removed. Returns the keys with those channels zeroed (kvpress's semantics) and
+    the compact form ``ChannelPruned`` (the kept channels and their ids), which attention can
+    use with the queries gathered on the same channels: the scores are identical."""
+
+    needs_queries = True
+
+    def __init__(self, key_ratio: float = 0.5, window: int = 32):
+        self.key_ratio = _ratio(key_ratio)
+        self.window = int(window)
+
+    def channels(self, keys, queries):
+        """int64 (batch, heads_kv, kept channels), ascending."""
+        b, n, hk, d = keys.shape
+        qn = queries[:, -self.window:].float().pow(2).mean(1).view(b, hk, -1, d).mean(2)   # (b, hk, d)
+        kn = keys.float().pow(2).mean(1)                                        # (b, hk, d)
+        keep = d - int(d * self.key_ratio)
+        return (qn * kn).topk(keep, -1).indices.sort(-1).values
+
+    def __call__(self, keys, values, queries=None):
+        _check_kv(keys, values, queries, True, "ThinK")
+        ch = self.channels(keys, queries)
+        b, n, hk, d = keys.shape
+        compact = torch.gather(keys, 3, ch[:, None].expand(b, n, hk, ch.shape[-1]))
+        zeroed = torch.zeros_like(keys).scatter_(3, ch[:, None].expand(b, n, hk, ch.shape[-1]), compact)
+        return zeroed, ChannelPruned(compact.contiguous(), ch)
+
+
+@dataclass
+class ChannelPruned:
+    """Keys on their kept channels: keys ``(batch, seqlen, heads_kv, kept)`` and channel ids
+    ``(batch, heads_kv, kept)``. ``queries(q)`` gathers q ``(batch, n, heads_q, head_dim)`` on the
+    same channels, so ``q_kept . k_kept`` equals q . k with the dropped channels zeroed."""
+
+    keys: "torch.Tensor"
+    channels: "torch.Tensor"
+
+    def queries(self, q):
+        b, n, hq, d = q.shape
+        hk = self.channels.shape[1]
+        ch = self.channels.repeat_interleave(hq // hk, dim=1)                   # (b, hq, kept)
+        return torch.gather(q, 3, ch[:, None].expand(b, n, hq, ch.shape[-1]))
+
+
+class AdaKV:
+    """Head-adaptive budgets (AdaKV): the scores of ``scorer`` compete across all heads of a
+    layer for ``heads * budget`` slots, each head keeping at least ``alpha_safeguard`` of the
+    uniform budget. Heads end with different lengths (the result is padded to the longest)."""
+
+    def __init__(self, scorer: Press, alpha_safeguard: float = 0.2):
+        if not isinstance(scorer, Press):
+            raise TypeError(f"scorer must be a ferrokernels.kv.Press, got {type(scorer).__name__}")
+        self.scorer, self.alpha = scorer, float(alpha_safeguard)
+        self.needs_queries = scorer.needs_queries
+
+    @property
+    def ratio(self):
+        return self.scorer.ratio
+
+    def kept_mask(self, scores, n_kept):
+        """bool (batch, heads_kv, seqlen): the tokens kept (kvpress's AdaKV selection)."""
+        b, hk, n = scores.shape
+        safe = int(n_kept * self.alpha)
+        s = scores.clone()
+        if safe > 0:
+            s.scatter_(-1, s.topk(safe, -1).indices, torch.finfo(s.dtype).max)
+        pruned = hk * (n - n_kept)
+        drop = (-s.reshape(b, -1)).topk(pruned, -1).indices
+        keep = torch.ones(b, hk * n, dtype=torch.bool, device=s.device).scatter_(1, drop, False)
+        return keep.view(b, hk, n)
+
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+        _check_kv(keys, values, queries, self.needs_queries, "AdaKV")
+        n = keys.shape[1]
+        scores = self.scorer.score(keys, values, queries)
+        keep = self.kept_mask(scores, min(n, self.scorer.budget(n, layer, n_layers)))
+        return _from_mask(keys, values, keep)
+
+
+def _from_mask(keys, values, keep):
+    """Compressed from a per-head kept mask (batch, heads_kv, seqlen): kept positions first,
+    ascending, padded with -1 to the longest head (one host sync for that length)."""
+    lengths = keep.sum(-1).to(torch.int32)
+    longest = max(1, int(lengths.max()))
+    n = keep.shape[-1]
+    order = torch.where(keep, torch.arange(n, device=keep.device), n).sort(-1).values[..., :longest]
+    idx = torch.where(order < n, order, -1)
+    return _gather(keys, values, idx, lengths)
+
+
+class DuoAttention:
+    """Retrieval heads keep every token; streaming heads keep ``sink`` + ``recent`` (DuoAttention,
+    RazorAttention). ``head_scores`` ``(heads_kv,)`` or ``(n_layers, heads_kv)``: higher = retrieval;
+    the ``1 - streaming_ratio`` best heads of a layer are retrieval heads. Without them they
+    are estimated per call from the window's queries: a head whose attention mostly falls
+    outside sink + recent is a retrieval head."""
+
+    needs_queries = True
+
+    def __init__(self, streaming_ratio: float = 0.5, sink: int = 64, recent: int = 256, head_scores=None):
+        if not 0 <= streaming_ratio <= 1:
+            raise ValueError(f"streaming_ratio must be in [0, 1], got {streaming_ratio}")
+        self.streaming_ratio, self.sink, self.recent = float(streaming_ratio), int(sink), int(recent)
+        self.head_scores = head_scores
+
+    def estimate_head_scores(self, keys, queries):
+        """(batch, heads_kv): the window's attention mass outside sink + recent."""
+        a = _group_mean(_window_attention(keys, queries).mean(2), keys.shape[2])   # (b, hk, n)
+        n = keys.shape[1]
+        pos = torch.arange(n, device=keys.device)
+        local = (pos < self.sink) | (pos >= n - self.recent)
+        return a.masked_fill(local, 0).sum(-1)
+
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+        b, n, hk, _ = keys.shape
+        if self.head_scores is None:
+            _check_kv(keys, values, queries, True, "DuoAttention")
+            hs = self.estimate_head_scores(keys, queries)
+        else:
+            _check_kv(keys, values)
+            hs = torch.as_tensor(self.head_scores, dtype=torch.float32, device=keys.device)
+            hs = (hs[layer] if hs.ndim == 2 else hs).expand(b, hk)
+        n_stream = int(round(hk * self.streaming_ratio))
+        stream = torch.zeros(b, hk, dtype=torch.bool, device=keys.device)
+        if n_stream:
+            stream.scatter_(1, (-hs).topk(n_stream, -1).indices, True)
+        pos = torch.arange(n, device=keys.device)
+        local = (pos < self.sink) | (pos >= n - self.recent)
+        return _from_mask(keys, values, ~stream[..., None] | local)
+
+
+class KVMerge:
+    """Evicted tokens are merged into the kept token whose key is most similar (cosine), as a
+    score-weighted average of keys and of values (KVMerger / EMS style), instead of being
+    dropped. ``press`` chooses what is kept; its scores (shifted to be positive) weigh the
+    merge."""
+
+    def __init__(self, press: Press):
+        if not isinstance(press, Press):
+            raise TypeError(f"press must be a ferrokernels.kv.Press, got {type(press).__name__}")
+        self.press = press
+        self.needs_queries = press.needs_queries
+
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+        _check_kv(keys, values, queries, self.needs_queries, "KVMerge")
+        b, n, hk, d = keys.shape
+        scores = self.press.score(keys, values, queries)
+        kept = min(n, self.press.budget(n, layer, n_layers))
+        idx = scores.topk(kept, -1).indices.sort(-1).values                     # (b, hk, kept)
+        keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)
+        w = (scores - scores.amin(-1, keepdim=True) + 1e-3).float()             # positive weights
+        kf, vf = keys.float().transpose(1, 2), values.float().transpose(1, 2)  # (b, hk, n, d)
+        kk = torch.gather(kf, 2, idx[..., None].expand(b, hk, kept, d))
+        sim = torch.nn.functional.normalize(kf, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
+        target = sim.argmax(-1)                                                  # (b, hk, n): a kept slot
+        # Kept tokens merge into themselves; evicted ones into their target.
+        slot = torch.full((b, hk, n), 0, dtype=torch.long, device=keys.device)
+        slot.scatter_(-1, idx, torch.arange(kept, device=keys.device).expand(b, hk, kept))
+        slot = torch.where(keep, slot, target)
+        wsum = torch.zeros(b, hk, kept, device=keys.device).scatter_add_(-1, slot, w)
+        kout = torch.zeros(b, hk, kept, d, device=keys.device).scatter_add_(2, slot[..., None].expand(b, hk, n, d), kf * w[..., None])
+        dv = values.shape[3]
+        vout = torch.zeros(b, hk, kept, dv, device=keys.device).scatter_add_(2, slot[..., None].expand(b, hk, n, dv), vf * w[..., None])
+        kout, vout = kout / wsum[..., None], vout / wsum[..., None]
+        lengths = torch.full((b, hk), kept, dtype=torch.int32, device=keys.device)
+        return Compressed(kout.transpose(1, 2).to(keys.dtype).contiguous(), vout.transpose(1, 2).to(values.dtype).contiguous(),
+                          idx, lengths)
+
+
+PRESSES = {"streaming_llm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "observed_attention": ObservedAttention,
+           "h2o": ObservedAttention, "tova": TOVA, "knorm": Knorm}
+
+
+def make_press(name: str, **kwargs):
+    """A press by name: streaming_llm, snapkv, pyramidkv, observed_attention (h2o), tova,
+    knorm, think, duo_attention, adakv (``scorer=`` a press name or Press), kvmerge (``press=``)."""
+    name = name.lower()
+    if name in PRESSES:
+        return PRESSES[name](**kwargs)
+    if name == "think":
+        return ThinK(**kwargs)
+    if name in ("duo_attention", "duo", "razor"):
+        return DuoAttention(**kwargs)
+    if name in ("adakv", "kvmerge"):
+        inner_key = "scorer" if name == "adakv" else "press"
+        inner = kwargs.pop(inner_key, "snapkv")
+        ratio = kwargs.pop("ratio", 0.5)
+        inner = make_press(inner, ratio=ratio) if isinstance(inner, str) else inner
+        return AdaKV(inner, **kwargs) if name == "adakv" else KVMerge(inner)
+    raise ValueError(f"unknown press {name!r}; known: {sorted(list(PRESSES) + ['think', 'duo_attention', 'adakv', 'kvmerge'])}")
+
+
+def compressed_attention(q, c: Compressed, *, scale: Optional[float] = None):
+    """Attention of q ``(batch, q_len, heads_q, head_dim)`` over a compressed layer, every new
+    token seeing every kept key (q_len new tokens past the cache): decode_attention when the
+    heads' lengths agree, else attention under each head's length mask."""
+    from .attention import _dense
+    from .decode import decode_attention
+    b, kept, hk, _ = c.keys.shape
+    if c.uniform and q.shape[1] == 1:
+        lens = torch.full((b,), kept, dtype=torch.int32, device=q.device)
+        return decode_attention(q, c.keys, c.values, lens, causal_q=False, scale=scale)
+    hq = q.shape[2]
+    valid = torch.arange(kept, device=q.device) < c.lengths.long()[..., None]        # (b, hk, kept)
+    mask = valid.repeat_interleave(hq // hk, 1)[:, :, None, :].expand(b, hq, q.shape[1], kept)
+    out, _ = _dense(q, c.keys, c.values, None, causal=False, scale=scale, window=(-1, -1), softcap=0.0, alibi=None,
+                    mask=mask.contiguous(), return_lse=False)
+    return out
+
+
+__all__ = ["Compressed", "Press", "StreamingLLM", "Knorm", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention", "ThinK",
+           "ChannelPruned", "AdaKV", "DuoAttention", "KVMerge", "make_press", "compressed_attention"]

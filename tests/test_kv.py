@@ -1,0 +1,255 @@
+"""KV-cache presses: the kept tokens against plain-torch reimplementations of each method's
+scoring formula as kvpress writes it (heads-first layout, the full attention matrix where
+kvpress uses one), attention over the compressed cache against float64 attention over the
+kept positions, the merge by its definition, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import ferrokernels as fk
+import ferrokernels.kv as kv
+from conftest import devices, dtypes_for
+
+
+def inputs(b, n, hq, hk, d, w, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, n, hk, d, generator=g).to(device, dtype)
+    values = torch.randn(b, n, hk, d, generator=g).to(device, dtype)
+    queries = torch.randn(b, n, hq, d, generator=g).to(device, dtype)
+    return keys, values, queries[:, n - w:], queries
+
+
+# --- kvpress's formulas, heads first (b, h, n, d), written out in plain torch --------------------
+
+def hf(x):
+    return x.transpose(1, 2).float()
+
+
+def repeat_kv(x, g):
+    return x.repeat_interleave(g, dim=1)
+
+
+def ref_window_attention(keys, queries, w):
+    """kvpress SnapKV.compute_window_attention: (b, hq, w, n - w)."""
+    k, q = hf(keys), hf(queries)
+    n, d = k.shape[2], k.shape[3]
+    a = q @ repeat_kv(k, q.shape[1] // k.shape[1]).transpose(2, 3) / math.sqrt(d)
+    a = a + torch.triu(torch.full_like(a, float("-inf")), diagonal=n - w + 1)
+    return torch.softmax(a, -1)[..., :-w]
+
+
+def ref_snapkv(keys, queries, window, kernel):
+    b, n, hk, _ = keys.shape
+    a = ref_window_attention(keys, queries, window).mean(-2)
+    s = torch.nn.functional.avg_pool1d(a, kernel_size=kernel, padding=kernel // 2, stride=1)
+    s = s.view(b, hk, -1, n - window).mean(2)
+    return torch.nn.functional.pad(s, (0, window), value=s.max().item())
+
+
+def ref_tova(keys, queries):
+    a = ref_window_attention(keys, queries[:, -1:], 1).mean(1)
+    s = a.repeat(1, keys.shape[2], 1)
+    return torch.nn.functional.pad(s, (0, 1), value=s.max().item())
+
+
+def ref_observed(keys, queries_all):
+    k, q = hf(keys), hf(queries_all)
+    b, hk, n, d = k.shape
+    a = q @ repeat_kv(k, q.shape[1] // hk).transpose(2, 3) / math.sqrt(d)
+    a = torch.softmax(a + torch.triu(torch.full_like(a, float("-inf")), 1), -1)      # the whole matrix
+    s = a.sum(2) / torch.arange(n, 0, -1, dtype=torch.float32, device=k.device)
+    return s.view(b, hk, -1, n).mean(2)
+
+
+def ref_streaming(keys, ratio, n_sink):
+    b, n, hk, _ = keys.shape
+    pruned = n - int(n * (1 - ratio))
+    s = torch.ones(b, hk, n, device=keys.device)
+    s[:, :, n_sink:n_sink + pruned] = 0
+    return s
+
+
+def ref_keep(scores, n_kept):
+    return scores.topk(n_kept, -1).indices
+
+
+def same_sets(positions, lengths, want_idx):
+    """Per (batch, head): our kept positions (first `length`) equal the reference's set."""
+    for b in range(positions.shape[0]):
+        for h in range(positions.shape[1]):
+            ours = set(positions[b, h, : lengths[b, h]].tolist())
+            assert ours == set(want_idx[b][h]), (b, h)
+
+
+B, N, HQ, HK, D, W = 2, 300, 4, 2, 64, 32
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.8])
+def test_scorer_presses_keep_what_kvpress_keeps(device, ratio):
+    keys, values, window, allq = inputs(B, N, HQ, HK, D, W, device, seed=int(ratio * 100))
+    kept = max(1, int(N * (1 - ratio)))
+    cases = [(kv.SnapKV(ratio, window=W, kernel=5), window, ref_snapkv(keys, window, W, 5)),
+             (kv.TOVA(ratio), window, ref_tova(keys, window)),
+             (kv.ObservedAttention(ratio), allq, ref_observed(keys, allq)),
+             (kv.Knorm(ratio), None, -hf(keys).norm(dim=-1)),
+             (kv.StreamingLLM(ratio, n_sink=4), None, ref_streaming(keys, ratio, 4))]
+    for press, q, ref in cases:
+        c = press(keys, values, q)
+        assert c.keys.shape == (B, kept, HK, D) and c.uniform, type(press).__name__
+        want = ref_keep(ref, kept)
+        same_sets(c.positions, c.lengths, want.tolist())
+        # The kept rows are the inputs' rows at those positions, in order.
+        pos = c.positions
+        assert torch.equal(pos, pos.sort(-1).values)
+        assert torch.equal(c.keys, torch.gather(keys, 1, pos.transpose(1, 2)[..., None].expand(B, kept, HK, D)))
+        assert torch.equal(c.values, torch.gather(values, 1, pos.transpose(1, 2)[..., None].expand(B, kept, HK, D)))
+
+
+def test_pyramid_budgets():
+    """kvpress's pyramid: budgets fall linearly with depth from max_num to min_num; they fall
+    back to the uniform budget where the pyramid does not fit."""
+    press = kv.PyramidKV(0.5, window=64, beta=20)
+    n, layers = 4096, 8
+    cap = 64 + n * 0.5
+    lo = (cap - 64) / 20
+    hi = (cap - 64) * 2 - lo
+    want = [round(hi - i * (hi - lo) / (layers - 1)) for i in range(layers)]
+    assert [press.budget(n, i, layers) for i in range(layers)] == want
+    assert want[0] > want[-1]
+    assert kv.PyramidKV(0.5, window=64).budget(100, 0, 8) == 50  # the pyramid does not fit: SnapKV's
+
+
+@pytest.mark.parametrize("device", devices())
+def test_adakv_selects_across_heads(device):
+    """kvpress's AdaKV selection: a per-head floor of the top alpha * budget, then the lowest
+    heads * (n - budget) scores of the whole layer pruned."""
+    keys, values, window, _ = inputs(B, N, HQ, HK, D, W, device, seed=5)
+    press = kv.AdaKV(kv.SnapKV(0.5, window=W), alpha_safeguard=0.2)
+    c = press(keys, values, window)
+    scores = ref_snapkv(keys, window, W, 5)
+    n_kept = int(N * 0.5)
+    safe = int(n_kept * 0.2)
+    s = scores.clone()
+    s.scatter_(-1, s.topk(safe, -1).indices, torch.finfo(s.dtype).max)
+    pruned = (-s.reshape(B, -1)).topk(HK * (N - n_kept), -1).indices
+    keep = torch.ones(B, HK * N, dtype=torch.bool, device=s.device).scatter_(1, pruned, False).view(B, HK, N)
+    want = [[keep[b, h].nonzero().flatten().tolist() for h in range(HK)] for b in range(B)]
+    same_sets(c.positions, c.lengths, want)
+    assert int(c.lengths.sum()) == B * HK * n_kept
+    assert (c.lengths >= safe).all()
+
+
+def reference_attention(q, c):
+    """float64 attention of q over each head's first `length` compressed tokens."""
+    b, nq, hq, d = q.shape
+    hk = c.keys.shape[2]
+    k = c.keys.double().repeat_interleave(hq // hk, 2)
+    v = c.values.double().repeat_interleave(hq // hk, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) / math.sqrt(d)
+    valid = torch.arange(k.shape[1], device=q.device) < c.lengths.long().repeat_interleave(hq // hk, 1)[..., None]
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_attention_over_compressed_layers(device):
+    """Uniform presses go through decode_attention, per-head lengths through the masked
+    kernel; both match float64 attention over the kept tokens (outputs poisoned first)."""
+    for i, dtype in enumerate(dtypes_for(device)):
+        keys, values, window, _ = inputs(B, N, HQ, HK, D, W, device, dtype, seed=30 + i)
+        q = torch.randn(B, 1, HQ, D, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+        for press in (kv.SnapKV(0.5, window=W), kv.AdaKV(kv.SnapKV(0.6, window=W)), kv.DuoAttention(0.5, 8, 16)):
+            c = press(keys, values, window)
+            out = kv.compressed_attention(q, c)
+            ref = reference_attention(q, c)
+            tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < tol, (type(press).__name__, dtype, err)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_duo_attention_heads(device):
+    """Supplied head scores: the best heads keep everything, the others sink + recent.
+    Estimated: a head whose window attends far back is a retrieval head."""
+    keys, values, window, _ = inputs(1, 200, 4, 4, 32, 16, device, seed=2)
+    c = kv.DuoAttention(0.5, sink=8, recent=16, head_scores=[0.1, 0.9, 0.2, 0.8])(keys, values)
+    assert c.lengths.tolist() == [[24, 200, 24, 200]]
+    assert c.positions[0, 0, :24].tolist() == list(range(8)) + list(range(184, 200))
+    keys[0, 100, 2] = window[0, :, 2].mean(0) * 10  # head 2's window queries all look at token 100
+    c = kv.DuoAttention(0.75, sink=8, recent=16)(keys, values, window)
+    assert c.lengths[0].tolist() == [24, 24, 200, 24]
+
+
+def test_think_channels():
+    """kvpress's ThinK: channels by mean_w(q^2) (group-averaged) * mean_n(k^2), the lowest
+    zeroed; the compact keys with the gathered queries give the same scores."""
+    keys, values, window, _ = inputs(B, N, HQ, HK, D, W, "cpu", seed=8)
+    zeroed, compact = kv.ThinK(0.25, window=W)(keys, values, window)
+    qn = hf(window).pow(2).mean(2).view(B, HK, -1, D).mean(2)
+    kn = hf(keys).pow(2).mean(2)
+    pruned = (qn * kn).topk(int(D * 0.25), -1, largest=False).indices
+    want = hf(keys).scatter(-1, pruned[:, :, None, :].expand(B, HK, N, -1), 0)
+    assert torch.equal(hf(zeroed), want)
+    q = torch.randn(B, 3, HQ, D)
+    full = torch.einsum("bqhd,bkhd->bhqk", q, zeroed.repeat_interleave(2, 2))
+    small = torch.einsum("bqhd,bkhd->bhqk", compact.queries(q), compact.keys.repeat_interleave(2, 2))
+    assert torch.allclose(full, small, atol=1e-5)
+    assert compact.keys.shape[-1] == D - int(D * 0.25)
+
+
+def test_merge_by_definition():
+    """Each kept slot holds the score-weighted mean of itself and the evicted tokens whose key
+    is closest (cosine) to its key."""
+    keys, values, window, _ = inputs(1, 80, 2, 1, 16, 8, "cpu", seed=11)
+    press = kv.SnapKV(0.5, window=8)
+    c = kv.KVMerge(press)(keys, values, window)
+    scores = press.score(keys, values, window)[0, 0]
+    w = scores - scores.min() + 1e-3
+    kept = c.positions[0, 0].tolist()
+    kn = torch.nn.functional.normalize(keys[0, :, 0], dim=-1)
+    acc_k = {p: [w[p] * keys[0, p, 0], w[p]] for p in kept}
+    acc_v = {p: w[p] * values[0, p, 0] for p in kept}
+    for t in range(80):
+        if t in acc_k:
+            continue
+        target = kept[int((kn[kept] @ kn[t]).argmax())]
+        acc_k[target][0] = acc_k[target][0] + w[t] * keys[0, t, 0]
+        acc_k[target][1] = acc_k[target][1] + w[t]
+        acc_v[target] = acc_v[target] + w[t] * values[0, t, 0]
+    for j, p in enumerate(kept):
+        assert torch.allclose(c.keys[0, j, 0], acc_k[p][0] / acc_k[p][1], atol=1e-5)
+        assert torch.allclose(c.values[0, j, 0], acc_v[p] / acc_k[p][1], atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_compression_releases_memory():
+    keys, values, window, _ = inputs(1, 8192, 8, 2, 128, 64, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    c = kv.SnapKV(0.75, window=64)(keys, values, window)
+    del keys, values
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    full = 2 * 8192 * 2 * 128 * 2
+    assert before - after >= 0.7 * full, (before, after)
+    assert c.keys.shape[1] == 2048
+
+
+def test_bad_input():
+    keys, values, window, _ = inputs(1, 100, 2, 1, 16, 8, "cpu")
+    with pytest.raises(ValueError, match="ratio"):
+        kv.SnapKV(1.0)
+    with pytest.raises(ValueError, match="queries"):
+        kv.SnapKV(0.5)(keys, values)
+    with pytest.raises(fk.ShapeError, match="queries"):
+        kv.SnapKV(0.5)(keys, values, window[..., :8])
+    with pytest.raises(fk.ShapeError, match="values"):
+        kv.Knorm(0.5)(keys, values[:, :50])
+    with pytest.raises(ValueError, match="unknown press"):
+        kv.make_press("nope")
+    with pytest.raises(ValueError, match="more keys"):
+        kv.SnapKV(0.5, window=8)(keys[:, :8], values[:, :8], window)
+    assert isinstance(kv.make_press("adakv", scorer="knorm", ratio=0.3), kv.AdaKV)
