@@ -73,6 +73,23 @@ __device__ __forceinline__ float block_reduce(float v, float* tmp, Op op) {
     return m;
 }
 
+// The flagged tiles of the row (thread tid holds tiles tid * SEL_PER + k) written ascending to
+// `index`, `bitmap_of(tile)` beside each in `bitmap`; returns how many there are. The lists'
+// compaction, shared by both list kernels. Two __syncthreads.
+template <class F>
+__device__ __forceinline__ int compact_tiles(const int (&flag)[SEL_PER], i32* index, i32* bitmap, int* tmp, F bitmap_of) {
+    int pos[SEL_PER];
+#pragma unroll
+    for (int k = 0; k < SEL_PER; ++k) pos[k] = flag[k];
+    const int total = block_scan(pos, tmp);
+#pragma unroll
+    for (int k = 0; k < SEL_PER; ++k) {
+        const int j = threadIdx.x * SEL_PER + k;
+        if (flag[k]) index[pos[k]] = j, bitmap[pos[k]] = bitmap_of(j);
+    }
+    return total;
+}
+
 __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
     __shared__ float key[SEL_MAX];
     __shared__ short col[SEL_MAX];
@@ -148,20 +165,9 @@ __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
         const bool always = c < p.sink_blocks || c == diag || (diag - c >= 0 && diag - c < p.local_blocks);
         flag[i] = visible(c) && (keep[c] || always) ? 1 : 0;
     }
-    int pos[SEL_PER];
-#pragma unroll
-    for (int i = 0; i < SEL_PER; ++i) pos[i] = flag[i];
-    const int total = block_scan(pos, itmp);
     i32* index = p.index + (i64)row * p.kb;
     i32* bitmap = p.bitmap + (i64)row * p.kb;
-#pragma unroll
-    for (int i = 0; i < SEL_PER; ++i) {
-        const int c = tid * SEL_PER + i;
-        if (flag[i]) {
-            index[pos[i]] = c;
-            bitmap[pos[i]] = p.causal && c == diag ? 0 : -1;
-        }
-    }
+    const int total = compact_tiles(flag, index, bitmap, itmp, [&](int c) { return p.causal && c == diag ? 0 : -1; });
     for (int c = total + tid; c < p.kb; c += SEL_THREADS) index[c] = 0, bitmap[c] = -1;
     if (tid == 0) p.count[row] = total;
 }
@@ -191,21 +197,15 @@ __device__ __forceinline__ void vs_lists(const SparseVsParams& p) {
         const int r = j - i - p.r_min;
         return j < p.kt && (i64)j * 128 <= first + 127 && r >= 0 && r < p.nrel && rel[r];
     };
-    int flag[SEL_PER], pos[SEL_PER];
+    int flag[SEL_PER];
 #pragma unroll
-    for (int k = 0; k < SEL_PER; ++k) pos[k] = flag[k] = listed(tid * SEL_PER + k) ? 1 : 0;
-    const int total = block_scan(pos, itmp);
+    for (int k = 0; k < SEL_PER; ++k) flag[k] = listed(tid * SEL_PER + k) ? 1 : 0;
     i32* index = p.index + (i64)row * p.max;
     i32* bitmap = p.bitmap + (i64)row * p.max;
-#pragma unroll
-    for (int k = 0; k < SEL_PER; ++k) {
-        const int j = tid * SEL_PER + k;
-        if (!flag[k]) continue;
-        index[pos[k]] = j;
-        // Tiles reaching past the first row's position are cut by the causal diagonal: one of
-        // the two bitmaps, by where the tile sits from the block's diagonal.
-        bitmap[pos[k]] = (i64)j * 128 + 127 <= first ? -1 : j - i - p.off / 128;
-    }
+    // Tiles reaching past the first row's position are cut by the causal diagonal: one of the
+    // two bitmaps, by where the tile sits from the block's diagonal.
+    const int total = compact_tiles(flag, index, bitmap, itmp,
+                                    [&](int j) { return (i64)j * 128 + 127 <= first ? -1 : j - i - p.off / 128; });
     // The column tiles whose first column lies before the block (a prefix: columns ascend).
     const i32* cols = p.cols + (i64)bh * p.ct * 128;
     const int n_ct = __syncthreads_count(tid < p.ct && cols[tid * 128] < first);

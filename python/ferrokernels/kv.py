@@ -105,20 +105,26 @@ def _group_mean(x, hk):
     return x.view(b, hk, hq // hk, *x.shape[2:]).mean(2)
 
 
+def _top(scores, n_kept):
+    """int64 (batch, heads_kv, n_kept): the best-scored positions, in their original order."""
+    return scores.topk(n_kept, -1).indices.sort(-1).values
+
+
 def _keep(keys, values, scores, n_kept):
     """The n_kept best-scored tokens per (batch, kv head), in their original order."""
-    idx = scores.topk(n_kept, -1).indices.sort(-1).values                  # (b, hk, kept)
+    idx = _top(scores, n_kept)
     return _gather(keys, values, idx, torch.full(idx.shape[:2], n_kept, dtype=torch.int32, device=idx.device))
 
 
-def _gather(keys, values, idx, lengths):
-    """Per (batch, kv head) rows idx (b, hk, kept) of keys / values; -1 entries give zeros."""
+def _gather(keys, values, idx, lengths, padded=False):
+    """Per (batch, kv head) rows idx (b, hk, kept) of keys / values; with `padded`, -1 entries
+    (past a head's length) give zeros."""
     b, hk, kept = idx.shape
     safe = idx.clamp(min=0).transpose(1, 2)                                  # (b, kept, hk)
     k = torch.gather(keys, 1, safe[..., None].expand(b, kept, hk, keys.shape[3]))
     v = torch.gather(values, 1, safe[..., None].expand(b, kept, hk, values.shape[3]))
-    pad = (idx < 0).transpose(1, 2)[..., None]
-    if bool(pad.any()):
+    if padded:
+        pad = (idx < 0).transpose(1, 2)[..., None]
         k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     return Compressed(k.contiguous(), v.contiguous(), idx, lengths)
 
@@ -286,7 +292,7 @@ class ThinK:
         qn = queries[:, -self.window:].float().pow(2).mean(1).view(b, hk, -1, d).mean(2)   # (b, hk, d)
         kn = keys.float().pow(2).mean(1)                                        # (b, hk, d)
         keep = d - int(d * self.key_ratio)
-        return (qn * kn).topk(keep, -1).indices.sort(-1).values
+        return _top(qn * kn, keep)
 
     def __call__(self, keys, values, queries=None):
         _check_kv(keys, values, queries, True, "ThinK")
@@ -356,7 +362,7 @@ def _from_mask(keys, values, keep):
     n = keep.shape[-1]
     order = torch.where(keep, torch.arange(n, device=keep.device), n).sort(-1).values[..., :longest]
     idx = torch.where(order < n, order, -1)
-    return _gather(keys, values, idx, lengths)
+    return _gather(keys, values, idx, lengths, padded=True)
 
 
 class DuoAttention:
@@ -377,10 +383,13 @@ class DuoAttention:
     def estimate_head_scores(self, keys, queries):
         """(batch, heads_kv): the window's attention mass outside sink + recent."""
         a = _group_mean(_window_attention(keys, queries).mean(2), keys.shape[2])   # (b, hk, n)
+        return a.masked_fill(self._local(keys), 0).sum(-1)
+
+    def _local(self, keys):
+        """bool (seqlen,): the sink and recent tokens a streaming head keeps."""
         n = keys.shape[1]
         pos = torch.arange(n, device=keys.device)
-        local = (pos < self.sink) | (pos >= n - self.recent)
-        return a.masked_fill(local, 0).sum(-1)
+        return (pos < self.sink) | (pos >= n - self.recent)
 
     def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
         b, n, hk, _ = keys.shape
@@ -395,9 +404,7 @@ class DuoAttention:
         stream = torch.zeros(b, hk, dtype=torch.bool, device=keys.device)
         if n_stream:
             stream.scatter_(1, (-hs).topk(n_stream, -1).indices, True)
-        pos = torch.arange(n, device=keys.device)
-        local = (pos < self.sink) | (pos >= n - self.recent)
-        return _from_mask(keys, values, ~stream[..., None] | local)
+        return _from_mask(keys, values, ~stream[..., None] | self._local(keys))
 
 
 class KVMerge:
@@ -417,7 +424,7 @@ class KVMerge:
         b, n, hk, d = keys.shape
         scores = self.press.score(keys, values, queries)
         kept = min(n, self.press.budget(n, layer, n_layers))
-        idx = scores.topk(kept, -1).indices.sort(-1).values                     # (b, hk, kept)
+        idx = _top(scores, kept)                                                 # (b, hk, kept)
         keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)
         w = (scores - scores.amin(-1, keepdim=True) + 1e-3).float()             # positive weights
         kf, vf = keys.float().transpose(1, 2), values.float().transpose(1, 2)  # (b, hk, n, d)

@@ -244,10 +244,16 @@ class BlockMask:
         device = torch.device(device) if device is not None else self.device
         if self._tiles is None:
             # Built where the mask lives (its mask_mod may hold tensors there), then moved.
-            self._tiles = _kernel_tiles(self, self.device)
+            self._tiles = self._build_tiles()
         if self._tiles[0].device != device:
-            self._tiles = tuple(t.to(device) for t in self._tiles)
+            self._move_tiles(device)
         return self._tiles
+
+    def _build_tiles(self):
+        return _kernel_tiles(self, self.device)
+
+    def _move_tiles(self, device):
+        self._tiles = tuple(t.to(device) for t in self._tiles)
 
     def to_flex(self):
         """The same mask as torch's FlexAttention ``BlockMask`` (for comparisons)."""
@@ -790,21 +796,22 @@ class VerticalSlashMask(BlockMask):
             self._lists = _to_lists(blocks & ~full) + _to_lists(full)
         return self._lists
 
-    def tiles(self, device=None):
-        """The kernel's lists: the diagonals' tiles, then the column tiles each query block
-        needs as entries -1 - t whose bitmap entries -2 - r name a 128-bit row of
-        ``column_bits`` (the columns this block takes from tile t)."""
-        device = torch.device(device) if device is not None else self.device
-        if self._tiles is None:
-            gpu = (_SELECT_KERNEL and self.device.type == "cuda" and math.ceil(self.seq_lengths[1] / TILE) <= _SELECT_MAX_TILES
-                   and self.columns.shape[-1] // TILE <= _VS_MAX_COLUMN_TILES)
-            self._tiles, self._col_bits = self._gpu_tiles() if gpu else self._torch_tiles()
-        if self._tiles[0].device != device:
-            self._tiles = tuple(t.to(device) for t in self._tiles)
-            self._col_bits = self._col_bits.to(device)
-        return self._tiles
+    # tiles(): the diagonals' tiles, then the column tiles each query block needs as entries
+    # -1 - t whose bitmap entries -2 - r name a 128-bit row of ``column_bits`` (the columns
+    # this block takes from tile t).
+
+    def _build_tiles(self):
+        gpu = (_SELECT_KERNEL and self.device.type == "cuda" and math.ceil(self.seq_lengths[1] / TILE) <= _SELECT_MAX_TILES
+               and self.columns.shape[-1] // TILE <= _VS_MAX_COLUMN_TILES)
+        tiles, self._col_bits = self._gpu_tiles() if gpu else self._torch_tiles()
+        return tiles
+
+    def _move_tiles(self, device):
+        super()._move_tiles(device)
+        self._col_bits = self._col_bits.to(device)
 
     def column_bits(self, device=None):
+        """int32 ``(rows, 4)``: the column bit rows the lists' negative entries name."""
         self.tiles(device)
         return self._col_bits
 

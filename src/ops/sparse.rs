@@ -233,11 +233,6 @@ pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
     if rows > i32::MAX as usize || a.diag.unsigned_abs() > i32::MAX as u64 / 2 {
         return shape_err(format!("{} is too large for the selection kernel", s.name));
     }
-    let ordinal = match s.device {
-        Device::Cuda(o) => o,
-        Device::Cpu => return Err(Error::Device("the block selection kernel runs on CUDA tensors".into())),
-    };
-    let dev = driver::device(ordinal)?;
     let mut p = SelectParams {
         scores: s.ptr as u64,
         count: a.count.ptr as u64,
@@ -254,9 +249,20 @@ pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
         sink_blocks: a.sink_blocks.min(i32::MAX as usize) as i32,
         local_blocks: a.local_blocks.min(i32::MAX as usize) as i32,
     };
-    let f = dev.function(&select_kernel(), 0)?;
+    launch_rows(&select_kernel(), s, rows, "the block selection kernel", &mut p as *mut SelectParams as *mut c_void, stream)
+}
+
+/// Launches a list kernel (kernels/sparse.cu): one CTA of 256 threads per row, its parameter
+/// block `params`, on the GPU of `on`.
+fn launch_rows(kernel: &KernelSource, on: &TensorView, rows: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {
+    let ordinal = match on.device {
+        Device::Cuda(o) => o,
+        Device::Cpu => return Err(Error::Device(format!("{what} runs on CUDA tensors"))),
+    };
+    let dev = driver::device(ordinal)?;
+    let f = dev.function(kernel, 0)?;
     let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
-    dev.launch(f, cfg, stream, &mut [&mut p as *mut SelectParams as *mut c_void])
+    dev.launch(f, cfg, stream, &mut [params])
 }
 
 /// vertical_slash's kernel lists (kernels/sparse.cu: sparse_vs_lists), one launch per mask.
@@ -344,11 +350,6 @@ pub fn vs_lists(a: &VsArgs, kt: usize, stream: usize) -> Result<()> {
     if rows * ct > i32::MAX as usize / 2 || a.off.unsigned_abs() > i32::MAX as u64 / 2 || a.r_min.unsigned_abs() > i32::MAX as u64 / 2 {
         return shape_err(format!("{} is too large for the list kernel", a.cols.name));
     }
-    let ordinal = match a.rel.device {
-        Device::Cuda(o) => o,
-        Device::Cpu => return Err(Error::Device("the vertical-slash list kernel runs on CUDA tensors".into())),
-    };
-    let dev = driver::device(ordinal)?;
     let mut p = VsParams {
         rel: a.rel.ptr as u64,
         cols: a.cols.ptr as u64,
@@ -365,7 +366,5 @@ pub fn vs_lists(a: &VsArgs, kt: usize, stream: usize) -> Result<()> {
         r_min: a.r_min as i32,
         off: a.off as i32,
     };
-    let f = dev.function(&vs_kernel(), 0)?;
-    let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
-    dev.launch(f, cfg, stream, &mut [&mut p as *mut VsParams as *mut c_void])
+    launch_rows(&vs_kernel(), a.rel, rows, "the vertical-slash list kernel", &mut p as *mut VsParams as *mut c_void, stream)
 }
