@@ -81,54 +81,44 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
     return true;
 }
 
-template <typename T, int D, int WR, int STAGES_>
-__device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
+// Where a CTA's K/V tiles come from (the quantized cache supplies its own, kv_quant.cu). A tile
+// source owns the shared memory after the Q rows and provides:
+//   MT            the element type the MMAs read (K and V tiles of BN rows, SROW apart)
+//   STAGES        tiles in flight
+//   load(j, s)    issue the copies of 64-key tile j into stage s (one commit group per call)
+//   ready(j, s)   tile j's K rows (V rows follow BN * SROW later), once its group has landed
+//                 and every thread passed a barrier; may itself end with a barrier
+//   scratch()     float area of at least (4 * 16 * D + 2 * 4 * 16) floats for the warp merge
+
+// The plain cache: tiles land by cp.async in a ring of stages and are read where they land.
+template <typename T, int D, int STAGES_>
+struct CacheTiles {
     using L = DecodeSmem<D, STAGES_>;
-    constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW;
-    constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
-    constexpr int KT = BN / WK;      // keys per warp per tile
-    constexpr int ROWS = 16 * WR;    // query rows per CTA
-    constexpr int CH = D / 8;        // 16-byte chunks per row
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* sQ = reinterpret_cast<T*>(smem_raw);
-    T* sKV = sQ + ROWS * SROW;
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int wr = warp / WK, wk = warp % WK;
-    // With heads_fast the CTAs of one key range over all kv heads are launched together: in a
-    // (batch, len, heads_kv, D) cache they read the same DRAM pages at the same time.
-    const int b = blockIdx.z;
-    const int split = p.heads_fast ? blockIdx.y : blockIdx.x;
-    const int hg = p.heads_fast ? blockIdx.x : blockIdx.y;
-    const int hk = hg % p.heads_kv, row0 = (hg / p.heads_kv) * ROWS;
-    const int rows = p.q_len * p.group;
-    const int len = min(p.seqlens[b], p.capacity);
-
-    // Keys some row of this CTA sees: tokens i_first..i_last.
-    const int i_first = row0 / p.group, i_last = (min(row0 + ROWS, rows) - 1) / p.group;
-    int lo_first, hi_first, lo_last, hi_last;
-    decode_bounds(p, len, i_first, lo_first, hi_first);
-    decode_bounds(p, len, i_last, lo_last, hi_last);
-    const int k_begin = lo_first, k_end = hi_last + 1;  // bounds grow with the token
-    // This split's tiles (64-key aligned) of [k_begin, k_end).
-    const int tile0 = k_begin / BN;
-    const int tiles = k_end > k_begin ? (k_end + BN - 1) / BN - tile0 : 0;
-    const int per_split = (tiles + p.splits - 1) / p.splits;
-    const int j_begin = tile0 + split * per_split;
-    const int j_end = tile0 + min(tiles, (split + 1) * per_split);
-
-    const T* kg = static_cast<const T*>(p.k);
-    const T* vg = static_cast<const T*>(p.v);
+    using MT = T;
+    static constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW, CH = D / 8;
     // Thread t copies 16-byte column chunk t % CH of rows t / CH + RSTEP * i. A tile (64 keys,
     // 64-aligned) lies inside one sequence (contiguous) or one page (pages of >= 64 keys), so
     // it has one base address and the per-row cost is an add; smaller pages look up each row.
-    constexpr int RSTEP = 128 / CH, PASSES = BN / RSTEP;
-    const int my_col = (threadIdx.x % CH) * 8, my_row = threadIdx.x / CH;
-    const bool col_ok = my_col < p.head_dim;
-    const bool tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
+    static constexpr int RSTEP = 128 / CH, PASSES = BN / RSTEP;
+
+    const DecodeParams& p;
+    T* sKV;
+    const T* kg;
+    const T* vg;
+    int b, hk, k_begin, k_end, my_col, my_row;
+    bool col_ok, tile_in_page;
+
+    __device__ CacheTiles(const DecodeParams& p_, unsigned char* stages, int b_, int hk_, int kb, int ke)
+        : p(p_), sKV(reinterpret_cast<T*>(stages)), kg(static_cast<const T*>(p_.k)), vg(static_cast<const T*>(p_.v)),
+          b(b_), hk(hk_), k_begin(kb), k_end(ke) {
+        my_col = (threadIdx.x % CH) * 8;
+        my_row = threadIdx.x / CH;
+        col_ok = my_col < p.head_dim;
+        tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
+    }
+
     // Pages smaller than a tile: every row looks up its own page.
-    auto load_rows_looked_up = [&](int j, int stage) {
+    __device__ void load_rows_looked_up(int j, int stage) {
         T* sK = sKV + stage * L::STAGE_ELEMS;
         T* sV = sK + BN * SROW;
 #pragma unroll
@@ -139,10 +129,11 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
             cp_async_16(smem_addr(sK + r * SROW + my_col), ok ? kg + ko + my_col : kg, ok);
             cp_async_16(smem_addr(sV + r * SROW + my_col), ok ? vg + vo + my_col : vg, ok);
         }
-    };
+    }
+
     // One base per tile, then pointer steps; only the first and last tiles of a range test keys.
     // (Re-deriving each row's 64-bit offset cost ~110 instructions per pass of 16 rows.)
-    auto load_rows_stepped = [&](int j, int stage) {
+    __device__ void load_rows_stepped(int j, int stage) {
         const u32 sk = smem_addr(sKV + stage * L::STAGE_ELEMS + my_row * SROW + my_col);
         const u32 sv = sk + BN * SROW * (u32)sizeof(T);
         const int key0 = j * BN;
@@ -162,23 +153,59 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
             kp += kstep;
             vp += vstep;
         }
-    };
-    auto load_tile = [&](int j, int stage) {
+    }
+
+    __device__ void load(int j, int stage) {
         if (tile_in_page) load_rows_stepped(j, stage);
         else load_rows_looked_up(j, stage);
-    };
+    }
 
-    // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
+    __device__ const T* ready(int, int stage) const { return sKV + stage * L::STAGE_ELEMS; }
+    __device__ float* scratch() const { return reinterpret_cast<float*>(sKV); }
+};
+
+// The CTA's query rows into shared memory as MT: by cp.async when the types agree (landing with
+// the first tile's group), else converted on the way (visible after the first tile's barrier).
+template <typename T, typename MT, int D, int ROWS>
+__device__ __forceinline__ void decode_load_q(const DecodeParams& p, MT* sQ, int b, int hk, int row0) {
+    constexpr int CH = D / 8, SROW = D + 8;
+    const int rows = p.q_len * p.group;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_sb;
     for (int c = threadIdx.x; c < ROWS * CH; c += 128) {
         const int r = c / CH, col = (c % CH) * 8, row = row0 + r;
         const bool ok = row < rows && col < p.head_dim;
         const T* src = ok ? qg + (row / p.group) * p.q_ss + (hk * p.group + row % p.group) * p.q_sh + col : qg;
-        cp_async_16(smem_addr(sQ + r * SROW + col), src, ok);
+        if constexpr (SameType<T, MT>::value) {
+            cp_async_16(smem_addr(sQ + r * SROW + col), src, ok);
+        } else {
+            const uint4 raw = ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(sQ + r * SROW + col) = convert8<T, MT>(raw);
+        }
     }
+}
+
+// One CTA of decode over the tiles `Tiles` supplies: the rows of one kv head (every new token x
+// q head of its group, ROWS at a time), the keys of one split.
+template <typename T, int D, int WR, typename Tiles>
+__device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned char* smem_raw, Tiles& tiles,
+                                              int b, int split, int hk, int row0, int len, int j_begin, int j_end) {
+    using MT = typename Tiles::MT;
+    constexpr int BN = Tiles::BN, STAGES = Tiles::STAGES, SROW = Tiles::SROW;
+    constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
+    constexpr int KT = BN / WK;      // keys per warp per tile
+    constexpr int ROWS = 16 * WR;    // query rows per CTA
+    MT* sQ = reinterpret_cast<MT*>(smem_raw);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wr = warp / WK, wk = warp % WK;
+    const int rows = p.q_len * p.group;
+
+    // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
+    decode_load_q<T, MT, D, ROWS>(p, sQ, b, hk, row0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (j_begin + s < j_end) load_tile(j_begin + s, s);
+        if (j_begin + s < j_end) tiles.load(j_begin + s, s);
         cp_async_commit();
     }
 
@@ -201,7 +228,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
-    const T* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
+    const MT* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
     // Q's A fragments stay in registers where they fit beside O (D <= 128).
     constexpr bool Q_IN_REGS = D <= 128;
     u32 qf[Q_IN_REGS ? D / 16 : 1][4];
@@ -211,22 +238,22 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         const int stage = (j - j_begin) % STAGES;
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // tile j landed for all; every warp is done with the stage refilled next
-        if (j + STAGES - 1 < j_end) load_tile(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
+        if (j + STAGES - 1 < j_end) tiles.load(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
         cp_async_commit();
 
-        const T* sK = sKV + stage * L::STAGE_ELEMS + wk * KT * SROW;
-        const T* sV = sK + BN * SROW;
+        const MT* sK = tiles.ready(j, stage) + wk * KT * SROW;
+        const MT* sV = sK + BN * SROW;
         const int n0 = j * BN + wk * KT;  // this warp's first key
         if (n0 > w_hi || n0 + KT <= w_lo) continue;
         if constexpr (Q_IN_REGS) {
             if (!q_loaded) {  // Q landed with the first tile's group
-                q_fragments<T, D>(qf, sQw);
+                q_fragments<MT, D>(qf, sQw);
                 q_loaded = true;
             }
         }
 
         float s[KT / 8][4];
-        mma_qk<T, D, KT, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
+        mma_qk<MT, D, KT, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
 
         float factor = p.scale_log2;
         if (p.softcap > 0.f) {
@@ -252,13 +279,13 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
         softmax_p<KT>(s, m_row, l_row, alpha, factor);
         rescale_o<D>(o, alpha);
 
-        mma_pv<T, KT, D, SROW>(o, s, sV, lane);
+        mma_pv<MT, KT, D, SROW>(o, s, sV, lane);
     }
     cp_async_wait<0>();
     __syncthreads();  // the stages are free: reuse them to merge the WK warps of each row group
 
     // Per warp: m (log2 units) and l per row, and O (unnormalised) in f32.
-    float* sM = reinterpret_cast<float*>(sKV);
+    float* sM = tiles.scratch();
     float* sL = sM + 4 * 16;
     float* sO = sL + 4 * 16;
 #pragma unroll
@@ -315,6 +342,50 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
             if (col == 0) p.part_lse[prow] = lse2;
         }
     }
+}
+
+// The CTA's place in the grid: batch b, split, kv head hk, first row row0, the sequence length
+// and the split's 64-key tiles [j_begin, j_end) of the keys its rows see, [k_begin, k_end).
+struct DecodeWork {
+    int b, split, hk, row0, len, k_begin, k_end, j_begin, j_end;
+};
+
+template <int ROWS>
+__device__ __forceinline__ DecodeWork decode_work(const DecodeParams& p, int len_cap) {
+    constexpr int BN = 64;
+    DecodeWork w;
+    // With heads_fast the CTAs of one key range over all kv heads are launched together: in a
+    // (batch, len, heads_kv, D) cache they read the same DRAM pages at the same time.
+    w.b = blockIdx.z;
+    w.split = p.heads_fast ? blockIdx.y : blockIdx.x;
+    const int hg = p.heads_fast ? blockIdx.x : blockIdx.y;
+    w.hk = hg % p.heads_kv;
+    w.row0 = (hg / p.heads_kv) * ROWS;
+    const int rows = p.q_len * p.group;
+    w.len = min(p.seqlens[w.b], len_cap);
+
+    // Keys some row of this CTA sees: tokens i_first..i_last.
+    const int i_first = w.row0 / p.group, i_last = (min(w.row0 + ROWS, rows) - 1) / p.group;
+    int lo_first, hi_first, lo_last, hi_last;
+    decode_bounds(p, w.len, i_first, lo_first, hi_first);
+    decode_bounds(p, w.len, i_last, lo_last, hi_last);
+    w.k_begin = lo_first, w.k_end = hi_last + 1;  // bounds grow with the token
+    // This split's tiles (64-key aligned) of [k_begin, k_end).
+    const int tile0 = w.k_begin / BN;
+    const int tiles = w.k_end > w.k_begin ? (w.k_end + BN - 1) / BN - tile0 : 0;
+    const int per_split = (tiles + p.splits - 1) / p.splits;
+    w.j_begin = tile0 + w.split * per_split;
+    w.j_end = tile0 + min(tiles, (w.split + 1) * per_split);
+    return w;
+}
+
+template <typename T, int D, int WR, int STAGES_>
+__device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
+    constexpr int ROWS = 16 * WR;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const DecodeWork w = decode_work<ROWS>(p, p.capacity);
+    CacheTiles<T, D, STAGES_> tiles(p, smem_raw + ROWS * (D + 8) * sizeof(T), w.b, w.hk, w.k_begin, w.k_end);
+    decode_attend<T, D, WR>(p, smem_raw, tiles, w.b, w.split, w.hk, w.row0, w.len, w.j_begin, w.j_end);
 }
 
 // Combines the splits of every (batch, q head, token) row: one warp per row, lanes over

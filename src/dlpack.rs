@@ -213,6 +213,23 @@ impl TensorView {
         Ok(())
     }
 
+    /// Row-major with no gaps (size-1 dimensions may have any stride).
+    pub fn expect_contiguous(&self) -> Result<()> {
+        let mut want = 1i64;
+        for axis in (0..self.ndim()).rev() {
+            if self.shape[axis] > 1 && self.strides[axis] != want {
+                return Err(Error::Layout(format!(
+                    "{} must be contiguous (row-major), got strides {} for shape {}; call .contiguous() first",
+                    self.name,
+                    fmt_shape(&self.strides),
+                    fmt_shape(&self.shape)
+                )));
+            }
+            want *= self.shape[axis].max(1);
+        }
+        Ok(())
+    }
+
     /// Kernels read rows as vectors: the last dimension must be contiguous.
     pub fn expect_last_contiguous(&self) -> Result<()> {
         let n = self.ndim();

@@ -35,3 +35,26 @@ template <bool C, typename A, typename B> struct Select {
 template <typename A, typename B> struct Select<false, A, B> {
     using type = B;
 };
+
+template <typename A, typename B> struct SameType {
+    static constexpr bool value = false;
+};
+template <typename A> struct SameType<A, A> {
+    static constexpr bool value = true;
+};
+
+// Eight 16-bit floats of type S (a 16-byte chunk) as eight of type D, through float.
+template <typename S, typename D>
+__device__ __forceinline__ uint4 convert8(uint4 x) {
+    if constexpr (SameType<S, D>::value) {
+        return x;
+    } else {
+        u32 w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const S* s = reinterpret_cast<const S*>(&w[i]);
+            w[i] = pack2<D>(to_float(s[0]), to_float(s[1]));
+        }
+        return make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}

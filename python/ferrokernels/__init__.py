@@ -12,7 +12,7 @@ from ._native import (
     ShapeError,
 )
 from . import _runtime  # noqa: F401  (registers the pip CUDA search roots)
-from . import checkpoints, gemm, kv  # noqa: F401
+from . import checkpoints, gemm, kv, kv_quant  # noqa: F401
 
 if _runtime.torch is not None:  # the nn modules need torch
     from . import nn  # noqa: F401

@@ -47,6 +47,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
+    ("kv_quant.cu", include_str!("../../kernels/kv_quant.cu")),
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),

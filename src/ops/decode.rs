@@ -265,11 +265,16 @@ pub struct Plan {
 /// Splits chosen like FlashDecoding's: enough CTAs to fill every SM slot, picking the fewest
 /// splits whose last wave is at least 85% as full as the best count's.
 pub fn plan(d: &DecodeDims, dtype: DType, sm_count: usize, smem_per_sm: usize) -> Plan {
+    plan_with(d, sm_count, smem_per_sm, |wr| DecodeSpec::for_problem(dtype, d.head_dim, wr).smem_bytes())
+}
+
+/// `plan` for any kernel of the decode family, given its shared memory per CTA by warps on rows.
+pub fn plan_with(d: &DecodeDims, sm_count: usize, smem_per_sm: usize, smem_of: impl Fn(usize) -> u32) -> Plan {
     let rows = d.q_len * (d.heads_q / d.heads_kv);
     let wr = if rows <= 16 { 1 } else if rows <= 32 { 2 } else { 4 };
     let row_groups = rows.div_ceil(16 * wr);
-    let spec = DecodeSpec::for_problem(dtype, d.head_dim, wr);
-    let per_sm = (smem_per_sm / (spec.smem_bytes() as usize + 1024)).clamp(1, 4);
+    let d_pad = padded_head_dim(d.head_dim);
+    let per_sm = (smem_per_sm / (smem_of(wr) as usize + 1024)).clamp(1, 4);
     let slots = (sm_count * per_sm) as f64;
     let units = d.batch * d.heads_kv * row_groups;
     let max_splits = d.cache.capacity.div_ceil(MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
@@ -284,8 +289,17 @@ pub fn plan(d: &DecodeDims, dtype: DType, sm_count: usize, smem_per_sm: usize) -
     }
     let partials = splits * d.batch * d.heads_q * d.q_len;
     // The split LSEs, padded to 16 bytes, then the split outputs (float4 stores).
-    let workspace_floats = if splits > 1 { partials.div_ceil(4) * 4 + partials * spec.head_dim_pad } else { 0 };
+    let workspace_floats = if splits > 1 { partials.div_ceil(4) * 4 + partials * d_pad } else { 0 };
     Plan { warps_on_rows: wr, row_groups, splits, workspace_floats }
+}
+
+/// The head dims the decode kernels are compiled for: 64, 128 or 256.
+pub fn padded_head_dim(head_dim: usize) -> usize {
+    match head_dim {
+        0..=64 => 64,
+        65..=128 => 128,
+        _ => 256,
+    }
 }
 
 /// A compiled decode kernel: dtype, head dim rounded up to 64, warps on rows (1, 2, 4).
@@ -303,11 +317,7 @@ impl DecodeSpec {
     const BLOCK_N: usize = 64;
 
     pub fn for_problem(dtype: DType, head_dim: usize, warps_on_rows: usize) -> DecodeSpec {
-        let head_dim_pad = match head_dim {
-            0..=64 => 64,
-            65..=128 => 128,
-            _ => 256,
-        };
+        let head_dim_pad = padded_head_dim(head_dim);
         let default = if head_dim_pad > 128 { 2 } else { 3 };
         let stages = std::env::var("FERROKERNELS_DECODE_STAGES")
             .ok()
@@ -387,7 +397,7 @@ pub fn all_kernels() -> Vec<KernelSource> {
 /// Mirrors `struct DecodeParams` in kernels/decode.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct DecodeParams {
+pub(crate) struct DecodeParams {
     q: u64,
     k: u64,
     v: u64,
@@ -445,84 +455,129 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
             "q is float32; the CUDA decode kernel takes float16 or bfloat16 (float32 runs on the CPU path)".into(),
         ));
     }
-    for t in [a.q, a.k_cache, a.v_cache, a.out] {
+    for t in [a.k_cache, a.v_cache] {
         t.expect_aligned(16)?;
-    }
-    if d.batch > 65535 || d.heads_kv * 64 > 65535 {
-        return shape_err(format!("batch {} / {} kv heads exceed the CUDA grid", d.batch, d.heads_kv));
     }
     let dev = driver::device(ordinal)?;
     let plan = plan(d, a.q.dtype, dev.sm_count as usize, dev.max_smem_optin as usize + 1024);
-    if a.splits != plan.splits {
-        return Err(Error::Value(format!(
-            "splits is {} but this GPU's plan for these shapes has {} (call decode_plan)",
-            a.splits, plan.splits
-        )));
-    }
-    let (part_o, part_lse) = if plan.splits > 1 {
-        let ws = a.workspace.ok_or_else(|| Error::Value("workspace is required when splits > 1".into()))?;
-        if (ws.numel() as usize) < plan.workspace_floats {
-            return shape_err(format!("{} has {} elements; this call needs {}", ws.name, ws.numel(), plan.workspace_floats));
-        }
-        ws.expect_aligned(16)?;
-        let partials = plan.splits * d.batch * d.heads_q * d.q_len;
-        (ws.ptr as u64 + (partials.div_ceil(4) * 16) as u64, ws.ptr as u64)
-    } else {
-        (0, 0)
-    };
     let spec = DecodeSpec::for_problem(a.q.dtype, d.head_dim, plan.warps_on_rows);
-    // FERROKERNELS_DECODE_HEADS_FAST=0 launches splits fastest instead (for A/B timing).
-    let heads_fast = std::env::var("FERROKERNELS_DECODE_HEADS_FAST").map_or(true, |v| v != "0");
-    let st = |t: &TensorView| batch_strides(t, false);
-    let mut p = DecodeParams {
-        q: a.q.ptr as u64,
-        k: a.k_cache.ptr as u64,
-        v: a.v_cache.ptr as u64,
-        o: a.out.ptr as u64,
-        lse: ptr(a.lse),
-        seqlens: a.cache_seqlens.ptr as u64,
-        block_table: ptr(a.block_table),
-        part_o,
-        part_lse,
-        q_s: st(a.q),
-        k_s: st(a.k_cache),
-        v_s: st(a.v_cache),
-        o_s: st(a.out),
-        lse_s: a.lse.map_or([0; 3], st),
-        bt_sb: a.block_table.map_or(0, |t| t.stride(0)),
-        bt_sh: a.block_table.map_or(0, |t| if t.ndim() == 3 { t.stride(1) } else { 0 }),
-        batch: d.batch as i32,
-        q_len: d.q_len as i32,
-        heads_q: d.heads_q as i32,
-        heads_kv: d.heads_kv as i32,
-        group: (d.heads_q / d.heads_kv) as i32,
-        head_dim: d.head_dim as i32,
-        page_shift: d.cache.page_shift(),
-        capacity: d.cache.capacity as i32,
-        num_pages: d.cache.num_pages as i32,
-        splits: plan.splits as i32,
-        window_left: d.window_left as i32,
-        window_right: d.window_right as i32,
-        heads_fast: heads_fast as i32,
-        pad: 0,
-        scale_log2: d.scale * std::f32::consts::LOG2_E,
-        softcap: d.softcap,
-    };
+    let mut p = DecodeLaunch { q: a.q, out: a.out, lse: a.lse, seqlens: a.cache_seqlens, workspace: a.workspace, splits: a.splits }
+        .params(d, &plan)?;
+    p.k = a.k_cache.ptr as u64;
+    p.v = a.v_cache.ptr as u64;
+    p.k_s = batch_strides(a.k_cache, false);
+    p.v_s = batch_strides(a.v_cache, false);
+    p.block_table = ptr(a.block_table);
+    p.bt_sb = a.block_table.map_or(0, |t| t.stride(0));
+    p.bt_sh = a.block_table.map_or(0, |t| if t.ndim() == 3 { t.stride(1) } else { 0 });
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
+    let mut args = [&mut p as *mut DecodeParams as *mut c_void];
+    launch(&dev, f, &spec.merge_kernel(), d, &plan, smem, stream, &mut args)
+}
+
+/// The tensors every kernel of the decode family reads or writes besides the cache.
+pub(crate) struct DecodeLaunch<'a> {
+    pub q: &'a TensorView,
+    pub out: &'a TensorView,
+    pub lse: Option<&'a TensorView>,
+    pub seqlens: &'a TensorView,
+    pub workspace: Option<&'a TensorView>,
+    /// The caller's split count, which must be the plan's.
+    pub splits: usize,
+}
+
+impl DecodeLaunch<'_> {
+    /// Checks the launch against `plan` and fills every field but the cache's.
+    pub fn params(&self, d: &DecodeDims, plan: &Plan) -> Result<DecodeParams> {
+        for t in [self.q, self.out] {
+            t.expect_aligned(16)?;
+        }
+        if d.batch > 65535 || d.heads_kv * 64 > 65535 {
+            return shape_err(format!("batch {} / {} kv heads exceed the CUDA grid", d.batch, d.heads_kv));
+        }
+        if self.splits != plan.splits {
+            return Err(Error::Value(format!(
+                "splits is {} but this GPU's plan for these shapes has {} (call the plan function)",
+                self.splits, plan.splits
+            )));
+        }
+        let (part_o, part_lse) = if plan.splits > 1 {
+            let ws = self.workspace.ok_or_else(|| Error::Value("workspace is required when splits > 1".into()))?;
+            if (ws.numel() as usize) < plan.workspace_floats {
+                return shape_err(format!("{} has {} elements; this call needs {}", ws.name, ws.numel(), plan.workspace_floats));
+            }
+            ws.expect_aligned(16)?;
+            let partials = plan.splits * d.batch * d.heads_q * d.q_len;
+            (ws.ptr as u64 + (partials.div_ceil(4) * 16) as u64, ws.ptr as u64)
+        } else {
+            (0, 0)
+        };
+        // FERROKERNELS_DECODE_HEADS_FAST=0 launches splits fastest instead (for A/B timing).
+        let heads_fast = std::env::var("FERROKERNELS_DECODE_HEADS_FAST").map_or(true, |v| v != "0");
+        let st = |t: &TensorView| batch_strides(t, false);
+        Ok(DecodeParams {
+            q: self.q.ptr as u64,
+            k: 0,
+            v: 0,
+            o: self.out.ptr as u64,
+            lse: ptr(self.lse),
+            seqlens: self.seqlens.ptr as u64,
+            block_table: 0,
+            part_o,
+            part_lse,
+            q_s: st(self.q),
+            k_s: [0; 3],
+            v_s: [0; 3],
+            o_s: st(self.out),
+            lse_s: self.lse.map_or([0; 3], st),
+            bt_sb: 0,
+            bt_sh: 0,
+            batch: d.batch as i32,
+            q_len: d.q_len as i32,
+            heads_q: d.heads_q as i32,
+            heads_kv: d.heads_kv as i32,
+            group: (d.heads_q / d.heads_kv) as i32,
+            head_dim: d.head_dim as i32,
+            page_shift: d.cache.page_shift(),
+            capacity: d.cache.capacity as i32,
+            num_pages: d.cache.num_pages as i32,
+            splits: plan.splits as i32,
+            window_left: d.window_left as i32,
+            window_right: d.window_right as i32,
+            heads_fast: heads_fast as i32,
+            pad: 0,
+            scale_log2: d.scale * std::f32::consts::LOG2_E,
+            softcap: d.softcap,
+        })
+    }
+}
+
+/// Launches kernel `f` of the decode family on the plan's grid, then the split merge.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch(
+    dev: &driver::Device,
+    f: driver::Function,
+    merge: &KernelSource,
+    d: &DecodeDims,
+    plan: &Plan,
+    smem: u32,
+    stream: usize,
+    args: &mut [*mut c_void],
+) -> Result<()> {
+    let heads_fast = std::env::var("FERROKERNELS_DECODE_HEADS_FAST").map_or(true, |v| v != "0");
     let groups = d.heads_kv * plan.row_groups;
     let cfg = LaunchConfig {
         grid: if heads_fast { (groups as u32, plan.splits as u32, d.batch as u32) } else { (plan.splits as u32, groups as u32, d.batch as u32) },
         block: (128, 1, 1),
         smem_bytes: smem,
     };
-    let mut args = [&mut p as *mut DecodeParams as *mut c_void];
-    dev.launch(f, cfg, stream, &mut args)?;
+    dev.launch(f, cfg, stream, args)?;
     if plan.splits > 1 {
-        let merge = dev.function(&spec.merge_kernel(), 0)?;
+        let merge = dev.function(merge, 0)?;
         let rows = d.batch * d.heads_q * d.q_len;
         let cfg = LaunchConfig { grid: (rows.div_ceil(4) as u32, 1, 1), block: (128, 1, 1), smem_bytes: 0 };
-        dev.launch(merge, cfg, stream, &mut args)?;
+        dev.launch(merge, cfg, stream, &mut args[..1])?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod decode;
 pub mod gemm;
 pub mod gemm_w8a8;
+pub mod kv_quant;
 pub mod quant_attention;
 pub mod sparse;
 
@@ -15,6 +16,7 @@ pub fn all_kernels() -> Vec<KernelSource> {
     let mut v: Vec<KernelSource> = attention::AttentionSpec::all().iter().map(|s| s.kernel()).collect();
     v.extend(attention::AttentionSm90Spec::all().iter().map(|s| s.kernel()));
     v.extend(decode::all_kernels());
+    v.extend(kv_quant::all_kernels());
     v.extend(append_kv::AppendSpec::all().iter().map(|s| s.kernel()));
     v.extend(gemm::GemmSpec::all_kernels());
     v.extend(gemm_w8a8::W8A8Spec::all_kernels());

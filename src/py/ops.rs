@@ -11,6 +11,7 @@ use crate::ops::append_kv::{self, AppendArgs, Rotary};
 use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
+use crate::ops::kv_quant::{self, KvFormat, KvQuantArgs};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
 use crate::ops::sparse::{self, Columns, SelectArgs, SparseArgs, VsArgs};
 use pyo3::prelude::*;
@@ -296,7 +297,14 @@ fn decode_plan(
     capacity: usize,
 ) -> PyResult<(usize, usize)> {
     let dtype = if dtype == "float16" { DType::F16 } else { DType::BF16 };
-    let d = DecodeDims {
+    let d = plan_dims(batch, q_len, heads_q, heads_kv, head_dim, capacity);
+    let p = decode::plan_for_device(device, &d, dtype).map_err(to_py)?;
+    Ok((p.splits, p.workspace_floats))
+}
+
+/// The dims a decode plan depends on (options that do not change the launch left at defaults).
+fn plan_dims(batch: usize, q_len: usize, heads_q: usize, heads_kv: usize, head_dim: usize, capacity: usize) -> DecodeDims {
+    DecodeDims {
         batch,
         q_len,
         heads_q,
@@ -307,9 +315,7 @@ fn decode_plan(
         window_right: 0,
         scale: 1.0,
         softcap: 0.0,
-    };
-    let p = decode::plan_for_device(device, &d, dtype).map_err(to_py)?;
-    Ok((p.splits, p.workspace_floats))
+    }
 }
 
 /// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=0):
@@ -677,6 +683,118 @@ fn quant_attention_fwd(
     py.detach(|| quant_attention::forward(&args, stream)).map_err(to_py)
 }
 
+/// kv_quant_decode_fwd(q, k_codes, v_codes, k_meta, v_meta, cache_seqlens, quant_lens, out,
+/// lse=None, *, k_res, v_res, format, group, causal_q, scale, softcap, window, workspace, splits,
+/// stream): see ops::kv_quant.
+#[pyfunction]
+#[pyo3(signature = (q, k_codes, v_codes, k_meta, v_meta, cache_seqlens, quant_lens, out, lse=None, *,
+                    k_res=None, v_res=None, format="int8", group=32, causal_q=true, scale=None, softcap=0.0,
+                    window=(-1, -1), workspace=None, splits=1, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn kv_quant_decode_fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k_codes: &Bound<'_, PyAny>,
+    v_codes: &Bound<'_, PyAny>,
+    k_meta: &Bound<'_, PyAny>,
+    v_meta: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    quant_lens: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    k_res: Option<&Bound<'_, PyAny>>,
+    v_res: Option<&Bound<'_, PyAny>>,
+    format: &str,
+    group: usize,
+    causal_q: bool,
+    scale: Option<f64>,
+    softcap: f64,
+    window: (i64, i64),
+    workspace: Option<&Bound<'_, PyAny>>,
+    splits: usize,
+    stream: usize,
+) -> PyResult<()> {
+    let format = KvFormat::parse(format).map_err(to_py)?;
+    let q = import(q, "q", stream, false)?;
+    let kc = import(k_codes, "k_codes", stream, false)?;
+    let vc = import(v_codes, "v_codes", stream, false)?;
+    let km = import(k_meta, "k_meta", stream, false)?;
+    let vm = import(v_meta, "v_meta", stream, false)?;
+    let sl = import(cache_seqlens, "cache_seqlens", stream, false)?;
+    let ql = import(quant_lens, "quant_lens", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let lse = import_opt(lse, "lse", stream, true)?;
+    let kr = import_opt(k_res, "k_res", stream, false)?;
+    let vr = import_opt(v_res, "v_res", stream, false)?;
+    let ws = import_opt(workspace, "workspace", stream, true)?;
+    let args = KvQuantArgs {
+        q: &q.view,
+        k_codes: &kc.view,
+        v_codes: &vc.view,
+        k_meta: &km.view,
+        v_meta: &vm.view,
+        k_res: view(&kr),
+        v_res: view(&vr),
+        cache_seqlens: &sl.view,
+        quant_lens: &ql.view,
+        out: &out.view,
+        lse: view(&lse),
+        workspace: view(&ws),
+        format,
+        group,
+        causal_q,
+        scale,
+        softcap,
+        window,
+        splits,
+    };
+    py.detach(|| kv_quant::forward(&args, stream)).map_err(to_py)
+}
+
+/// kv_quant_plan(device, dtype, format, batch, q_len, heads_q, heads_kv, head_dim, capacity) ->
+/// (splits, workspace_floats).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn kv_quant_plan(
+    device: i32,
+    dtype: &str,
+    format: &str,
+    batch: usize,
+    q_len: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    capacity: usize,
+) -> PyResult<(usize, usize)> {
+    let format = KvFormat::parse(format).map_err(to_py)?;
+    let dtype = if dtype == "float16" { DType::F16 } else { DType::BF16 };
+    let d = plan_dims(batch, q_len, heads_q, heads_kv, head_dim, capacity);
+    let p = kv_quant::plan_for_device(device, &d, dtype, format).map_err(to_py)?;
+    Ok((p.splits, p.workspace_floats))
+}
+
+/// kv_quant_check_lengths(cache_seqlens, quant_lens, capacity, res_cap): host int32 tensors.
+#[pyfunction]
+fn kv_quant_check_lengths(
+    cache_seqlens: &Bound<'_, PyAny>,
+    quant_lens: &Bound<'_, PyAny>,
+    capacity: usize,
+    res_cap: usize,
+) -> PyResult<()> {
+    let sl = import(cache_seqlens, "cache_seqlens", 0, false)?;
+    let ql = import(quant_lens, "quant_lens", 0, false)?;
+    let check = || -> crate::error::Result<()> {
+        for t in [&sl, &ql] {
+            t.view.expect_dtype(&[DType::I32])?;
+            if t.view.device != Device::Cpu {
+                return Err(Error::Device(format!("{} must be in host memory for this check", t.view.name)));
+            }
+        }
+        kv_quant::check_lengths(&crate::cpu::host_i32(&sl.view), &crate::cpu::host_i32(&ql.view), capacity, res_cap)
+    };
+    check().map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_attention_prepare, m)?)?;
     m.add_function(wrap_pyfunction!(quant_attention_fwd, m)?)?;
@@ -693,5 +811,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_quant_decode_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_quant_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_quant_check_lengths, m)?)?;
     m.add_function(wrap_pyfunction!(decode_check_tables, m)?)
 }
