@@ -335,3 +335,126 @@ def test_quantized_backend_on_gpu_models(kind):
     assert 0.99 < cos
     assert out.shape == (1, ids.shape[1] + 4)
     fk.unpatch(model)
+
+
+# --- quantized and compressed caches --------------------------------------------------------------
+
+def make64(seed=0):
+    """A tiny llama with head_dim 64 (the quantized cache's smallest)."""
+    return make("llama", seed=seed, hidden_size=256, intermediate_size=256)
+
+
+def step_logits(model, ids, mask, cache, steps, seed=3):
+    """Prefill `ids` into `cache`, then `steps` single random tokens; returns the full ids, mask
+    and the logits of every step (prefill's last position first)."""
+    g = torch.Generator().manual_seed(seed)
+    out = [model(ids, attention_mask=mask, position_ids=fh._positions(mask), past_key_values=cache).logits[:, -1]]
+    for _ in range(steps):
+        nxt = torch.randint(1, VOCAB, (ids.shape[0], 1), generator=g)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = fh._positions(mask)[:, -1:]
+        out.append(model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1])
+    return ids, mask, torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("format,residual,tol", [("int8", 128, 0.02), ("fp8", 128, 0.08), ("int4", 0, 0.25),
+                                                 ("int4", 200, 1e-4)])
+def test_quantized_cache_decode_matches_eager_within_its_error(format, residual, tol):
+    """A padded batch: prefill then decode steps on a QuantizedKVCache, against eager over the
+    whole sequence. With a ring longer than the sequence (int4, residual 200) nothing is
+    quantized and the logits must agree to float32 rounding."""
+    model = make64()
+    ids, mask = padded_batch(n=70)
+    with torch.no_grad():
+        fk.patch(model)
+        cache = fh.QuantizedKVCache(model.config, 128, format=format, group_size=32, residual=residual)
+        full, full_mask, got = step_logits(model, ids, mask, cache, 5)
+        fk.unpatch(model)
+        want = model(full, attention_mask=full_mask, position_ids=fh._positions(full_mask)).logits
+        want = want[:, ids.shape[1] - 1:]
+    assert cache.kv[0].lengths == full_mask.sum(1).tolist()  # padding is not stored
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= tol, err
+    if residual == 0:
+        assert all(q > 0 for q in cache.kv[0].quant_lengths) and err > 1e-4  # quantization did happen
+
+
+def test_quantized_cache_through_patch_and_generate():
+    model = make64()
+    ids, mask = padded_batch(n=40)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        fk.patch(model, kv_cache="int4")
+        seen = []
+        orig = fh.QuantizedKVCache._attend_layer
+        fh.QuantizedKVCache._attend_layer = lambda self, *a: seen.append(type(self)) or orig(self, *a)
+        try:
+            got = model.generate(ids, **kw)
+        finally:
+            fh.QuantizedKVCache._attend_layer = orig
+        fk.unpatch(model)
+        want = model.generate(ids, **kw)
+    assert seen
+    assert torch.equal(got, want)  # 46 tokens stay in the full-precision ring (residual 128)
+
+
+@pytest.mark.parametrize("press", ["streaming_llm", "snapkv", "knorm", "tova"])
+def test_compressed_cache_decode_equals_eager_on_the_pressed_cache(press):
+    """CompressedCache's decode logits against eager attention over a DynamicCache holding the
+    same press's choice of the eager prefill's K/V."""
+    model = make64()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (1, 90), generator=g)
+    nxt = torch.randint(1, VOCAB, (1, 1), generator=g)
+    p = fk.kv.make_press(press, ratio=0.5, **({"window": 16} if press == "snapkv" else {}))
+    with torch.no_grad():
+        fk.patch(model)
+        cache = fh.CompressedCache(model.config, p, max_new_tokens=4)
+        model(ids, past_key_values=cache)
+        got = model(nxt, past_key_values=cache, position_ids=torch.tensor([[90]])).logits
+        fk.unpatch(model)
+        # Eager: each layer's K/V and the queries the press reads, pressed by hand.
+        dyn = transformers.DynamicCache(config=model.config)
+        queries = {}
+        hooks = [m.q_proj.register_forward_hook(lambda m, a, o, i=i: queries.__setitem__(i, o))
+                 for i, m in enumerate(fh._attention_modules(model))]
+        model(ids, past_key_values=dyn)
+        for h in hooks:
+            h.remove()
+        pressed = transformers.DynamicCache(config=model.config)
+        for layer, mod in enumerate(fh._attention_modules(model)):
+            k, v = dyn.layers[layer].keys.transpose(1, 2), dyn.layers[layer].values.transpose(1, 2)
+            q = queries[layer].view(1, 90, -1, 64).transpose(1, 2)
+            cos, sin = model.model.rotary_emb(q, torch.arange(90)[None])
+            q = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0].transpose(1, 2)
+            c = p(k, v, cache._queries(q), layer=layer, n_layers=len(dyn.layers))
+            pressed.update(c.keys.transpose(1, 2), c.values.transpose(1, 2), layer)
+        want = model(nxt, past_key_values=pressed, position_ids=torch.tensor([[90]])).logits
+    assert cache.lengths[0] == [p.budget(90) + 1]
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_press_context_manager_compresses_and_restores():
+    model = make64()
+    ids, mask = padded_batch(n=60)
+    with torch.no_grad():
+        with fk.kv.press(model, "streaming_llm", ratio=0.5) as p:
+            seen = []
+            orig = fh.CompressedCache._compress
+            fh.CompressedCache._compress = lambda self, *a: seen.append(self) or orig(self, *a)
+            try:
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            finally:
+                fh.CompressedCache._compress = orig
+        assert isinstance(p, fk.kv.StreamingLLM) and out.shape == (3, 64)
+        cache = seen[0]
+        # Per sequence: the press's budget of its real tokens, plus the 3 decoded after the prefill.
+        assert cache.lengths[0] == [p.budget(int(n)) + 3 for n in mask.sum(1)]
+        assert cache.nbytes() < 2 * 2 * 3 * 60 * 2 * 64 * 4  # less than the full layers would hold
+    assert model.config._attn_implementation == "eager" and "generate" not in model.__dict__
+
+
+def test_compressed_cache_refuses_per_head_presses():
+    model = fk.patch(make64())
+    with pytest.raises(NotImplementedError, match="per-head"):
+        fh.CompressedCache(model.config, fk.kv.AdaKV(fk.kv.SnapKV(0.5)), max_new_tokens=4)

@@ -8,6 +8,12 @@
   static caches, custom mask functions) a complete additive float32 mask.
 - ``PagedCache``: a ``transformers.Cache`` on ``PagedKVCache`` pages. Padding tokens are never
   stored, so every decode step is one ``decode_attention`` over exact per-sequence lengths.
+- ``QuantizedKVCache``: K/V stored quantized (``kv_quant.QuantizedKV``: int8, fp8, KIVI int4 /
+  int2); the prefill attends in full precision, decode steps run the quantized-cache kernel.
+- ``CompressedCache``: a ``kv`` press compresses each layer's K/V right after its prefill (the
+  memory of the evicted tokens is never kept); decode steps run the decode kernel over the kept
+  tokens plus the new ones. ``ferrokernels.kv.press(model, "snapkv", ratio=0.5)`` wraps
+  ``model.generate`` with one.
 - ``patch(model, ...)`` / ``unpatch(model)``; ``generate(...)``: greedy decoding with the decode
   step captured once in a CUDA graph and replayed.
 
@@ -17,6 +23,7 @@ is already imported).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from typing import Dict, List, Optional, Sequence
@@ -132,7 +139,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         raise NotImplementedError("the ferrokernels attention backend does not return attention weights; "
                                   "use attn_implementation='eager' for output_attentions=True")
     softcap = float(softcap) if softcap else 0.0
-    if isinstance(key, _PagedStep):
+    if isinstance(key, _CacheStep):
         return key.cache._attend(key, query, attention_mask, scaling, _window(sliding_window), softcap, module), None
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     q_len = query.shape[2]
@@ -158,9 +165,10 @@ register()
 
 # --- the paged cache ---------------------------------------------------------------------------
 
-class _PagedStep:
-    """What ``PagedCache.update`` hands the attention function: the layer's new K/V, written
-    into the pages by the attention call itself, which also sees the padding mask."""
+class _CacheStep:
+    """What ``update`` of our caches (``PagedCache``, ``QuantizedKVCache``, ``CompressedCache``)
+    hands the attention function: the layer's new K/V, written into the cache by the attention
+    call itself, which also sees the padding mask."""
 
     __slots__ = ("cache", "layer", "k", "v")
 
@@ -241,7 +249,7 @@ class PagedCache(Cache):
 
     # transformers' Cache interface -------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        step = _PagedStep(self, layer_idx, key_states, value_states)
+        step = _CacheStep(self, layer_idx, key_states, value_states)
         return step, step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -327,7 +335,7 @@ class PagedCache(Cache):
         counts = [q_len] * batch if valid is None else valid.sum(1).tolist()
         self.begin_step(counts, q_len, valid)
 
-    def _write(self, step: _PagedStep, k_pages, v_pages, valid) -> None:
+    def _write(self, step: _CacheStep, k_pages, v_pages, valid) -> None:
         k, v = step.k.transpose(1, 2), step.v.transpose(1, 2)  # (b, q_len, heads_kv, D) views
         b = k.shape[0]
         if valid is None:
@@ -340,7 +348,7 @@ class PagedCache(Cache):
                 append_kv(k[i:i + 1, idx], v[i:i + 1, idx], k_pages, v_pages, self.before[i:i + 1],
                           self.block_table[i:i + 1], validate=False)
 
-    def _attend(self, step: _PagedStep, query, mask, scale, window, softcap, module=None):
+    def _attend(self, step: _CacheStep, query, mask, scale, window, softcap, module=None):
         b, _, q_len, _ = query.shape
         if not self._external_step and (self._step is None or step.layer in self._done):
             self._begin_from_mask(b, q_len, mask)
@@ -382,10 +390,282 @@ class PagedCache(Cache):
         return out
 
 
+# --- caches that attend themselves: quantized and compressed --------------------------------------
+
+def _step_valid(mask, q_len: int):
+    """(batch, q_len) bool on the host: which of the step's tokens are real (None: all). A decode
+    token is always a real one; a custom or packed mask is refused."""
+    if _is_complete(mask, q_len):
+        raise NotImplementedError("this cache takes causal or sliding-window attention with padding; this call has "
+                                  "a custom / packed-sequence mask (use a DynamicCache)")
+    if mask is None or q_len == 1:
+        return None
+    valid = mask[:, 0, 0, -q_len:].cpu()
+    return None if bool(valid.all()) else valid
+
+
+def _compact(k, v, valid):
+    """k, v (b, n, heads_kv, D) -> the real tokens of each sequence first, and their counts."""
+    if valid is None:
+        return k, v, None
+    counts = valid.sum(1).tolist()
+    kc, vc = torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(k.shape[0]):
+        idx = valid[i].nonzero().flatten().to(k.device)
+        kc[i, :len(idx)], vc[i, :len(idx)] = k[i, idx], v[i, idx]
+    return kc, vc, counts
+
+
+class _SelfAttendingCache(Cache):
+    """A ``transformers.Cache`` whose attention runs in ``_attend_layer`` (needs
+    ``attn_implementation="ferrokernels"``): ``update`` returns a handle, the attention function
+    passes it back with the query and mask."""
+
+    def __init__(self, config, max_cache_len: int, dtype, device):
+        cfg = _text_config(config)
+        if getattr(cfg, "_attn_implementation", NAME) != NAME:
+            raise ValueError(f"{type(self).__name__} runs with attn_implementation='{NAME}', this model uses "
+                             f"'{cfg._attn_implementation}' (ferrokernels.patch(model) sets it)")
+        heads = cfg.num_attention_heads
+        self.heads_kv = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.num_layers = cfg.num_hidden_layers
+        self.token_slots = int(max_cache_len)
+        self.dtype, self.device = dtype or torch.float32, torch.device(device or "cpu")
+        super().__init__(layers=[_PagedLayer(self) for _ in range(self.num_layers)])
+        self._seen = 0
+        self._done: set = set()
+        self._valid = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        step = _CacheStep(self, layer_idx, key_states, value_states)
+        return step, step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        return self._seen + query_length, 0
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return self.token_slots
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self._seen, self._done, self._valid = 0, set(), None
+        self._reset_layers()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be cropped (assisted generation); use a DynamicCache")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support batch_select_indices (contrastive search)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support beam search; use a PagedCache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise NotImplementedError(f"{type(self).__name__} does not support num_return_sequences > 1")
+
+    def _attend(self, step: _CacheStep, query, mask, scale, window, softcap, module=None):
+        q_len = query.shape[2]
+        if step.layer in self._done or not self._done:  # the first layer of a new step
+            self._valid = _step_valid(mask, q_len)
+            self._seen += q_len
+            self._done = set()
+        self._done.add(step.layer)
+        q, k, v = query.transpose(1, 2), step.k.transpose(1, 2), step.v.transpose(1, 2)
+        return self._attend_layer(step.layer, q, k, v, mask, self._valid, scale, window, softcap)
+
+    def _prefill(self, q, k, v, mask, valid, scale, window, softcap):
+        """Full-precision causal attention over a fresh prefill's own tokens (padding masked)."""
+        out, _ = _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
+                        mask=None if valid is None else mask, return_lse=False)
+        return out
+
+
+class QuantizedKVCache(_SelfAttendingCache):
+    """K/V stored quantized per layer (``ferrokernels.kv_quant.QuantizedKV``): ``format`` "int8",
+    "fp8", "int4" or "int2" (KIVI: ``group_size``, ``residual`` recent tokens in full precision).
+    The prefill attends in full precision over its own tokens, then stores them quantized
+    (padding tokens are not stored); decode steps of up to 16 tokens run the quantized-cache
+    decode kernel over exact per-sequence lengths; a later prefill chunk attends over the
+    dequantized history. Batch > 1 with padding works."""
+
+    def __init__(self, config, max_cache_len: int, *, format: str = "int4", group_size: int = 32,
+                 residual: int = 128, dtype=None, device=None):
+        super().__init__(config, max_cache_len, dtype, device)
+        from .kv_quant import _format
+
+        self.format, self.group_size, self.residual = _format(format), int(group_size), int(residual)
+        self.kv: List = [None] * self.num_layers
+
+    def _reset_layers(self) -> None:
+        self.kv = [None] * self.num_layers
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.kv if c is not None)
+
+    def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
+        from .kv_quant import QuantizedKV
+
+        b, q_len = q.shape[:2]
+        cache = self.kv[layer]
+        if cache is None:
+            cache = self.kv[layer] = QuantizedKV(b, self.heads_kv, self.head_dim, self.token_slots,
+                                                 format=self.format, group_size=self.group_size,
+                                                 residual=self.residual, dtype=k.dtype, device=k.device)
+        if cache.batch != b:
+            raise ValueError(f"the cache holds {cache.batch} sequences, this step has {b}")
+        fresh = not any(cache.lengths)
+        kc, vc, counts = _compact(k, v, valid)
+        cache.append(kc, vc, counts)
+        if valid is None and q_len <= MAX_DECODE_Q and not fresh:
+            return cache.decode(q, scale=scale, softcap=softcap or None, window=window, validate=False)
+        if fresh:
+            return self._prefill(q, k, v, mask, valid, scale, window, softcap)
+        out = torch.zeros_like(q)  # a later chunk: each sequence's real queries over its dequantized keys
+        for i in range(b):
+            rows = (torch.arange(q_len - (counts[i] if counts else q_len), q_len, device=q.device) if valid is None
+                    else valid[i].nonzero().flatten().to(q.device))
+            if len(rows) == 0:
+                continue
+            ki, vi = cache.dequantize(i)
+            o, _ = _dense(q[i:i + 1, rows], ki[None].to(q.dtype), vi[None].to(q.dtype), None, causal=True,
+                          scale=scale, window=window, softcap=softcap, alibi=None, mask=None, return_lse=False)
+            out[i:i + 1, rows] = o
+        return out
+
+
+class CompressedCache(_SelfAttendingCache):
+    """A press (``ferrokernels.kv``) compresses each layer's K/V right after its prefill: the
+    layer then holds the kept tokens plus room for ``max_new_tokens`` (the evicted tokens'
+    memory is never kept), and decode steps run the decode kernel over them. The prefill
+    attends over all of its tokens in full precision; the press scores with the prefill's
+    queries (the last ``window`` of them, or all for ObservedAttention). Sequences of a padded
+    batch are pressed one by one. Presses that keep different numbers of tokens per head
+    (AdaKV, DuoAttention) and ThinK's channel pruning are refused: the decode kernel takes one
+    length per sequence."""
+
+    def __init__(self, config, press, max_new_tokens: int, *, dtype=None, device=None):
+        super().__init__(config, 0, dtype, device)
+        from .kv import AdaKV, DuoAttention, ThinK
+
+        if isinstance(press, (AdaKV, DuoAttention, ThinK)):
+            raise NotImplementedError(f"CompressedCache takes presses with one budget per layer; {type(press).__name__} "
+                                      "keeps per-head lengths or channels (use kv.compressed_attention directly)")
+        self.press, self.max_new = press, int(max_new_tokens)
+        self._reset_layers()
+
+    def _reset_layers(self) -> None:
+        self.k: List = [None] * self.num_layers
+        self.v: List = [None] * self.num_layers
+        self.lengths: List = [None] * self.num_layers
+        self.seqlens: List = [None] * self.num_layers
+        self.seen_tokens: Optional[List[int]] = None  # real tokens per sequence before compression
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    def _queries(self, q):
+        from .kv import ObservedAttention
+
+        return q if isinstance(self.press, ObservedAttention) else q[:, -getattr(self.press, "window", 64):]
+
+    def _compress(self, layer, q, k, v, valid):
+        """The kept K/V of each sequence, (b, kept_max + max_new, heads_kv, D), and their counts."""
+        b = k.shape[0]
+        pieces = []
+        for i in range(b) if valid is not None else [None]:
+            sl = slice(None) if i is None else slice(i, i + 1)
+            qi, ki, vi = q[sl], k[sl], v[sl]
+            if i is not None:
+                idx = valid[i].nonzero().flatten().to(k.device)
+                qi, ki, vi = qi[:, idx], ki[:, idx], vi[:, idx]
+            c = self.press(ki, vi, self._queries(qi), layer=layer, n_layers=self.num_layers)
+            if not c.uniform:
+                raise NotImplementedError("the press kept different numbers of tokens per head")
+            pieces.append((c.keys, c.values))
+        kept = [p[0].shape[1] for p in pieces for _ in range(p[0].shape[0])]
+        cap = max(kept) + self.max_new
+        kc = torch.zeros(b, cap, self.heads_kv, self.head_dim, dtype=k.dtype, device=k.device)
+        vc = torch.zeros_like(kc)
+        at = 0
+        for keys, values in pieces:
+            n = keys.shape[0]
+            kc[at:at + n, :keys.shape[1]], vc[at:at + n, :values.shape[1]] = keys, values
+            at += n
+        return kc, vc, kept
+
+    def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
+        b, q_len = q.shape[:2]
+        if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
+            out = self._prefill(q, k, v, mask, valid, scale, window, softcap)
+            self.k[layer], self.v[layer], self.lengths[layer] = self._compress(layer, q, k, v, valid)
+            self.seqlens[layer] = torch.tensor(self.lengths[layer], dtype=torch.int32, device=k.device)
+            return out
+        if valid is not None or q_len > MAX_DECODE_Q:
+            raise NotImplementedError("CompressedCache takes one prefill, then decode steps of up to 16 tokens")
+        lens = self.lengths[layer]
+        if max(lens) + q_len > self.k[layer].shape[1]:
+            raise ValueError(f"the compressed cache has room for {self.max_new} new tokens (max_new_tokens)")
+        append_kv(k, v, self.k[layer], self.v[layer], self.seqlens[layer], validate=False)
+        self.lengths[layer] = [n + q_len for n in lens]
+        self.seqlens[layer] += q_len
+        return decode_attention(q, self.k[layer], self.v[layer], self.seqlens[layer], scale=scale,
+                                softcap=softcap or None, window=window, validate=False)
+
+
+def _cache_generate(model, original, make_cache):
+    """``model.generate`` that passes ``make_cache(batch, max_len, new_tokens)`` as its cache
+    unless the caller gives one."""
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("past_key_values") is None and isinstance(ids, torch.Tensor):
+            gc = kwargs.get("generation_config") or model.generation_config
+            per_prompt = max(kwargs.get("num_beams", gc.num_beams) or 1,
+                             kwargs.get("num_return_sequences", gc.num_return_sequences) or 1)
+            total = _max_len(model, ids, kwargs)
+            kwargs["past_key_values"] = make_cache(ids.shape[0] * per_prompt, total, total - int(ids.shape[1]))
+        return original(*args, **kwargs)
+
+    return generate
+
+
+@contextlib.contextmanager
+def pressed(model, press):
+    """``model.generate`` inside the block uses a ``CompressedCache`` with ``press`` (the model is
+    patched for the block if it was not)."""
+    patched = model.config._attn_implementation == NAME
+    if not patched:
+        patch(model, kv_cache=None)
+    before = model.__dict__.get("generate")
+    original = model.generate
+    model.generate = _cache_generate(model, original, lambda b, total, new: CompressedCache(
+        model.config, press, new, dtype=model.dtype, device=model.device))
+    try:
+        yield press
+    finally:
+        if before is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.generate = before
+        if not patched:
+            unpatch(model)
+
+
 # --- patch / unpatch ---------------------------------------------------------------------------
 
 ATTENTION = ("flash", "quant", "fp8")
-KV_CACHES = ("paged",)
+KV_CACHES = ("paged", "int8", "fp8", "int4", "int2")
 _STATE = "_ferrokernels_patch"
 
 
@@ -399,19 +679,13 @@ def _max_len(model, input_ids, kwargs) -> int:
 
 
 def _paged_generate(model, original):
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("past_key_values") is None and isinstance(ids, torch.Tensor):
-            gc = kwargs.get("generation_config") or model.generation_config
-            per_prompt = max(kwargs.get("num_beams", gc.num_beams) or 1,
-                             kwargs.get("num_return_sequences", gc.num_return_sequences) or 1)
-            kwargs["past_key_values"] = PagedCache(model.config, ids.shape[0] * per_prompt,
-                                                   _max_len(model, ids, kwargs), dtype=model.dtype,
-                                                   device=model.device)
-        return original(*args, **kwargs)
+    return _cache_generate(model, original, lambda b, total, new: PagedCache(model.config, b, total, dtype=model.dtype,
+                                                                             device=model.device))
 
-    return generate
+
+def _quantized_generate(model, original, format):
+    return _cache_generate(model, original, lambda b, total, new: QuantizedKVCache(
+        model.config, total, format=format, dtype=model.dtype, device=model.device))
 
 
 def _attention_modules(model):
@@ -429,7 +703,8 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
         prefill of the layers in ``quant_layers`` (all when None; leave sensitive layers out)
         quantized. Decode steps on the paged cache stay on the decode kernel. On the GPU the
         quantized layers need a Hopper (sm_90) device; on the CPU they run the references.
-    kv_cache : "paged": ``model.generate`` uses a ``PagedCache`` unless given ``past_key_values``.
+    kv_cache : "paged": ``model.generate`` uses a ``PagedCache`` unless given ``past_key_values``;
+        "int8", "fp8", "int4", "int2": a ``QuantizedKVCache`` of that format (KIVI defaults).
     linear : a ``QuantLinear`` format ("w4a16", "w8a16", "w8a8_int8", "w8a8_fp8") every nn.Linear
         is quantized to (round to nearest), except names matching ``skip``.
     ``unpatch(model)`` undoes all of it."""
@@ -441,7 +716,7 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
     if linear is not None and linear not in FORMATS:
         raise NotImplementedError(f"linear={linear!r}: supported {list(FORMATS)}")
     if kv_cache and not attention and model.config._attn_implementation != NAME:
-        raise ValueError("kv_cache='paged' needs the ferrokernels attention backend (attention='flash')")
+        raise ValueError(f"kv_cache={kv_cache!r} needs the ferrokernels attention backend (attention='flash')")
     state: Dict = model.__dict__.setdefault(_STATE, {})
     if attention:
         state.setdefault("attn", model.config._attn_implementation)
@@ -452,7 +727,8 @@ def patch(model, attention: Optional[str] = "flash", kv_cache: Optional[str] = "
             setattr(mod, QUANT_KEY, ("int8" if attention == "quant" else "fp8") if chosen else None)
     if kv_cache and "generate" not in state:
         state["generate"] = True
-        model.generate = _paged_generate(model, model.generate)
+        model.generate = (_paged_generate(model, model.generate) if kv_cache == "paged"
+                          else _quantized_generate(model, model.generate, kv_cache))
     if linear:
         replaced = state.setdefault("linears", {})
         for name, mod in quantize_linears(model, linear, group_size=group_size, skip=skip).items():

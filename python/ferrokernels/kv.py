@@ -35,12 +35,14 @@ per-head lengths (presses with per-head budgets pad to the longest head).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 from ._runtime import ShapeError, expect_rank, torch
 from .attention import LAYOUT
+from .kv_quant import QuantizedKV, quantized_decode  # noqa: F401  (quantized KV lives beside the presses)
 
 _CHUNK = 1 << 24  # score elements computed at once (ObservedAttention)
 
@@ -468,6 +470,18 @@ def make_press(name: str, **kwargs):
     raise ValueError(f"unknown press {name!r}; known: {sorted(list(PRESSES) + ['think', 'duo_attention', 'adakv', 'kvmerge'])}")
 
 
+@contextlib.contextmanager
+def press(model, press="snapkv", ratio: float = 0.5, **kwargs):
+    """``with ferrokernels.kv.press(model, "snapkv", ratio=0.5): model.generate(...)``: generation
+    in the block uses ``hf.CompressedCache``: each layer's K/V pressed right after the prefill.
+    ``press`` is a name for ``make_press`` (with ``ratio`` and ``kwargs``) or a Press."""
+    from . import hf
+
+    p = make_press(press, ratio=ratio, **kwargs) if isinstance(press, str) else press
+    with hf.pressed(model, p):
+        yield p
+
+
 def compressed_attention(q, c: Compressed, *, scale: Optional[float] = None):
     """Attention of q ``(batch, q_len, heads_q, head_dim)`` over a compressed layer, every new
     token seeing every kept key (q_len new tokens past the cache): decode_attention when the
@@ -487,4 +501,5 @@ def compressed_attention(q, c: Compressed, *, scale: Optional[float] = None):
 
 
 __all__ = ["Compressed", "Press", "StreamingLLM", "Knorm", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention", "ThinK",
-           "ChannelPruned", "AdaKV", "DuoAttention", "KVMerge", "make_press", "compressed_attention"]
+           "ChannelPruned", "AdaKV", "DuoAttention", "KVMerge", "make_press", "press", "compressed_attention",
+           "QuantizedKV", "quantized_decode"]
