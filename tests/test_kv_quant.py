@@ -134,13 +134,7 @@ def test_memory_is_a_fraction_of_the_dense_cache():
 def dense_of(cache, device="cpu"):
     """(k, v, seqlens) float32 dense copies of what the cache holds, rounded as the kernel on
     `device` holds them (float16 values on the GPU)."""
-    n = max(max(cache.lengths), 1)
-    k = torch.zeros(cache.batch, n, cache.heads_kv, cache.head_dim)
-    v = torch.zeros_like(k)
-    for b in range(cache.batch):
-        kb, vb = cache.dequantize(b, as_kernel=device == "cuda")
-        k[b, :kb.shape[0]], v[b, :vb.shape[0]] = kb.float().cpu(), vb.float().cpu()
-    return k, v, torch.tensor(cache.lengths, dtype=torch.int32)
+    return cache.dense(as_kernel=device == "cuda")
 
 
 # (batch, heads_q, heads_kv, head_dim, lengths, q_len, group, residual)

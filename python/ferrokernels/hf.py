@@ -210,44 +210,22 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-class PagedCache(Cache):
-    """A ``transformers.Cache`` whose K/V live in ``PagedKVCache`` pages (needs
-    ``attn_implementation="ferrokernels"``, which ``patch`` sets).
+class _HandleCache(Cache):
+    """What our caches share (needs ``attn_implementation="ferrokernels"``, which ``patch``
+    sets): the model's attention geometry, and transformers' Cache interface where ``update``
+    returns a handle the attention function passes back with the query and mask. ``_seen``
+    counts the positions processed, padding included (transformers' notion of length)."""
 
-    ``max_batch_size`` sequences of up to ``max_cache_len`` tokens each (padding excluded);
-    ``num_pages`` defaults to enough for all of them. Prefill runs the prefill kernel on the new
-    tokens (or, with earlier tokens cached, on the sequence gathered from its pages); steps of up to
-    16 tokens without padding run the paged decode kernel. Padding tokens (zeros in the 2-D
-    ``attention_mask``) are not stored. Block tables and lengths live in fixed device buffers,
-    so a decode step can be captured in a CUDA graph (see ``generate``)."""
-
-    def __init__(self, config, max_batch_size: int, max_cache_len: int, *, page_size: int = 16,
-                 num_pages: Optional[int] = None, dtype=None, device=None):
+    def _read_config(self, config) -> None:
         cfg = _text_config(config)
         if getattr(cfg, "_attn_implementation", NAME) != NAME:
-            raise ValueError(f"PagedCache runs with attn_implementation='{NAME}', this model uses "
+            raise ValueError(f"{type(self).__name__} runs with attn_implementation='{NAME}', this model uses "
                              f"'{cfg._attn_implementation}' (ferrokernels.patch(model) sets it)")
         heads = cfg.num_attention_heads
         self.heads_kv = getattr(cfg, "num_key_value_heads", None) or heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.num_layers = cfg.num_hidden_layers
-        # Not `max_batch_size` / `max_cache_len`: some transformers versions define those as properties.
-        self.batch_slots, self.token_slots = int(max_batch_size), int(max_cache_len)
-        self.max_pages = -(-self.token_slots // page_size)
-        self.pages = PagedKVCache(self.num_layers, num_pages or self.batch_slots * self.max_pages, page_size,
-                                  self.heads_kv, self.head_dim, dtype=dtype or torch.float32, device=device)
-        super().__init__(layers=[_PagedLayer(self) for _ in range(self.num_layers)])
-        dev = self.pages.device
-        self.block_table = torch.full((self.batch_slots, self.max_pages), -1, dtype=torch.int32, device=dev)
-        self.before = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
-        self.seqlens = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
-        self.seqs: Optional[List[int]] = None
-        self._seen = 0  # positions processed, padding included (transformers' notion of length)
-        self._done: set = set()  # layers that ran in the current step
-        self._external_step = False
-        self._step = None
 
-    # transformers' Cache interface -------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         step = _CacheStep(self, layer_idx, key_states, value_states)
         return step, step
@@ -265,6 +243,49 @@ class PagedCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    def _step_valid(self, mask, q_len: int):
+        """(batch, q_len) bool on the host: which of the step's tokens are real (None: all). A
+        decode token is always a real one; a custom or packed mask is refused."""
+        if _is_complete(mask, q_len):
+            raise NotImplementedError(f"{type(self).__name__} takes causal or sliding-window attention with padding; "
+                                      "this call has a custom / packed-sequence mask (use a DynamicCache)")
+        if mask is None or q_len == 1:
+            return None
+        valid = mask[:, 0, 0, -q_len:].cpu()
+        return None if bool(valid.all()) else valid
+
+
+class PagedCache(_HandleCache):
+    """A ``transformers.Cache`` whose K/V live in ``PagedKVCache`` pages (needs
+    ``attn_implementation="ferrokernels"``, which ``patch`` sets).
+
+    ``max_batch_size`` sequences of up to ``max_cache_len`` tokens each (padding excluded);
+    ``num_pages`` defaults to enough for all of them. Prefill runs the prefill kernel on the new
+    tokens (or, with earlier tokens cached, on the sequence gathered from its pages); steps of up to
+    16 tokens without padding run the paged decode kernel. Padding tokens (zeros in the 2-D
+    ``attention_mask``) are not stored. Block tables and lengths live in fixed device buffers,
+    so a decode step can be captured in a CUDA graph (see ``generate``)."""
+
+    def __init__(self, config, max_batch_size: int, max_cache_len: int, *, page_size: int = 16,
+                 num_pages: Optional[int] = None, dtype=None, device=None):
+        self._read_config(config)
+        # Not `max_batch_size` / `max_cache_len`: some transformers versions define those as properties.
+        self.batch_slots, self.token_slots = int(max_batch_size), int(max_cache_len)
+        self.max_pages = -(-self.token_slots // page_size)
+        self.pages = PagedKVCache(self.num_layers, num_pages or self.batch_slots * self.max_pages, page_size,
+                                  self.heads_kv, self.head_dim, dtype=dtype or torch.float32, device=device)
+        super().__init__(layers=[_PagedLayer(self) for _ in range(self.num_layers)])
+        dev = self.pages.device
+        self.block_table = torch.full((self.batch_slots, self.max_pages), -1, dtype=torch.int32, device=dev)
+        self.before = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
+        self.seqlens = torch.zeros(self.batch_slots, dtype=torch.int32, device=dev)
+        self.seqs: Optional[List[int]] = None
+        self._seen = 0  # positions processed, padding included (transformers' notion of length)
+        self._done: set = set()  # layers that ran in the current step
+        self._external_step = False
+        self._step = None
+
+    # transformers' Cache interface (the rest is _HandleCache's) ---------------------------------
     def reset(self) -> None:
         if self.seqs is not None:
             self.pages.free(self.seqs)
@@ -324,14 +345,7 @@ class PagedCache(Cache):
         self._step = (before, counts, valid)
 
     def _begin_from_mask(self, batch: int, q_len: int, mask) -> None:
-        if _is_complete(mask, q_len):
-            raise NotImplementedError("PagedCache takes causal or sliding-window attention with padding; this "
-                                      "call has a custom / packed-sequence mask (use a DynamicCache)")
-        valid = None
-        if mask is not None and q_len > 1:  # a decode token is always a real one
-            valid = mask[:, 0, 0, -q_len:].cpu()
-            if bool(valid.all()):
-                valid = None
+        valid = self._step_valid(mask, q_len)
         counts = [q_len] * batch if valid is None else valid.sum(1).tolist()
         self.begin_step(counts, q_len, valid)
 
@@ -392,18 +406,6 @@ class PagedCache(Cache):
 
 # --- caches that attend themselves: quantized and compressed --------------------------------------
 
-def _step_valid(mask, q_len: int):
-    """(batch, q_len) bool on the host: which of the step's tokens are real (None: all). A decode
-    token is always a real one; a custom or packed mask is refused."""
-    if _is_complete(mask, q_len):
-        raise NotImplementedError("this cache takes causal or sliding-window attention with padding; this call has "
-                                  "a custom / packed-sequence mask (use a DynamicCache)")
-    if mask is None or q_len == 1:
-        return None
-    valid = mask[:, 0, 0, -q_len:].cpu()
-    return None if bool(valid.all()) else valid
-
-
 def _compact(k, v, valid):
     """k, v (b, n, heads_kv, D) -> the real tokens of each sequence first, and their counts."""
     if valid is None:
@@ -416,43 +418,17 @@ def _compact(k, v, valid):
     return kc, vc, counts
 
 
-class _SelfAttendingCache(Cache):
-    """A ``transformers.Cache`` whose attention runs in ``_attend_layer`` (needs
-    ``attn_implementation="ferrokernels"``): ``update`` returns a handle, the attention function
-    passes it back with the query and mask."""
+class _SelfAttendingCache(_HandleCache):
+    """A cache whose attention runs in ``_attend_layer``, once per layer and step."""
 
     def __init__(self, config, max_cache_len: int, dtype, device):
-        cfg = _text_config(config)
-        if getattr(cfg, "_attn_implementation", NAME) != NAME:
-            raise ValueError(f"{type(self).__name__} runs with attn_implementation='{NAME}', this model uses "
-                             f"'{cfg._attn_implementation}' (ferrokernels.patch(model) sets it)")
-        heads = cfg.num_attention_heads
-        self.heads_kv = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.num_layers = cfg.num_hidden_layers
+        self._read_config(config)
         self.token_slots = int(max_cache_len)
         self.dtype, self.device = dtype or torch.float32, torch.device(device or "cpu")
         super().__init__(layers=[_PagedLayer(self) for _ in range(self.num_layers)])
         self._seen = 0
         self._done: set = set()
         self._valid = None
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        step = _CacheStep(self, layer_idx, key_states, value_states)
-        return step, step
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._seen
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
-        return self._seen + query_length, 0
-
-    def get_max_length(self, layer_idx=None) -> int:
-        return self.token_slots
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
     def reset(self) -> None:
         self._seen, self._done, self._valid = 0, set(), None
@@ -474,7 +450,7 @@ class _SelfAttendingCache(Cache):
     def _attend(self, step: _CacheStep, query, mask, scale, window, softcap, module=None):
         q_len = query.shape[2]
         if step.layer in self._done or not self._done:  # the first layer of a new step
-            self._valid = _step_valid(mask, q_len)
+            self._valid = self._step_valid(mask, q_len)
             self._seen += q_len
             self._done = set()
         self._done.add(step.layer)

@@ -290,6 +290,17 @@ class QuantizedKV:
             k, v = k.half().float(), v.half().float()
         return k.transpose(0, 1), v.transpose(0, 1)
 
+    def dense(self, as_kernel: bool = False):
+        """(k, v, seqlens): every sequence dequantized into float32 CPU tensors (batch, longest,
+        heads_kv, head_dim) and their int32 lengths, the layout ``decode_attention`` takes."""
+        n = max(max(self.lengths, default=0), 1)
+        k = torch.zeros(self.batch, n, self.heads_kv, self.head_dim)
+        v = torch.zeros_like(k)
+        for i in range(self.batch):
+            ki, vi = self.dequantize(i, as_kernel)
+            k[i, :ki.shape[0]], v[i, :vi.shape[0]] = ki.float().cpu(), vi.float().cpu()
+        return k, v, torch.tensor(self.lengths, dtype=torch.int32)
+
     def decode(self, q, *, causal_q: bool = True, scale: Optional[float] = None, softcap: Optional[float] = None,
                window=None, return_lse: bool = False, out=None, validate: bool = True):
         """``decode_attention(q, ...)`` over this cache: q (batch, q_len, heads_q, head_dim), whose
@@ -338,15 +349,7 @@ def _decode_cpu(q, cache, causal_q, scale, softcap, window, return_lse, out):
     """The CPU path: each sequence dequantized, then the CPU decode kernel in float32."""
     from .decode import decode_attention
 
-    n = max(cache.lengths) if cache.lengths else 0
-    b, h, d = cache.batch, cache.heads_kv, cache.head_dim
-    k = torch.zeros(b, max(n, 1), h, d, dtype=torch.float32)
-    v = torch.zeros_like(k)
-    for i in range(b):
-        ki, vi = cache.dequantize(i)
-        k[i, :ki.shape[0]] = ki.float().cpu()
-        v[i, :vi.shape[0]] = vi.float().cpu()
-    lens = torch.tensor(cache.lengths, dtype=torch.int32)
+    k, v, lens = cache.dense()
     res = decode_attention(q.float().cpu(), k, v, lens, causal_q=causal_q, scale=scale, softcap=softcap or None,
                            window=tuple(window), return_lse=return_lse)
     o, lse = res if return_lse else (res, None)

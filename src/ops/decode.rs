@@ -121,42 +121,70 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
         t.expect_last_contiguous()?;
     }
     let cache = check_cache(k, v, a.cache_seqlens, a.block_table, batch)?;
-    if let Some(lse) = a.lse {
+    let shape = DecodeShape { batch, q_len, heads_q, heads_kv, head_dim };
+    check_options(q, a.lse, a.workspace, shape, cache, a.scale, a.softcap, a.window, a.causal_q)
+}
+
+/// The shapes of a decode-family call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DecodeShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+/// What every kernel of the decode family checks alike once its cache is checked: the LSE and
+/// workspace tensors, then scale, softcap and window normalised into the dims.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_options(
+    q: &TensorView,
+    lse: Option<&TensorView>,
+    workspace: Option<&TensorView>,
+    s: DecodeShape,
+    cache: CacheDims,
+    scale: Option<f64>,
+    softcap: f64,
+    window: (i64, i64),
+    causal_q: bool,
+) -> Result<DecodeDims> {
+    if let Some(lse) = lse {
         lse.expect_same_device(q)?;
         lse.expect_dtype(&[DType::F32])?;
-        lse.expect_shape(&[batch as i64, heads_q as i64, q_len as i64])?;
+        lse.expect_shape(&[s.batch as i64, s.heads_q as i64, s.q_len as i64])?;
         lse.expect_writable_layout()?;
     }
-    if let Some(ws) = a.workspace {
+    if let Some(ws) = workspace {
         ws.expect_same_device(q)?;
         ws.expect_dtype(&[DType::F32])?;
         if ws.ndim() != 1 || ws.stride(0) != 1 {
             return shape_err(format!("{} must be a contiguous 1-D float32 tensor", ws.name));
         }
     }
-    let scale = a.scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
+    let scale = scale.unwrap_or(1.0 / (s.head_dim as f64).sqrt());
     if !scale.is_finite() {
         return Err(Error::Value(format!("scale must be finite, got {scale}")));
     }
-    if a.softcap < 0.0 || !a.softcap.is_finite() {
-        return Err(Error::Value(format!("softcap must be >= 0 (0 or None: off), got {}", a.softcap)));
+    if softcap < 0.0 || !softcap.is_finite() {
+        return Err(Error::Value(format!("softcap must be >= 0 (0 or None: off), got {softcap}")));
     }
-    let window_left = window_side(a.window.0, "left")?;
-    let mut window_right = window_side(a.window.1, "right")?;
-    if a.causal_q {
+    let window_left = window_side(window.0, "left")?;
+    let mut window_right = window_side(window.1, "right")?;
+    if causal_q {
         window_right = 0;
     }
     Ok(DecodeDims {
-        batch,
-        q_len,
-        heads_q,
-        heads_kv,
-        head_dim,
+        batch: s.batch,
+        q_len: s.q_len,
+        heads_q: s.heads_q,
+        heads_kv: s.heads_kv,
+        head_dim: s.head_dim,
         cache,
         window_left,
         window_right,
         scale: scale as f32,
-        softcap: a.softcap as f32,
+        softcap: softcap as f32,
     })
 }
 
@@ -473,7 +501,7 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
     let mut args = [&mut p as *mut DecodeParams as *mut c_void];
-    launch(&dev, f, &spec.merge_kernel(), d, &plan, smem, stream, &mut args)
+    launch(dev, f, &spec.merge_kernel(), d, &plan, smem, stream, &mut args)
 }
 
 /// The tensors every kernel of the decode family reads or writes besides the cache.

@@ -12,7 +12,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver;
 use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, ptr, shape_err, window_side};
+use crate::ops::attention::{ctype, ptr, shape_err};
 use crate::ops::decode::{self, CacheDims, DecodeDims, DecodeLaunch, DecodeParams, Plan};
 use std::ffi::c_void;
 
@@ -170,33 +170,9 @@ pub fn check(a: &KvQuantArgs) -> Result<DecodeDims> {
         t.expect_dtype(&[DType::I32])?;
         t.expect_shape(&[batch as i64])?;
     }
-    if let Some(lse) = a.lse {
-        lse.expect_same_device(q)?;
-        lse.expect_dtype(&[DType::F32])?;
-        lse.expect_shape(&[batch as i64, heads_q as i64, q_len as i64])?;
-        lse.expect_writable_layout()?;
-    }
-    let scale = a.scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
-    if !scale.is_finite() {
-        return Err(Error::Value(format!("scale must be finite, got {scale}")));
-    }
-    if a.softcap < 0.0 || !a.softcap.is_finite() {
-        return Err(Error::Value(format!("softcap must be >= 0 (0 or None: off), got {}", a.softcap)));
-    }
-    let window_left = window_side(a.window.0, "left")?;
-    let window_right = if a.causal_q { 0 } else { window_side(a.window.1, "right")? };
-    Ok(DecodeDims {
-        batch,
-        q_len,
-        heads_q,
-        heads_kv,
-        head_dim,
-        cache: CacheDims { page_size: 0, num_pages: 0, capacity },
-        window_left,
-        window_right,
-        scale: scale as f32,
-        softcap: a.softcap as f32,
-    })
+    let shape = decode::DecodeShape { batch, q_len, heads_q, heads_kv, head_dim };
+    let cache = CacheDims { page_size: 0, num_pages: 0, capacity };
+    decode::check_options(q, a.lse, a.workspace, shape, cache, a.scale, a.softcap, a.window, a.causal_q)
 }
 
 /// Host check of the lengths: quant_lens[b] <= cache_seqlens[b] <= capacity, and the keys past
