@@ -4,8 +4,10 @@ prefill attention (our causal kernel) in the same process: the issue's bound is 
 Workloads: batch 1 and 4, N in {8K, 32K}, 32 query heads over 8 kv heads, head_dim 128, bf16;
 presses at ratio 0.5 (kvpress's defaults otherwise). The queries a press reads are the last
 window's (64; 32 for ThinK); ObservedAttention reads all of them (H2O needs every query's
-attention) and is timed at 8K only. `overhead` = press / prefill attention of the layer;
-`released` = the fraction of the layer's K/V bytes the compressed tensors no longer hold.
+attention). `overhead` = press / prefill attention of the layer; `released` = the fraction
+of the layer's K/V bytes the compressed tensors no longer hold. Attention-based presses are
+timed twice: `lse: "prefill"` takes the queries' LSE from the prefill's attention (what
+hf.CompressedCache does), `lse: "computed"` pays one attention pass of the window for it.
 
 Quantized KV (records with `params.op == "decode"`): one new token per sequence against a
 cache of (batch, seqlen) in {(1, 32K), (16, 8K), (1, 128K)}, 32 q / 8 kv heads, D=128, bf16 q;
@@ -46,12 +48,18 @@ def run(quick: bool = False):
         q = torch.randn(b, n, HQ, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, n, HK, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         prefill = time_ms(lambda i: fk.attention(q, k, v, causal=True), 1, reps=10)
+        lse_all = fk.attention(q, k, v, causal=True, return_lse=True)[1]
         print(f"  b={b} n={n:6d} prefill attention {prefill:8.3f} ms")
-        for name, press in presses():
-            if name == "observed_attention" and n > 8192:
+        for (name, press), lse in [(p, lse) for p in presses() for lse in ("prefill", "computed")]:
+            if name == "observed_attention" and n * b > 32768:
                 continue
             queries = q if name == "observed_attention" else q[:, -(32 if name == "think" else 64):]
-            fn = (lambda i: press(k, v, queries))
+            if not getattr(press, "needs_queries", False) or name == "think":
+                if lse == "computed":
+                    continue
+                lse = None
+            given = lse_all[..., n - queries.shape[1]:] if lse == "prefill" else None
+            fn = (lambda i: press(k, v, queries)) if name == "think" else (lambda i: press(k, v, queries, lse=given))
             try:
                 ms = time_ms(fn, 1, warmup=2, reps=10)
             except Exception as e:  # noqa: BLE001 - a press that cannot run a shape is reported
@@ -63,10 +71,12 @@ def run(quick: bool = False):
                     + out.values.numel() * out.values.element_size())
             released = 1 - held / (2 * k.numel() * k.element_size())
             params = {"batch": b, "seqlen": n, "heads_q": HQ, "heads_kv": HK, "head_dim": D, "press": name, "ratio": 0.5}
+            if lse is not None:
+                params["lse"] = lse
             records.append({"bench": "kv", "impl": "ferrokernels", "params": params, "ms": round(ms, 4), "tflops": None,
                             "gbps": None, "rel_err": None, "overhead": round(ms / prefill, 4),
                             "released": round(released, 3), "prefill_ms": round(prefill, 4)})
-            print(f"  b={b} n={n:6d} {name:20s} {ms:8.3f} ms  overhead {100 * ms / prefill:6.2f}%  released "
+            print(f"  b={b} n={n:6d} {name:20s} {lse or '':8s} {ms:8.3f} ms  overhead {100 * ms / prefill:6.2f}%  released "
                   f"{100 * released:5.1f}%")
         del q, k, v
         torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ secret code is NNNNN.") sits at one of several depths; the chat-formatted questi
 code and 16 tokens are decoded greedily; exact match = the code appears in the answer.
 Perplexity: the NLL of a 64-token continuation of the filler text, fed in decode steps of 16
 after the compressed prefill. Baseline: the full cache (our PagedCache). Rows: presses at
-several ratios (hf.CompressedCache) and quantized caches (hf.QuantizedKVCache).
+several ratios (hf.CompressedCache) and quantized caches (hf.QuantizedKVCache). A kind
+"snapkv,window=32@0.5" is make_press("snapkv", ratio=0.5, window=32).
 
 python benchmarks/kv_needle.py [--quick] [--results-dir DIR]  (records: bench "kv", op "needle")
 """
@@ -75,7 +76,8 @@ def make_cache(model, kind, new_tokens):
         return fh.QuantizedKVCache(model.config, 9000 + new_tokens, format=kind[3:], dtype=model.dtype,
                                    device=model.device)
     name, ratio = kind.rsplit("@", 1)
-    press = fk.kv.make_press(name, ratio=float(ratio))
+    name, *opts = name.split(",")  # "snapkv,window=32@0.5": press options after commas
+    press = fk.kv.make_press(name, ratio=float(ratio), **{k: int(v) for k, v in (o.split("=") for o in opts)})
     return fh.CompressedCache(model.config, press, new_tokens, dtype=model.dtype, device=model.device)
 
 
@@ -122,8 +124,9 @@ def main():
     tok, model = load_model(device, dtype)
     lengths = [2048] if args.quick else [2048, 4096, 8000]
     depths = [0.1, 0.5, 0.9] if args.quick else [0.1, 0.3, 0.5, 0.7, 0.9]
-    kinds = ["full", "snapkv@0.5", "streaming_llm@0.5"] if args.quick else [
-        "full", "snapkv@0.25", "snapkv@0.5", "snapkv@0.75", "pyramidkv@0.5", "streaming_llm@0.5", "knorm@0.5",
+    kinds = ["full", "snapkv@0.5", "snapkv,window=32@0.5", "streaming_llm@0.5"] if args.quick else [
+        "full", "snapkv@0.25", "snapkv@0.5", "snapkv@0.75", "snapkv,window=32@0.25", "snapkv,window=32@0.5",
+        "snapkv,window=32@0.75", "snapkv,window=16@0.5", "pyramidkv@0.5", "pyramidkv,window=32@0.5", "streaming_llm@0.5", "knorm@0.5",
         "tova@0.5", "kv-int8", "kv-fp8", "kv-int4", "kv-int2"]
     rng = random.Random(0)
     samples = [(n, d, make_sample(tok, rng, n, d)) for n in lengths for d in depths]

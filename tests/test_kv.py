@@ -10,7 +10,7 @@ import torch
 
 import ferrokernels as fk
 import ferrokernels.kv as kv
-from conftest import devices, dtypes_for
+from conftest import devices, dtypes_for, rel_err
 
 
 def inputs(b, n, hq, hk, d, w, device, dtype=torch.float32, seed=0):
@@ -106,6 +106,114 @@ def test_scorer_presses_keep_what_kvpress_keeps(device, ratio):
         assert torch.equal(pos, pos.sort(-1).values)
         assert torch.equal(c.keys, torch.gather(keys, 1, pos.transpose(1, 2)[..., None].expand(B, kept, HK, D)))
         assert torch.equal(c.values, torch.gather(values, 1, pos.transpose(1, 2)[..., None].expand(B, kept, HK, D)))
+
+
+def ref_window_scores(keys, queries, scale=None):
+    """float64 window_scores by definition: each window query's softmax over the keys up to its
+    position (the last w), summed over queries and each kv head's q heads."""
+    k, q = hf(keys).double(), hf(queries).double()
+    b, hk, n, d = k.shape
+    w, hq = q.shape[2], q.shape[1]
+    s = q @ repeat_kv(k, hq // hk).transpose(2, 3) * (scale or 1 / math.sqrt(d))
+    s = s + torch.triu(torch.full_like(s, float("-inf")), diagonal=n - w + 1)
+    return torch.softmax(s, -1).view(b, hk, hq // hk, w, n).sum((2, 3))
+
+
+# (batch, n, heads_q, heads_kv, head_dim, w): GQA 1-6, odd lengths, w = 1 (TOVA), w = n (H2O),
+# windows that are not multiples of the kernel's 64-row chunks.
+SCORE_SHAPES = [(2, 300, 4, 2, 64, 32), (1, 1000, 8, 1, 128, 64), (3, 257, 6, 3, 128, 1), (1, 130, 2, 2, 256, 130),
+                (2, 777, 12, 2, 64, 100), (1, 4099, 4, 4, 128, 64)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", SCORE_SHAPES)
+def test_window_scores_against_float64(device, shape):
+    b, n, hq, hk, d, w = shape
+    for dtype in dtypes_for(device):
+        keys, _, window, _ = inputs(b, n, hq, hk, d, w, device, dtype, seed=n + w)
+        keys = keys * 2  # peakier attention than unit-variance scores give
+        ref = ref_window_scores(keys, window)
+        for lse in (None, ref_lse(keys, window).to(device)):
+            out = torch.full((b, hk, n), float("nan"), device=device)  # poison: an unwritten key fails
+            got = kv.window_scores(keys, window, lse=lse, out=out)
+            assert got is out and not out.isnan().any(), (dtype, lse is None)
+            # The kernel accumulates scores in float32; torch rounds them to the inputs' dtype.
+            tol = 2e-3 if device == "cuda" else {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+            err = rel_err(out.cpu(), ref.cpu())
+            assert err < tol, (dtype, lse is None, err)
+            # Every query's probabilities sum to one: the total is the number of window rows.
+            assert abs(out.sum().item() - b * hq * w) < 1e-2 * b * hq * w
+
+
+def ref_lse(keys, queries):
+    k, q = hf(keys).double(), hf(queries).double()
+    n, w, d = k.shape[2], q.shape[2], k.shape[3]
+    s = q @ repeat_kv(k, q.shape[1] // k.shape[1]).transpose(2, 3) / math.sqrt(d)
+    s = s + torch.triu(torch.full_like(s, float("-inf")), diagonal=n - w + 1)
+    return torch.logsumexp(s, -1).float()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_presses_on_the_score_kernel_keep_what_torch_keeps(dtype, monkeypatch):
+    """16-bit CUDA inputs take the kernel; the kept sets agree with the torch path's (which
+    rounds scores to the dtype, so a few near-ties may differ)."""
+    keys, values, window, allq = inputs(2, 2000, 8, 2, 128, 64, "cuda", dtype, seed=3)
+    for press, q in [(kv.SnapKV(0.5), window), (kv.TOVA(0.5), window), (kv.ObservedAttention(0.5), allq),
+                     (kv.PyramidKV(0.5), window), (kv.DuoAttention(0.5, sink=16, recent=64), window)]:
+        got = press(keys, values, q, layer=1, n_layers=4)
+        monkeypatch.setattr(kv, "_SCORE_KERNEL", False)
+        want = press(keys.double(), values.double(), q.double(), layer=1, n_layers=4)
+        monkeypatch.setattr(kv, "_SCORE_KERNEL", True)
+        assert torch.equal(got.lengths, want.lengths), type(press).__name__
+        for bi in range(2):
+            for h in range(2):
+                a = set(got.positions[bi, h, : got.lengths[bi, h]].tolist())
+                e = set(want.positions[bi, h, : want.lengths[bi, h]].tolist())
+                assert len(a & e) >= 0.98 * len(e), (type(press).__name__, bi, h, len(a & e), len(e))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,n,k", [(16, 8192, 4096), (3, 1000, 1), (5, 777, 777), (2, 100_003, 31_337), (7, 64, 33)])
+def test_topk_kernel_against_torch(rows, n, k):
+    """The radix-select kernel keeps exactly torch's top-k set, ascending, on distinct scores
+    (negative and positive, a few huge); on ties it takes the earliest positions."""
+    g = torch.Generator().manual_seed(n + k)
+    s = torch.randn(rows, 1, n, generator=g) * torch.rand(rows, 1, 1, generator=g) * 10
+    s[:, :, ::97] *= 1e6
+    s = s.cuda()
+    got = kv._top(s, k)
+    want = s.topk(k, -1).indices.sort(-1).values
+    assert torch.equal(got, want)
+    # Ties: every score in {0, 1, 2}; the kept set is everything above the k-th value plus the
+    # earliest positions equal to it.
+    t = torch.randint(0, 3, (rows, 1, n), generator=g).float().cuda()
+    got = kv._top(t, k)
+    kth = t.sort(-1, descending=True).values[..., k - 1:k]
+    above = t > kth
+    need = k - above.sum(-1, keepdim=True)
+    equal_rank = (t == kth).cumsum(-1)
+    keep = above | ((t == kth) & (equal_rank <= need))
+    want = torch.where(keep, torch.arange(n, device="cuda"), n).sort(-1).values[..., :k]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (80, 48)])
+def test_gather_kernel_against_torch(dtype, d, dv, monkeypatch):
+    g = torch.Generator().manual_seed(d + dv)
+    b, n, hk, kept = 3, 501, 4, 200
+    keys = torch.randn(b, n, hk, d, generator=g).to("cuda", dtype)
+    values = torch.randn(b, n, hk, dv, generator=g).to("cuda", dtype)
+    idx = torch.randint(0, n, (b, hk, kept), generator=g).sort(-1).values.cuda()
+    idx[1, 2, 150:] = -1  # a shorter head: zero rows
+    lengths = torch.full((b, hk), kept, dtype=torch.int32, device="cuda")
+    got = kv._gather(keys, values, idx, lengths, padded=True)
+    monkeypatch.setattr(kv, "_SCORE_KERNEL", False)
+    want = kv._gather(keys, values, idx, lengths, padded=True)
+    assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert got.keys.is_contiguous() and got.values.is_contiguous()
 
 
 def test_pyramid_budgets():
@@ -253,3 +361,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="more keys"):
         kv.SnapKV(0.5, window=8)(keys[:, :8], values[:, :8], window)
     assert isinstance(kv.make_press("adakv", scorer="knorm", ratio=0.3), kv.AdaKV)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        kv.window_scores(keys[:, :4], window)
+    with pytest.raises(fk.ShapeError, match="lse"):
+        kv.window_scores(keys, window, lse=torch.zeros(1, 2, 3))
+    with pytest.raises(fk.ShapeError, match="out"):
+        kv.window_scores(keys, window, out=torch.zeros(1, 1, 99))

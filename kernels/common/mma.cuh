@@ -16,6 +16,12 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool pred)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 
+// The same for one 4-byte word (cp.async.ca: .cg takes only 16 bytes).
+__device__ __forceinline__ void cp_async_4(u32 dst, const void* src, bool pred) {
+    int n = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

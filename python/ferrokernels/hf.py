@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from typing import Dict, List, Optional, Sequence
 
@@ -457,11 +458,12 @@ class _SelfAttendingCache(_HandleCache):
         q, k, v = query.transpose(1, 2), step.k.transpose(1, 2), step.v.transpose(1, 2)
         return self._attend_layer(step.layer, q, k, v, mask, self._valid, scale, window, softcap)
 
-    def _prefill(self, q, k, v, mask, valid, scale, window, softcap):
-        """Full-precision causal attention over a fresh prefill's own tokens (padding masked)."""
-        out, _ = _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
-                        mask=None if valid is None else mask, return_lse=False)
-        return out
+    def _prefill(self, q, k, v, mask, valid, scale, window, softcap, return_lse=False):
+        """Full-precision causal attention over a fresh prefill's own tokens (padding masked);
+        with `return_lse`, (out, lse (b, heads_q, n))."""
+        out, lse = _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
+                          mask=None if valid is None else mask, return_lse=return_lse)
+        return (out, lse) if return_lse else out
 
 
 class QuantizedKVCache(_SelfAttendingCache):
@@ -555,17 +557,30 @@ class CompressedCache(_SelfAttendingCache):
 
         return q if isinstance(self.press, ObservedAttention) else q[:, -getattr(self.press, "window", 64):]
 
-    def _compress(self, layer, q, k, v, valid):
+    def _lse_reusable(self, q, scale, window, softcap) -> bool:
+        """The prefill's LSE is what the press would compute: plain causal attention at the
+        default scale (the presses score that way), so the press can skip its own pass."""
+        from .kv import KVMerge, Press
+
+        inner = self.press.press if isinstance(self.press, KVMerge) else getattr(self.press, "scorer", self.press)
+        return (isinstance(inner, Press) and inner.needs_queries and tuple(window) == (-1, -1) and not softcap
+                and (scale is None or abs(scale * math.sqrt(q.shape[-1]) - 1) < 1e-6))
+
+    def _compress(self, layer, q, k, v, valid, lse=None):
         """The kept K/V of each sequence, (b, kept_max + max_new, heads_kv, D), and their counts."""
         b = k.shape[0]
         pieces = []
         for i in range(b) if valid is not None else [None]:
             sl = slice(None) if i is None else slice(i, i + 1)
             qi, ki, vi = q[sl], k[sl], v[sl]
+            li = None if lse is None else lse[sl]
             if i is not None:
                 idx = valid[i].nonzero().flatten().to(k.device)
                 qi, ki, vi = qi[:, idx], ki[:, idx], vi[:, idx]
-            c = self.press(ki, vi, self._queries(qi), layer=layer, n_layers=self.num_layers)
+                li = None if li is None else li[..., idx]
+            qw = self._queries(qi)
+            li = None if li is None else li[..., li.shape[-1] - qw.shape[1]:]
+            c = self.press(ki, vi, qw, layer=layer, n_layers=self.num_layers, lse=li)
             if not c.uniform:
                 raise NotImplementedError("the press kept different numbers of tokens per head")
             pieces.append((c.keys, c.values))
@@ -583,8 +598,12 @@ class CompressedCache(_SelfAttendingCache):
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]
         if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
-            out = self._prefill(q, k, v, mask, valid, scale, window, softcap)
-            self.k[layer], self.v[layer], self.lengths[layer] = self._compress(layer, q, k, v, valid)
+            lse = None
+            if self._lse_reusable(q, scale, window, softcap):
+                out, lse = self._prefill(q, k, v, mask, valid, scale, window, softcap, return_lse=True)
+            else:
+                out = self._prefill(q, k, v, mask, valid, scale, window, softcap)
+            self.k[layer], self.v[layer], self.lengths[layer] = self._compress(layer, q, k, v, valid, lse)
             self.seqlens[layer] = torch.tensor(self.lengths[layer], dtype=torch.int32, device=k.device)
             return out
         if valid is not None or q_len > MAX_DECODE_Q:

@@ -40,11 +40,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ._runtime import ShapeError, expect_rank, torch
+from . import _native
+from ._runtime import ShapeError, expect_rank, stream_of, torch
 from .attention import LAYOUT
 from .kv_quant import QuantizedKV, quantized_decode  # noqa: F401  (quantized KV lives beside the presses)
 
-_CHUNK = 1 << 24  # score elements computed at once (ObservedAttention)
+_CHUNK = 1 << 24  # score elements computed at once (window_scores' torch path)
 
 
 @dataclass
@@ -88,27 +89,85 @@ def _ratio(ratio):
     return float(ratio)
 
 
-def _window_attention(keys, queries, scale=None):
-    """float32 ``(batch, heads_q, w, seqlen)``: the softmax attention of the w queries, which
-    sit at the last w positions (causal among themselves), over all keys."""
+_SCORE_KERNEL = True  # tests turn it off to compare the kernels with the torch path on one device
+_SCORE_HEAD_DIMS = (64, 128, 256)  # src/ops/window_scores.rs: HEAD_DIMS
+
+
+def window_scores(keys, queries, lse=None, scale=None, out=None):
+    """float32 ``(batch, heads_kv, seqlen)``: each key's softmax attention from the ``w``
+    queries, which sit at the last ``w`` positions (causal among themselves), summed over
+    those queries and over each kv head's q heads. ``lse`` ``(batch, heads_q, w)``: the
+    queries' log-sum-exp over their keys (natural log), e.g. from the prefill's attention;
+    computed when None. On CUDA (16-bit, head_dim 64 / 128 / 256) one kernel computes it tile
+    by tile (kernels/window_scores.cu): the (heads, w, seqlen) probabilities never exist.
+    ``out``: a float32 ``(batch, heads_kv, seqlen)`` tensor to write into."""
+    _check_kv(keys, keys, queries, True, "window_scores")
     b, n, hk, d = keys.shape
     w, hq = queries.shape[1], queries.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if w > n:
+        raise ValueError(f"window_scores needs at least as many keys ({n}) as queries ({w})")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if lse is not None:
+        expect_rank(lse, 3, "lse", "(batch, heads_q, w)")
+        if tuple(lse.shape) != (b, hq, w):
+            raise ShapeError(f"lse must be ({b}, {hq}, {w}) for queries {tuple(queries.shape)}, got {tuple(lse.shape)}")
+    if out is not None and (tuple(out.shape) != (b, hk, n) or out.dtype != torch.float32 or out.device != keys.device
+                            or not out.is_contiguous()):
+        raise ShapeError(f"out must be a contiguous float32 ({b}, {hk}, {n}) tensor on {keys.device}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if (_SCORE_KERNEL and keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) and queries.dtype == keys.dtype
+            and d in _SCORE_HEAD_DIMS):
+        if lse is None:
+            from .attention import attention
+            # Bottom-right causal: the window's rows see every key up to their own. A narrow V:
+            # only the LSE is read.
+            lse = attention(queries, keys, keys[..., :8], causal=True, scale=scale, return_lse=True)[1]
+        out = torch.empty(b, hk, n, dtype=torch.float32, device=keys.device) if out is None else out
+        _native.window_scores(queries, keys, lse.float().contiguous(), out, scale=scale, stream=stream_of(keys))
+        return out
+    s = _window_scores_torch(keys, queries, lse, scale)
+    return s if out is None else out.copy_(s)
+
+
+def _window_scores_torch(keys, queries, lse, scale):
+    """window_scores in torch, a chunk of queries at a time: scores in the inputs' precision
+    (as the model computes them), softmax in float32."""
+    b, n, hk, d = keys.shape
+    w, hq = queries.shape[1], queries.shape[2]
     g = hq // hk
-    # Scores in the inputs' precision (as the model computes them), softmax in float32.
-    s = torch.einsum("bwhgd,bnhd->bhgwn", queries.view(b, w, hk, g, d), keys).float() * scale
-    s[..., n - w:].masked_fill_(torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1), float("-inf"))
-    return torch.softmax(s, -1).view(b, hq, w, n)
+    qg = queries.view(b, w, hk, g, d)
+    step = max(1, 4 * _CHUNK // max(1, b * hq * n))
+    pos = torch.arange(n, device=keys.device)
+
+    def scores(r0, r1):
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qg[:, r0:r1], keys).float() * scale
+        return s.masked_fill_(pos[None, :] > pos[n - w + r0:n - w + r1, None], float("-inf"))
+
+    if lse is None:
+        lse = torch.cat([torch.logsumexp(scores(r0, min(w, r0 + step)), -1) for r0 in range(0, w, step)], -1)
+    else:
+        lse = lse.float().view(b, hk, g, w)
+    total = torch.zeros(b, hk, n, device=keys.device)
+    for r0 in range(0, w, step):
+        r1 = min(w, r0 + step)
+        total += torch.exp(scores(r0, r1) - lse[..., r0:r1, None]).sum((2, 3))
+    return total
 
 
-def _group_mean(x, hk):
-    """(batch, heads_q, ...) -> (batch, heads_kv, ...): the mean over each kv head's group."""
-    b, hq = x.shape[:2]
-    return x.view(b, hk, hq // hk, *x.shape[2:]).mean(2)
+def _pad_with_max(s, w):
+    """s (b, h, m) followed by w columns of its global max, so those tokens are always kept
+    (kvpress pads with ``scores.max().item()``; this stays on the device, no host sync)."""
+    return torch.cat([s, s.max().expand(*s.shape[:2], w)], -1)
 
 
 def _top(scores, n_kept):
-    """int64 (batch, heads_kv, n_kept): the best-scored positions, in their original order."""
+    """int64 (batch, heads_kv, n_kept): the best-scored positions, in their original order (on
+    CUDA one radix-select launch, kernels/kv_select.cu; ties to the earlier position)."""
+    if _SCORE_KERNEL and scores.is_cuda and scores.dtype == torch.float32 and 0 < n_kept <= scores.shape[-1]:
+        b, h, n = scores.shape
+        idx = torch.empty(b, h, n_kept, dtype=torch.int64, device=scores.device)
+        _native.kv_select_topk(scores.contiguous().view(b * h, n), idx.view(b * h, n_kept), stream=stream_of(scores))
+        return idx
     return scores.topk(n_kept, -1).indices.sort(-1).values
 
 
@@ -118,10 +177,24 @@ def _keep(keys, values, scores, n_kept):
     return _gather(keys, values, idx, torch.full(idx.shape[:2], n_kept, dtype=torch.int32, device=idx.device))
 
 
+def _rows_copyable(t) -> bool:
+    """The gather kernel copies 16-byte pieces of rows: contiguous rows, 16-byte aligned."""
+    e = t.element_size()
+    return (t.stride(-1) == 1 and (t.shape[-1] * e) % 16 == 0 and t.data_ptr() % 16 == 0
+            and all((s * e) % 16 == 0 for s in t.stride()[:-1]))
+
+
 def _gather(keys, values, idx, lengths, padded=False):
     """Per (batch, kv head) rows idx (b, hk, kept) of keys / values; with `padded`, -1 entries
     (past a head's length) give zeros."""
     b, hk, kept = idx.shape
+    if (_SCORE_KERNEL and keys.is_cuda and values.dtype == keys.dtype and _rows_copyable(keys)
+            and _rows_copyable(values)):
+        k = torch.empty(b, kept, hk, keys.shape[3], dtype=keys.dtype, device=keys.device)
+        v = torch.empty(b, kept, hk, values.shape[3], dtype=values.dtype, device=values.device)
+        # Negative entries come out as zero rows, so `padded` needs nothing more.
+        _native.kv_select_gather(keys, values, idx.contiguous(), k, v, stream=stream_of(keys))
+        return Compressed(k, v, idx, lengths)
     safe = idx.clamp(min=0).transpose(1, 2)                                  # (b, kept, hk)
     k = torch.gather(keys, 1, safe[..., None].expand(b, kept, hk, keys.shape[3]))
     v = torch.gather(values, 1, safe[..., None].expand(b, kept, hk, values.shape[3]))
@@ -139,21 +212,23 @@ class Press:
     def __init__(self, ratio: float = 0.5):
         self.ratio = _ratio(ratio)
 
-    def score(self, keys, values, queries=None):
-        """float32 ``(batch, heads_kv, seqlen)``: higher = keep."""
+    def score(self, keys, values, queries=None, lse=None):
+        """float32 ``(batch, heads_kv, seqlen)``: higher = keep. ``lse`` ``(batch, heads_q,
+        queries)``: the queries' log-sum-exp from the prefill's attention, if at hand (the
+        attention-based presses then skip computing it)."""
         raise NotImplementedError
 
     def budget(self, n: int, layer: int = 0, n_layers: int = 1) -> int:
         """Tokens kept per head out of n (kvpress: ``max(1, int(n * (1 - ratio)))``)."""
         return max(1, int(n * (1 - self.ratio)))
 
-    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
         _check_kv(keys, values, queries, self.needs_queries, type(self).__name__)
         n = keys.shape[1]
         if self.ratio == 0:
             pos = torch.arange(n, device=keys.device).expand(keys.shape[0], keys.shape[2], n)
             return Compressed(keys, values, pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=keys.device))
-        return _keep(keys, values, self.score(keys, values, queries), min(n, self.budget(n, layer, n_layers)))
+        return _keep(keys, values, self.score(keys, values, queries, lse=lse), min(n, self.budget(n, layer, n_layers)))
 
 
 class StreamingLLM(Press):
@@ -163,7 +238,7 @@ class StreamingLLM(Press):
         super().__init__(ratio)
         self.n_sink = int(n_sink)
 
-    def score(self, keys, values, queries=None):
+    def score(self, keys, values, queries=None, lse=None):
         b, n, hk, _ = keys.shape
         if n <= self.n_sink:
             raise ValueError(f"StreamingLLM needs more than n_sink={self.n_sink} tokens, got {n}")
@@ -176,7 +251,7 @@ class StreamingLLM(Press):
 class Knorm(Press):
     """Keys with a small L2 norm draw the most attention: score = -||k||."""
 
-    def score(self, keys, values, queries=None):
+    def score(self, keys, values, queries=None, lse=None):
         return -keys.float().norm(dim=-1).transpose(1, 2)
 
 
@@ -190,15 +265,16 @@ class SnapKV(Press):
         super().__init__(ratio)
         self.window, self.kernel = int(window), int(kernel)
 
-    def score(self, keys, values, queries=None, scale=None):
+    def score(self, keys, values, queries=None, lse=None, scale=None):
         b, n, hk, _ = keys.shape
-        w = queries.shape[1]
+        w, hq = queries.shape[1], queries.shape[2]
         if n <= w:
             raise ValueError(f"{type(self).__name__} needs more keys ({n}) than window queries ({w})")
-        a = _window_attention(keys, queries, scale)[..., : n - w].mean(2)      # (b, hq, n - w)
-        a = torch.nn.functional.avg_pool1d(a, self.kernel, stride=1, padding=self.kernel // 2)
-        s = _group_mean(a, hk)
-        return torch.nn.functional.pad(s, (0, w), value=float(s.max()))
+        # kvpress averages over the window, pools per q head, then averages each group: all
+        # linear, so pooling the group's sum is the same.
+        a = window_scores(keys, queries, lse, scale)[..., : n - w] / (w * (hq // hk))
+        s = torch.nn.functional.avg_pool1d(a, self.kernel, stride=1, padding=self.kernel // 2)
+        return _pad_with_max(s, w)
 
 
 class PyramidKV(SnapKV):
@@ -230,10 +306,11 @@ class TOVA(Press):
 
     needs_queries = True
 
-    def score(self, keys, values, queries=None, scale=None):
+    def score(self, keys, values, queries=None, lse=None, scale=None):
         b, n, hk, _ = keys.shape
-        a = _window_attention(keys, queries[:, -1:], scale)[:, :, 0, : n - 1].mean(1, keepdim=True)  # (b, 1, n - 1)
-        return torch.nn.functional.pad(a, (0, 1), value=float(a.max())).expand(b, hk, n)
+        lse = None if lse is None else lse[..., -1:]
+        a = window_scores(keys, queries[:, -1:], lse, scale)[..., : n - 1].sum(1, keepdim=True) / queries.shape[2]
+        return _pad_with_max(a, 1).expand(b, hk, n)
 
 
 class ObservedAttention(Press):
@@ -243,36 +320,13 @@ class ObservedAttention(Press):
 
     needs_queries = True
 
-    def score(self, keys, values, queries=None, scale=None):
+    def score(self, keys, values, queries=None, lse=None, scale=None):
         b, n, hk, d = keys.shape
         nq, hq = queries.shape[1], queries.shape[2]
         if nq != n:
             raise ShapeError(f"ObservedAttention needs every query: got {nq} for {n} keys")
-        scale = 1.0 / math.sqrt(d) if scale is None else scale
-        g = hq // hk
-        # Each query row's LSE (from the attention kernel on the GPU: the prefill computes it
-        # anyway), then the probabilities a chunk of rows at a time, summed per key: never the
-        # whole matrix.
-        qg = queries.view(b, n, hk, g, d)
-        step = max(1, 4 * _CHUNK // max(1, b * hq * n))
-        pos = torch.arange(n, device=keys.device)
-
-        def scores(r0, r1):
-            s = torch.einsum("bqhgd,bkhd->bhgqk", qg[:, r0:r1], keys).float() * scale
-            return s.masked_fill_(pos[None, :] > pos[r0:r1, None], float("-inf"))
-
-        if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
-            from .attention import attention
-            # A narrow V: only the LSE is read.
-            lse = attention(queries, keys, keys[..., :8], causal=True, scale=scale, return_lse=True)[1].view(b, hk, g, n)
-        else:
-            lse = torch.cat([torch.logsumexp(scores(r0, min(n, r0 + step)), -1) for r0 in range(0, n, step)], -1)
-        total = torch.zeros(b, hk, g, n, device=keys.device)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            total += torch.exp(scores(r0, r1) - lse[..., r0:r1, None]).sum(3)
-        scores = total / torch.arange(n, 0, -1, device=keys.device, dtype=torch.float32)
-        return scores.mean(2)
+        counts = torch.arange(n, 0, -1, device=keys.device, dtype=torch.float32)  # queries at or after each key
+        return window_scores(keys, queries, lse, scale) / counts / (hq // hk)
 
 
 class ThinK:
@@ -348,10 +402,10 @@ class AdaKV:
         keep = torch.ones(b, hk * n, dtype=torch.bool, device=s.device).scatter_(1, drop, False)
         return keep.view(b, hk, n)
 
-    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
         _check_kv(keys, values, queries, self.needs_queries, "AdaKV")
         n = keys.shape[1]
-        scores = self.scorer.score(keys, values, queries)
+        scores = self.scorer.score(keys, values, queries, lse=lse)
         keep = self.kept_mask(scores, min(n, self.scorer.budget(n, layer, n_layers)))
         return _from_mask(keys, values, keep)
 
@@ -382,9 +436,10 @@ class DuoAttention:
         self.streaming_ratio, self.sink, self.recent = float(streaming_ratio), int(sink), int(recent)
         self.head_scores = head_scores
 
-    def estimate_head_scores(self, keys, queries):
+    def estimate_head_scores(self, keys, queries, lse=None):
         """(batch, heads_kv): the window's attention mass outside sink + recent."""
-        a = _group_mean(_window_attention(keys, queries).mean(2), keys.shape[2])   # (b, hk, n)
+        w, g = queries.shape[1], queries.shape[2] // keys.shape[2]
+        a = window_scores(keys, queries, lse) / (w * g)                            # (b, hk, n)
         return a.masked_fill(self._local(keys), 0).sum(-1)
 
     def _local(self, keys):
@@ -393,11 +448,11 @@ class DuoAttention:
         pos = torch.arange(n, device=keys.device)
         return (pos < self.sink) | (pos >= n - self.recent)
 
-    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
         b, n, hk, _ = keys.shape
         if self.head_scores is None:
             _check_kv(keys, values, queries, True, "DuoAttention")
-            hs = self.estimate_head_scores(keys, queries)
+            hs = self.estimate_head_scores(keys, queries, lse)
         else:
             _check_kv(keys, values)
             hs = torch.as_tensor(self.head_scores, dtype=torch.float32, device=keys.device)
@@ -421,10 +476,10 @@ class KVMerge:
         self.press = press
         self.needs_queries = press.needs_queries
 
-    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1) -> Compressed:
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
         _check_kv(keys, values, queries, self.needs_queries, "KVMerge")
         b, n, hk, d = keys.shape
-        scores = self.press.score(keys, values, queries)
+        scores = self.press.score(keys, values, queries, lse=lse)
         kept = min(n, self.press.budget(n, layer, n_layers))
         idx = _top(scores, kept)                                                 # (b, hk, kept)
         keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)

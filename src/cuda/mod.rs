@@ -48,6 +48,8 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention_sm90.cu", include_str!("../../kernels/attention_sm90.cu")),
     ("decode.cu", include_str!("../../kernels/decode.cu")),
     ("kv_quant.cu", include_str!("../../kernels/kv_quant.cu")),
+    ("window_scores.cu", include_str!("../../kernels/window_scores.cu")),
+    ("kv_select.cu", include_str!("../../kernels/kv_select.cu")),
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),

@@ -6,8 +6,10 @@ pub mod decode;
 pub mod gemm;
 pub mod gemm_w8a8;
 pub mod kv_quant;
+pub mod kv_select;
 pub mod quant_attention;
 pub mod sparse;
+pub mod window_scores;
 
 use crate::cuda::KernelSource;
 
@@ -23,5 +25,8 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(quant_attention::PrepSpec::all_kernels());
     v.push(sparse::select_kernel());
     v.push(sparse::vs_kernel());
+    v.extend(window_scores::WindowScoresSpec::all().iter().map(|s| s.kernel()));
+    v.push(kv_select::topk_kernel());
+    v.push(kv_select::gather_kernel());
     v
 }

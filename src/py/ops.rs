@@ -12,8 +12,10 @@ use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::kv_quant::{self, KvFormat, KvQuantArgs};
+use crate::ops::kv_select::{self, GatherArgs};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
 use crate::ops::sparse::{self, Columns, SelectArgs, SparseArgs, VsArgs};
+use crate::ops::window_scores::WindowScoresArgs;
 use pyo3::prelude::*;
 
 /// attention_fwd(q, k, v, out, lse=None, *, causal, bottom_right, scale, window, softcap,
@@ -164,6 +166,56 @@ fn sparse_select_blocks(
         local_blocks,
     };
     py.detach(|| sparse::select(&args, stream)).map_err(to_py)
+}
+
+/// window_scores(q, k, lse, out, *, scale, stream): the window's attention summed per key and
+/// kv head (ops::window_scores).
+#[pyfunction]
+#[pyo3(signature = (q, k, lse, out, *, scale, stream=0))]
+fn window_scores(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    scale: f64,
+    stream: usize,
+) -> PyResult<()> {
+    let (q, k) = (import(q, "queries", stream, false)?, import(k, "keys", stream, false)?);
+    let lse = import(lse, "lse", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let args = WindowScoresArgs { q: &q.view, k: &k.view, lse: &lse.view, out: &out.view, scale };
+    py.detach(|| crate::ops::window_scores::forward(&args, stream)).map_err(to_py)
+}
+
+/// kv_select_topk(scores, index, *, stream): the k best positions of each row, ascending
+/// (ops::kv_select).
+#[pyfunction]
+#[pyo3(signature = (scores, index, *, stream=0))]
+fn kv_select_topk(py: Python<'_>, scores: &Bound<'_, PyAny>, index: &Bound<'_, PyAny>, stream: usize) -> PyResult<()> {
+    let scores = import(scores, "scores", stream, false)?;
+    let index = import(index, "index", stream, true)?;
+    py.detach(|| kv_select::topk(&scores.view, &index.view, stream)).map_err(to_py)
+}
+
+/// kv_select_gather(k, v, index, k_out, v_out, *, stream): the kept rows of K and V
+/// (ops::kv_select).
+#[pyfunction]
+#[pyo3(signature = (k, v, index, k_out, v_out, *, stream=0))]
+fn kv_select_gather(
+    py: Python<'_>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    index: &Bound<'_, PyAny>,
+    k_out: &Bound<'_, PyAny>,
+    v_out: &Bound<'_, PyAny>,
+    stream: usize,
+) -> PyResult<()> {
+    let (k, v) = (import(k, "keys", stream, false)?, import(v, "values", stream, false)?);
+    let index = import(index, "index", stream, false)?;
+    let (k_out, v_out) = (import(k_out, "k_out", stream, true)?, import(v_out, "v_out", stream, true)?);
+    let args = GatherArgs { k: &k.view, v: &v.view, index: &index.view, k_out: &k_out.view, v_out: &v_out.view };
+    py.detach(|| kv_select::gather(&args, stream)).map_err(to_py)
 }
 
 /// sparse_vs_lists(rel, cols, count, index, bitmap, col_bits, *, key_tiles, r_min, off,
@@ -807,6 +859,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_select_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(window_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_select_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_select_gather, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;

@@ -1,0 +1,162 @@
+// What a scorer press does after scoring (python/ferrokernels/kv.py: _top and _gather hold the
+// torch reference): per (batch, kv head) the positions of the k best scores in ascending order,
+// then those rows of K and V copied out. torch needs a top-k, a sort of its indices and two
+// gathers over index tensors expanded to every element; here it is two launches.
+//
+// kv_select_topk: one CTA per row. A radix select over the scores' order-preserving bit
+// patterns (four 8-bit digits, a shared-memory histogram per digit) finds the k-th best value
+// t and how many of the values equal to t are taken; then one ordered pass writes every
+// position above t, and the first of those equal to t, at its rank among the kept (a block
+// scan), so the list comes out ascending without a sort. Ties go to the earlier position.
+//
+// kv_select_gather: one thread per 16-byte piece of a kept row, K and V alike; a negative
+// index (past a head's length) writes zeros.
+#pragma once
+#include "common/types.cuh"
+
+constexpr int KS_THREADS = 1024;
+
+// Mirrors `TopkParams` in src/ops/kv_select.rs.
+struct KvTopkParams {
+    const float* scores;  // (rows, n), contiguous
+    i64* index;           // (rows, k), contiguous: the k best positions, ascending
+    i32 rows, n, k, pad_;
+};
+
+// Float order as unsigned order (NaN above +inf for positive NaNs; scores have none).
+__device__ __forceinline__ u32 ks_order(float x) {
+    const u32 u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Inclusive scan of v over the block, returned per thread; `tmp` holds 32 warp totals. The
+// block's total is written to *total. Two __syncthreads.
+template <typename V>
+__device__ __forceinline__ V ks_block_scan(V v, V* tmp, V* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+    }
+    if (lane == 31) tmp[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        V w = lane < KS_THREADS / 32 ? tmp[lane] : V(0);
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const V y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        tmp[lane] = w;  // inclusive warp prefixes
+    }
+    __syncthreads();
+    const V before = warp > 0 ? tmp[warp - 1] : V(0);
+    *total = tmp[KS_THREADS / 32 - 1];
+    return before + v;
+}
+
+__device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
+    __shared__ int hist[256];
+    __shared__ u32 s_prefix, s_want;
+    __shared__ unsigned long long scan_tmp[32];
+    const int tid = threadIdx.x;
+    const float* s = p.scores + (i64)blockIdx.x * p.n;
+    // The k-th best key: fixed digit by digit from the top, `want` its rank among the keys
+    // sharing the fixed digits.
+    u32 prefix = 0, mask = 0, want = (u32)p.k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        if (tid < 256) hist[tid] = 0;
+        __syncthreads();
+        for (int i = tid; i < p.n; i += KS_THREADS) {
+            const u32 key = ks_order(s[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (tid < 32) {
+            // Buckets from the top: lane l sums digits 255 - 8 l - 7 .. 255 - 8 l.
+            int c[8], run = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) run += (c[j] = hist[255 - 8 * tid - j]);
+            int incl = run;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (tid >= o) incl += y;
+            }
+            int above = incl - run;  // keys in higher buckets than this lane's
+            if (above < (int)want && incl >= (int)want) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (above < (int)want && above + c[j] >= (int)want) {
+                        s_prefix = prefix | ((u32)(255 - 8 * tid - j) << shift);
+                        s_want = want - above;
+                    }
+                    above += c[j];
+                }
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix, want = s_want, mask |= 255u << shift;
+    }
+    // prefix is the k-th best key; `want` of the keys equal to it are kept. Thread tid walks
+    // positions [lo, hi) in order; its first write lands after every kept key before lo.
+    const int per = (p.n + KS_THREADS - 1) / KS_THREADS;
+    const int lo = min(p.n, tid * per), hi = min(p.n, lo + per);
+    u32 gt = 0, eq = 0;
+    for (int i = lo; i < hi; ++i) {
+        const u32 key = ks_order(s[i]);
+        gt += key > prefix;
+        eq += key == prefix;
+    }
+    unsigned long long total;
+    const unsigned long long incl = ks_block_scan<unsigned long long>(((unsigned long long)gt << 32) | eq, scan_tmp, &total);
+    const unsigned long long excl = incl - (((unsigned long long)gt << 32) | eq);
+    u32 g_run = (u32)(excl >> 32), e_run = (u32)excl;
+    i64* out = p.index + (i64)blockIdx.x * p.k;
+    for (int i = lo; i < hi; ++i) {
+        const u32 key = ks_order(s[i]);
+        if (key > prefix) {
+            out[g_run + min(e_run, want)] = i;
+            ++g_run;
+        } else if (key == prefix) {
+            if (e_run < want) out[g_run + e_run] = i;
+            ++e_run;
+        }
+    }
+}
+
+// Mirrors `GatherParams` in src/ops/kv_select.rs. Strides in bytes.
+struct KvGatherParams {
+    const unsigned char* k;   // (batch, n, heads_kv, row) rows of row_k / row_v bytes
+    const unsigned char* v;
+    const i64* index;         // (batch, heads_kv, kept), contiguous; < 0: a zero row
+    unsigned char* k_out;     // (batch, kept, heads_kv, row)
+    unsigned char* v_out;
+    i64 k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
+    i64 ko_sb, ko_ss, ko_sh, vo_sb, vo_ss, vo_sh;
+    i32 batch, heads_kv, kept, n;
+    i32 chunks_k, chunks_v;   // 16-byte pieces per row
+};
+
+__device__ __forceinline__ void kv_select_gather(const KvGatherParams& p) {
+    // 32-bit index arithmetic (the host checks kept * per_row fits): a 64-bit division here
+    // is a long emulated sequence per 16 bytes moved.
+    const u32 per_row = p.chunks_k + p.chunks_v;
+    const u32 x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    if (x >= (u32)p.kept * per_row) return;
+    const int r = (int)(x / per_row), c = (int)(x - r * per_row);
+    const i64 src = p.index[((i64)b * p.heads_kv + h) * p.kept + r];
+    const bool is_k = c < p.chunks_k;
+    const int piece = is_k ? c : c - p.chunks_k;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (src >= 0 && src < p.n) {
+        const unsigned char* from = is_k ? p.k + b * p.k_sb + src * p.k_ss + h * p.k_sh
+                                         : p.v + b * p.v_sb + src * p.v_ss + h * p.v_sh;
+        val = *reinterpret_cast<const uint4*>(from + 16 * piece);
+    }
+    unsigned char* to = is_k ? p.k_out + b * p.ko_sb + r * p.ko_ss + h * p.ko_sh
+                             : p.v_out + b * p.vo_sb + r * p.vo_ss + h * p.vo_sh;
+    *reinterpret_cast<uint4*>(to + 16 * piece) = val;
+}

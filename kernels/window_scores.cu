@@ -1,0 +1,208 @@
+// The attention the last queries of a prefill pay to every key, summed per kv head: what the
+// attention-based presses (python/ferrokernels/kv.py: SnapKV, PyramidKV, TOVA, H2O, the
+// DuoAttention estimate) score tokens with, without the (heads, queries, keys) matrix:
+//
+//   out[b, hk, j] = sum over the group's q heads h and window queries i with j <= pos_i of
+//                   exp(scale * q[b, i, h] . k[b, j, hk] - lse[b, h, i]),
+//
+// the w window queries sitting at the last positions pos_i = n - w + i, each query's LSE over
+// all its keys given (the prefill's, or one attention pass). kv.py's torch formula is the
+// reference.
+//
+// Orientation: keys are the MMA's M side. A warp holds WS_MT 16-key tiles as A fragments for
+// the CTA's whole life and streams the group's query rows past them in chunks of 64 (B
+// fragments, the rows r = h * w + i over q heads h of the group); each B fragment feeds every
+// key tile of the warp (two for D <= 128). The probabilities are summed over rows by a second
+// MMA against a matrix of ones, in float16 (all terms positive: the sum's relative error stays
+// under 2^-11) with float32 accumulation.
+#pragma once
+#include "common/types.cuh"
+#include "common/mma.cuh"
+#include "common/softmax.cuh"
+#include "common/attention.cuh"
+
+// Mirrors `WindowScoresParams` in src/ops/window_scores.rs field for field. Strides in elements.
+struct WindowScoresParams {
+    const void* q;        // (batch, w, heads_q, D)
+    const void* k;        // (batch, n, heads_kv, D)
+    const float* lse;     // (batch, heads_q, w) natural log, contiguous
+    float* out;           // (batch, heads_kv, n), contiguous
+    i64 q_sb, q_ss, q_sh;
+    i64 k_sb, k_ss, k_sh;
+    i32 batch, n, w, heads_kv, group, pad_;
+    float scale_log2;     // softmax scale * log2(e)
+    float pad2_;
+};
+
+constexpr int WS_WARPS = 4;
+constexpr int WS_ROWS = 64;  // query rows per chunk
+constexpr int WS_COLS = 32;  // query rows per MMA pass (the score registers of one pass)
+
+template <int D>
+struct WindowScoresSmem {
+    static constexpr int MT = D <= 128 ? 2 : 1;  // 16-key tiles per warp (A fragments in registers)
+    static constexpr int KEYS = 16 * MT * WS_WARPS;  // keys per CTA
+    static constexpr int SROW = D + 8;  // padded rows: ldmatrix rows hit distinct banks
+    static constexpr int K_ELEMS = KEYS * SROW;
+    static constexpr int Q_ELEMS = WS_ROWS * SROW;
+    // Layout: the K tile, two query stages, then per stage the rows' LSE (natural log) and
+    // positions; WindowScoresSpec::smem_bytes in src/ops/window_scores.rs sums it.
+};
+
+// The first and last query positions among chunk c's rows [64 c, 64 c + 64): a chunk
+// spanning two q heads holds every position. A chunk past the last row (padding) reports -1
+// as its first, so it takes the masked path, which drops those columns.
+__device__ __forceinline__ int2 ws_chunk_positions(const WindowScoresParams& p, int c) {
+    const int rows = p.group * p.w;
+    const int r0 = c * WS_ROWS, r1 = min(r0 + WS_ROWS, rows) - 1;
+    const int first = r0 + WS_ROWS > rows ? -1 : r0 / p.w != r1 / p.w ? p.n - p.w : p.n - p.w + r0 % p.w;
+    return make_int2(first, r0 / p.w != r1 / p.w ? p.n - 1 : p.n - p.w + r1 % p.w);
+}
+
+// The next chunk from c with a row at or after key j0 (only H2O's w = n skips any).
+__device__ __forceinline__ int ws_next_chunk(const WindowScoresParams& p, int c, int chunks, int j0) {
+    while (c < chunks && ws_chunk_positions(p, c).y < j0) ++c;
+    return c;
+}
+
+// Chunk c's query rows and their LSE (natural log) into shared memory by cp.async, nothing
+// waited for here (a plain load of the LSE stalled two warps for an L2 round trip per
+// chunk); the rows' positions (-1 past the last row) by plain stores.
+template <typename T, int D>
+__device__ __forceinline__ void ws_load_chunk(const WindowScoresParams& p, T* sQ, float* sL, int* sP, int b, int hk,
+                                              int c) {
+    constexpr int CH = D / 8, SROW = D + 8, STEP = 32 * WS_WARPS / CH;  // rows per pass
+    const int rows = p.group * p.w;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + (i64)hk * p.group * p.q_sh;
+    const int col = (threadIdx.x % CH) * 8;
+    // This thread's rows r, r + STEP, ...: (q head h, query i) stepped without divisions.
+    int r = threadIdx.x / CH, row = c * WS_ROWS + r;
+    int h = row / p.w, i = row - h * p.w;
+    for (; r < WS_ROWS; r += STEP) {
+        const bool ok = row < rows;
+        cp_async_16(smem_addr(sQ + r * SROW + col), ok ? qg + i * p.q_ss + h * p.q_sh + col : qg, ok);
+        row += STEP, i += STEP;
+        while (i >= p.w) i -= p.w, ++h;
+    }
+    if (threadIdx.x < WS_ROWS) {
+        const int row = c * WS_ROWS + threadIdx.x;
+        const bool ok = row < rows;
+        const int h = ok ? row / p.w : 0, i = ok ? row - h * p.w : 0;
+        const float* src = p.lse + ((i64)b * p.heads_kv * p.group + hk * p.group + h) * p.w + i;
+        cp_async_4(smem_addr(sL + threadIdx.x), ok ? src : p.lse, ok);
+        sP[threadIdx.x] = ok ? p.n - p.w + i : -1;
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsigned char* smem_raw) {
+    using L = WindowScoresSmem<D>;
+    constexpr int SROW = L::SROW, CH = D / 8, MT = L::MT, KEYS = L::KEYS;
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sQ = sK + L::K_ELEMS;
+    float* sL = reinterpret_cast<float*>(sQ + 2 * L::Q_ELEMS);
+    int* sP = reinterpret_cast<int*>(sL + 2 * WS_ROWS);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / p.heads_kv, hk = bh - b * p.heads_kv;
+    const int j0 = blockIdx.x * KEYS;
+    const int chunks = (p.group * p.w + WS_ROWS - 1) / WS_ROWS;
+
+    // The CTA's keys (zeros past n: their sums are never written), with the first chunk.
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    for (int x = threadIdx.x; x < KEYS * CH; x += 32 * WS_WARPS) {
+        const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
+        cp_async_16(smem_addr(sK + r * SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
+    }
+    int c = ws_next_chunk(p, 0, chunks, j0);
+    if (c < chunks) ws_load_chunk<T, D>(p, sQ, sL, sP, b, hk, c);
+    cp_async_commit();
+
+    // Keys of this warp: rows key_a + 16 m and key_a + 16 m + 8 of the C fragments.
+    const int key_a = j0 + 16 * MT * warp + g;
+    const int key_last = min(j0 + KEYS, p.n) - 1;
+    u32 kf[MT][D / 16][4];
+    // Per key tile, the sums over query rows as an m16n8 accumulator: P (keys x 16 rows, in
+    // float16) times a 16 x 8 matrix of ones on the tensor cores, so the reduction costs one
+    // conversion per two probabilities instead of an add per probability. Every column of
+    // the result holds the row sum; a thread's keys g and g + 8 are sums[m][0] and [2].
+    float sums[MT][4] = {};
+    const u32 ones = 0x3c003c00u;  // float16x2 (1, 1)
+    bool k_loaded = false;
+    for (int stage = 0; c < chunks; stage ^= 1) {
+        const int next = ws_next_chunk(p, c + 1, chunks, j0);
+        cp_async_wait<0>();
+        __syncthreads();  // chunk c (and K) landed; every warp is done with the other stage
+        if (next < chunks) {
+            ws_load_chunk<T, D>(p, sQ + (stage ^ 1) * L::Q_ELEMS, sL + (stage ^ 1) * WS_ROWS, sP + (stage ^ 1) * WS_ROWS,
+                                b, hk, next);
+        }
+        cp_async_commit();
+        if (!k_loaded) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+                q_fragments<T, D>(kf[m], sK + (16 * (MT * warp + m) + (lane & 15)) * SROW + (lane >> 4) * 8);
+            k_loaded = true;
+        }
+        const T* sQc = sQ + stage * L::Q_ELEMS;
+        const float* lse = sL + stage * WS_ROWS;
+        const int* pos = sP + stage * WS_ROWS;
+        // Only chunks holding a row before the CTA's last key (or padding rows) need the causal
+        // test; it is a separate pass so the others carry no per-element compare.
+        const bool edge = ws_chunk_positions(p, c).x < key_last;
+#pragma unroll
+        for (int c0 = 0; c0 < WS_ROWS; c0 += WS_COLS) {
+            float s[MT][WS_COLS / 8][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int np = 0; np < WS_COLS / 16; ++np) {
+                    u32 bq[4];
+                    ldmatrix_x4(bq, smem_addr(sQc + (c0 + np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
+                                              ((lane >> 3) & 1) * 8));
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        mma_16816<T>(s[m][2 * np], kf[m][kk], bq[0], bq[1]);
+                        mma_16816<T>(s[m][2 * np + 1], kf[m][kk], bq[2], bq[3]);
+                    }
+                }
+#pragma unroll
+            for (int i = 0; i < WS_COLS / 8; ++i) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse + c0 + 8 * i + 2 * t);
+                const float l[2] = {l2.x * 1.4426950408889634f, l2.y * 1.4426950408889634f};  // log2 units
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[m][i][e] = fast_exp2(fmaf(s[m][i][e], p.scale_log2, -l[e & 1]));
+            }
+            if (edge) {
+#pragma unroll
+                for (int i = 0; i < WS_COLS / 8; ++i)
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (key_a + 16 * m + 8 * (e >> 1) > pos[c0 + 8 * i + 2 * t + (e & 1)]) s[m][i][e] = 0.f;
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int kc = 0; kc < WS_COLS / 16; ++kc) {
+                    const u32 a[4] = {pack2<__half>(s[m][2 * kc][0], s[m][2 * kc][1]),
+                                      pack2<__half>(s[m][2 * kc][2], s[m][2 * kc][3]),
+                                      pack2<__half>(s[m][2 * kc + 1][0], s[m][2 * kc + 1][1]),
+                                      pack2<__half>(s[m][2 * kc + 1][2], s[m][2 * kc + 1][3])};
+                    mma_16816<__half>(sums[m], a, ones, ones);
+                }
+        }
+        c = next;
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = key_a + 16 * m + 8 * r;
+            if (t == 0 && key < p.n) p.out[(i64)bh * p.n + key] = sums[m][2 * r];
+        }
+}

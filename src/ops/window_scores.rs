@@ -1,0 +1,185 @@
+//! The window's attention summed per key and kv head (kernels/window_scores.cu): the scores the
+//! attention-based presses of `ferrokernels.kv` rank tokens by, computed tile by tile from the
+//! queries' LSE so the (heads, queries, keys) probabilities never exist. The CPU path and the
+//! reference are kv.py's torch formula.
+
+use crate::cuda::KernelSource;
+use crate::cuda::driver::{self, LaunchConfig};
+use crate::dlpack::{DType, Device, TensorView};
+use crate::error::{Error, Result};
+use crate::ops::attention::{ctype, shape_err};
+use std::ffi::c_void;
+
+/// Query rows per chunk (kernels/window_scores.cu: WS_ROWS).
+const ROWS: usize = 64;
+
+/// Head dims with a kernel.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+#[derive(Debug, Clone, Copy)]
+pub struct WindowScoresArgs<'a> {
+    /// (batch, w, heads_q, D): the last w queries of the prefill, rotated.
+    pub q: &'a TensorView,
+    /// (batch, n, heads_kv, D), n >= w.
+    pub k: &'a TensorView,
+    /// float32 (batch, heads_q, w), contiguous: each query's LSE (natural log) over its keys.
+    pub lse: &'a TensorView,
+    /// float32 (batch, heads_kv, n), contiguous: the output.
+    pub out: &'a TensorView,
+    pub scale: f64,
+}
+
+/// Mirrors `struct WindowScoresParams` in kernels/window_scores.cu.
+#[repr(C)]
+struct Params {
+    q: u64,
+    k: u64,
+    lse: u64,
+    out: u64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    batch: i32,
+    n: i32,
+    w: i32,
+    heads_kv: i32,
+    group: i32,
+    pad_: i32,
+    scale_log2: f32,
+    pad2_: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowScoresSpec {
+    pub dtype: DType,
+    pub head_dim: usize,
+}
+
+impl WindowScoresSpec {
+    pub fn all() -> Vec<WindowScoresSpec> {
+        let mut v = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for head_dim in HEAD_DIMS {
+                v.push(WindowScoresSpec { dtype, head_dim });
+            }
+        }
+        v
+    }
+
+    pub fn name(&self) -> String {
+        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        format!("window_scores_{t}_d{}", self.head_dim)
+    }
+
+    /// Keys per CTA (WindowScoresSmem::KEYS): four warps of two 16-key tiles, one past D = 128.
+    pub fn keys_per_cta(&self) -> usize {
+        if self.head_dim <= 128 { 128 } else { 64 }
+    }
+
+    /// Mirrors WindowScoresSmem: the key tile and two query chunks of padded rows, then the
+    /// chunks' LSE and positions.
+    pub fn smem_bytes(&self) -> u32 {
+        let srow = self.head_dim + 8;
+        ((self.keys_per_cta() + 2 * ROWS) * srow * 2 + 2 * ROWS * 8) as u32
+    }
+
+    pub fn kernel(&self) -> KernelSource {
+        let source = format!(
+            "#include \"window_scores.cu\"\n\
+             extern \"C\" __global__ void __launch_bounds__(32 * WS_WARPS) {name}(const __grid_constant__ WindowScoresParams p) {{\n\
+             \x20   extern __shared__ __align__(16) unsigned char smem_raw[];\n\
+             \x20   window_scores<{t}, {d}>(p, smem_raw);\n}}\n",
+            name = self.name(),
+            t = ctype(self.dtype),
+            d = self.head_dim,
+        );
+        KernelSource::portable(self.name(), source)
+    }
+}
+
+/// Shapes, dtypes and layouts; returns (batch, n, w, heads_q, heads_kv).
+fn check(a: &WindowScoresArgs) -> Result<(usize, usize, usize, usize, usize)> {
+    let (q, k) = (a.q, a.k);
+    q.expect_rank(4, "(batch, w, heads_q, head_dim)")?;
+    k.expect_rank(4, "(batch, n, heads_kv, head_dim)")?;
+    q.expect_dtype(&[DType::F16, DType::BF16])?;
+    k.expect_same_dtype(q)?;
+    let (b, w, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let (n, hk) = (k.dim(1), k.dim(2));
+    if k.dim(0) != b || k.dim(3) != d || hk == 0 || hq % hk != 0 {
+        return shape_err(format!(
+            "{} {:?} must share {}'s batch and head_dim {:?}, with heads_q a multiple of heads_kv",
+            k.name, k.shape, q.name, q.shape
+        ));
+    }
+    if w > n {
+        return shape_err(format!("{} has {w} queries for {n} keys in {}: the window sits inside the keys", q.name, k.name));
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::NotImplemented(format!("window_scores has kernels for head_dim {HEAD_DIMS:?}, got {d}")));
+    }
+    for (t, shape) in [(a.lse, [b, hq, w]), (a.out, [b, hk, n])] {
+        t.expect_same_device(q)?;
+        t.expect_dtype(&[DType::F32])?;
+        t.expect_shape(&shape.map(|x| x as i64))?;
+        t.expect_contiguous()?;
+    }
+    k.expect_same_device(q)?;
+    for t in [q, k] {
+        t.expect_last_contiguous()?;
+        t.expect_aligned(16)?;
+    }
+    if n > i32::MAX as usize / 2 || b * hk > 65535 {
+        return shape_err(format!("{} is too large for the window_scores kernel ({n} keys, {} heads)", k.name, b * hk));
+    }
+    Ok((b, n, w, hq, hk))
+}
+
+/// Fills `a.out` on the GPU.
+pub fn forward(a: &WindowScoresArgs, stream: usize) -> Result<()> {
+    let (b, n, w, hq, hk) = check(a)?;
+    if !(a.scale.is_finite() && a.scale > 0.0) {
+        return Err(Error::Value(format!("scale must be a positive finite number, got {}", a.scale)));
+    }
+    if b == 0 || n == 0 || w == 0 || hk == 0 {
+        return Ok(());
+    }
+    let ordinal = match a.q.device {
+        Device::Cuda(o) => o,
+        Device::Cpu => return Err(Error::Device("the window_scores kernel runs on CUDA tensors; kv.py scores on the CPU in torch".into())),
+    };
+    let dev = driver::device(ordinal)?;
+    let spec = WindowScoresSpec { dtype: a.q.dtype, head_dim: a.q.dim(3) };
+    let smem = spec.smem_bytes();
+    let f = dev.function(&spec.kernel(), smem)?;
+    let mut p = Params {
+        q: a.q.ptr as u64,
+        k: a.k.ptr as u64,
+        lse: a.lse.ptr as u64,
+        out: a.out.ptr as u64,
+        q_s: [a.q.stride(0), a.q.stride(1), a.q.stride(2)],
+        k_s: [a.k.stride(0), a.k.stride(1), a.k.stride(2)],
+        batch: b as i32,
+        n: n as i32,
+        w: w as i32,
+        heads_kv: hk as i32,
+        group: (hq / hk) as i32,
+        pad_: 0,
+        scale_log2: (a.scale * std::f64::consts::LOG2_E) as f32,
+        pad2_: 0.0,
+    };
+    let cfg = LaunchConfig { grid: (n.div_ceil(spec.keys_per_cta()) as u32, (b * hk) as u32, 1), block: (128, 1, 1), smem_bytes: smem };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut Params as *mut c_void])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smem_fits_every_gpu_we_target() {
+        // sm_80 allows 163 KB per block once opted in.
+        for s in WindowScoresSpec::all() {
+            assert!(s.smem_bytes() <= 163 * 1024, "{} needs {}", s.name(), s.smem_bytes());
+        }
+    }
+}
