@@ -4,8 +4,10 @@ prefill attention (our causal kernel) in the same process: the issue's bound is 
 Workloads: batch 1 and 4, N in {8K, 32K}, 32 query heads over 8 kv heads, head_dim 128, bf16;
 presses at ratio 0.5 (kvpress's defaults otherwise). The queries a press reads are the last
 window's (64; 32 for ThinK); ObservedAttention reads all of them (H2O needs every query's
-attention). `overhead` = press / prefill attention of the layer; `released` = the fraction
-of the layer's K/V bytes the compressed tensors no longer hold. Attention-based presses are
+attention). `overhead` = press / prefill attention of the layer; `gpu_overhead` the same for
+the press's GPU time alone (a CUDA graph of 10 calls: no Python launch cost; not for AdaKV and
+DuoAttention, which read lengths on the host); `released` = the fraction of the layer's K/V
+bytes the compressed tensors no longer hold. Attention-based presses are
 timed twice: `lse: "prefill"` takes the queries' LSE from the prefill's attention (what
 hf.CompressedCache does), `lse: "computed"` pays one attention pass of the window for it.
 
@@ -32,6 +34,7 @@ from ferrokernels.bench import graph_copies, rotating, time_graph_ms, time_ms
 from ferrokernels.runtime import progress_bar
 
 HQ, HK, D = 32, 8, 128
+HOST_SYNC = ("adakv-snapkv", "duo_attention")  # presses that read per-head lengths on the host
 
 
 def presses():
@@ -42,7 +45,11 @@ def presses():
 
 
 def run(quick: bool = False):
-    records = run_quantized(quick)
+    return run_quantized(quick) + run_presses(quick)
+
+
+def run_presses(quick: bool = False):
+    records = []
     shapes = [(1, 8192), (1, 32768), (4, 8192)] if not quick else [(1, 8192), (1, 32768)]
     for b, n in progress_bar(shapes, "kv"):
         q = torch.randn(b, n, HQ, D, device="cuda", dtype=torch.bfloat16)
@@ -62,6 +69,9 @@ def run(quick: bool = False):
             fn = (lambda i: press(k, v, queries)) if name == "think" else (lambda i: press(k, v, queries, lse=given))
             try:
                 ms = time_ms(fn, 1, warmup=2, reps=10)
+                # GPU time without the Python that launches it (a graph of 10 calls); AdaKV and
+                # DuoAttention read per-head lengths on the host, so they cannot be captured.
+                gpu = None if name in HOST_SYNC else time_graph_ms(lambda: fn(0), calls=10, reps=10)
             except Exception as e:  # noqa: BLE001 - a press that cannot run a shape is reported
                 print(f"  {name} failed: {str(e).splitlines()[0][:200]}")
                 continue
@@ -75,9 +85,12 @@ def run(quick: bool = False):
                 params["lse"] = lse
             records.append({"bench": "kv", "impl": "ferrokernels", "params": params, "ms": round(ms, 4), "tflops": None,
                             "gbps": None, "rel_err": None, "overhead": round(ms / prefill, 4),
+                            "gpu_ms": None if gpu is None else round(gpu, 4),
+                            "gpu_overhead": None if gpu is None else round(gpu / prefill, 4),
                             "released": round(released, 3), "prefill_ms": round(prefill, 4)})
-            print(f"  b={b} n={n:6d} {name:20s} {lse or '':8s} {ms:8.3f} ms  overhead {100 * ms / prefill:6.2f}%  released "
-                  f"{100 * released:5.1f}%")
+            gpu_txt = "" if gpu is None else f"  GPU {1000 * gpu:7.1f} us ({100 * gpu / prefill:5.2f}%)"
+            print(f"  b={b} n={n:6d} {name:20s} {lse or '':8s} {ms:8.3f} ms  overhead {100 * ms / prefill:6.2f}%{gpu_txt}  "
+                  f"released {100 * released:5.1f}%")
         del q, k, v
         torch.cuda.empty_cache()
     return records

@@ -333,6 +333,25 @@ def test_merge_by_definition():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_targets_on_the_gpu(dtype):
+    """On CUDA the merge compares keys in their 16-bit dtype: a target may differ from
+    float32's choice only where the two best kept keys are near ties."""
+    keys, _, _, _ = inputs(2, 3000, 8, 2, 128, 64, "cuda", dtype, seed=5)
+    g = torch.Generator().manual_seed(1)
+    order = torch.stack([torch.randperm(3000, generator=g) for _ in range(4)]).view(2, 2, 3000)
+    kept, evicted = order[..., :1000].sort(-1).values.cuda(), order[..., 1000:].sort(-1).values.cuda()
+    got = kv.KVMerge._most_similar(keys, kept, evicted).cpu()
+    want = kv.KVMerge._most_similar(keys.cpu().float(), kept.cpu(), evicted.cpu())
+    unit = torch.nn.functional.normalize(keys.cpu().float(), dim=-1).transpose(1, 2)
+    sim = torch.gather(unit, 2, evicted.cpu()[..., None].expand(2, 2, 2000, 128)) @ \
+        torch.gather(unit, 2, kept.cpu()[..., None].expand(2, 2, 1000, 128)).transpose(-1, -2)
+    gap = sim.gather(-1, want[..., None]) - sim.gather(-1, got[..., None])
+    assert (got == want).float().mean() > 0.75
+    assert gap.max() < 1e-2, gap.max()
+
+
+@pytest.mark.cuda
 def test_compression_releases_memory():
     keys, values, window, _ = inputs(1, 8192, 8, 2, 128, 64, "cuda", torch.bfloat16)
     torch.cuda.synchronize()

@@ -252,7 +252,7 @@ class Knorm(Press):
     """Keys with a small L2 norm draw the most attention: score = -||k||."""
 
     def score(self, keys, values, queries=None, lse=None):
-        return -keys.float().norm(dim=-1).transpose(1, 2)
+        return -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).transpose(1, 2)
 
 
 class SnapKV(Press):
@@ -346,7 +346,7 @@ class ThinK:
         """int64 (batch, heads_kv, kept channels), ascending."""
         b, n, hk, d = keys.shape
         qn = queries[:, -self.window:].float().pow(2).mean(1).view(b, hk, -1, d).mean(2)   # (b, hk, d)
-        kn = keys.float().pow(2).mean(1)                                        # (b, hk, d)
+        kn = torch.linalg.vector_norm(keys, dim=1, dtype=torch.float32).pow(2) / n  # (b, hk, d), no float copy
         keep = d - int(d * self.key_ratio)
         return _top(qn * kn, keep)
 
@@ -485,13 +485,12 @@ class KVMerge:
         keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)
         w = (scores - scores.amin(-1, keepdim=True) + 1e-3).float()             # positive weights
         kf, vf = keys.float().transpose(1, 2), values.float().transpose(1, 2)  # (b, hk, n, d)
-        kk = torch.gather(kf, 2, idx[..., None].expand(b, hk, kept, d))
-        sim = torch.nn.functional.normalize(kf, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
-        target = sim.argmax(-1)                                                  # (b, hk, n): a kept slot
-        # Kept tokens merge into themselves; evicted ones into their target.
+        # Kept tokens merge into themselves; evicted ones into their most similar kept key.
         slot = torch.full((b, hk, n), 0, dtype=torch.long, device=keys.device)
         slot.scatter_(-1, idx, torch.arange(kept, device=keys.device).expand(b, hk, kept))
-        slot = torch.where(keep, slot, target)
+        if kept < n:
+            evicted = _top((~keep).float(), n - kept)                            # (b, hk, n - kept)
+            slot.scatter_(-1, evicted, self._most_similar(keys, idx, evicted))
         wsum = torch.zeros(b, hk, kept, device=keys.device).scatter_add_(-1, slot, w)
         kout = torch.zeros(b, hk, kept, d, device=keys.device).scatter_add_(2, slot[..., None].expand(b, hk, n, d), kf * w[..., None])
         dv = values.shape[3]
@@ -500,6 +499,26 @@ class KVMerge:
         lengths = torch.full((b, hk), kept, dtype=torch.int32, device=keys.device)
         return Compressed(kout.transpose(1, 2).to(keys.dtype).contiguous(), vout.transpose(1, 2).to(values.dtype).contiguous(),
                           idx, lengths)
+
+    @staticmethod
+    def _most_similar(keys, kept_idx, evicted_idx):
+        """(b, hk, evicted): for each evicted token, the slot of the kept key with the highest
+        cosine similarity. Only evicted rows are compared, a chunk of them at a time (the
+        (evicted x kept) matrix is never whole); on CUDA in the keys' 16-bit dtype on the
+        tensor cores, on the CPU in float32."""
+        b, n, hk, d = keys.shape
+        fast = keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1).to(keys.dtype if fast else torch.float32)
+        unit = unit.transpose(1, 2)                                              # (b, hk, n, d)
+        kk = torch.gather(unit, 2, kept_idx[..., None].expand(*kept_idx.shape, d)).transpose(-1, -2)
+        ne = evicted_idx.shape[-1]
+        out = torch.empty(b, hk, ne, dtype=torch.long, device=keys.device)
+        step = max(1, _CHUNK // max(1, b * hk * kept_idx.shape[-1]))
+        for r0 in range(0, ne, step):
+            rows = evicted_idx[..., r0:r0 + step]
+            ke = torch.gather(unit, 2, rows[..., None].expand(*rows.shape, d))
+            out[..., r0:r0 + step] = (ke @ kk).argmax(-1)
+        return out
 
 
 PRESSES = {"streaming_llm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "observed_attention": ObservedAttention,
