@@ -13,6 +13,7 @@
 // index (past a head's length) writes zeros.
 #pragma once
 #include "common/types.cuh"
+#include "common/block.cuh"
 
 constexpr int KS_THREADS = 1024;
 
@@ -27,33 +28,6 @@ struct KvTopkParams {
 __device__ __forceinline__ u32 ks_order(float x) {
     const u32 u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Inclusive scan of v over the block, returned per thread; `tmp` holds 32 warp totals. The
-// block's total is written to *total. Two __syncthreads.
-template <typename V>
-__device__ __forceinline__ V ks_block_scan(V v, V* tmp, V* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const V y = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += y;
-    }
-    if (lane == 31) tmp[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        V w = lane < KS_THREADS / 32 ? tmp[lane] : V(0);
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const V y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        tmp[lane] = w;  // inclusive warp prefixes
-    }
-    __syncthreads();
-    const V before = warp > 0 ? tmp[warp - 1] : V(0);
-    *total = tmp[KS_THREADS / 32 - 1];
-    return before + v;
 }
 
 __device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
@@ -110,7 +84,7 @@ __device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
         eq += key == prefix;
     }
     unsigned long long total;
-    const unsigned long long incl = ks_block_scan<unsigned long long>(((unsigned long long)gt << 32) | eq, scan_tmp, &total);
+    const unsigned long long incl = block_inclusive_scan<unsigned long long, KS_THREADS>(((unsigned long long)gt << 32) | eq, scan_tmp, &total);
     const unsigned long long excl = incl - (((unsigned long long)gt << 32) | eq);
     u32 g_run = (u32)(excl >> 32), e_run = (u32)excl;
     i64* out = p.index + (i64)blockIdx.x * p.k;

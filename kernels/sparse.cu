@@ -7,6 +7,7 @@
 // in shared memory, the blocks whose mass before them is short of the threshold (or the top_k),
 // plus the sink, local and diagonal blocks; then the kept blocks compacted in ascending order.
 #include "common/types.cuh"
+#include "common/block.cuh"
 
 constexpr int SEL_THREADS = 256;
 constexpr int SEL_MAX = 2048;  // key blocks per row: 256K keys in tiles of 128
@@ -37,25 +38,10 @@ __device__ __forceinline__ V block_scan(V (&v)[SEL_PER], V* warp_tot) {
         v[i] = run;
         run += x;
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    V inc = run;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const V y = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += y;
-    }
-    if (lane == 31) warp_tot[warp] = inc;
-    __syncthreads();
-    V before = V(0), total = V(0);
-#pragma unroll
-    for (int w = 0; w < SEL_THREADS / 32; ++w) {
-        before += w < warp ? warp_tot[w] : V(0);
-        total += warp_tot[w];
-    }
-    const V base = before + inc - run;
+    V total;
+    const V base = block_inclusive_scan<V, SEL_THREADS>(run, warp_tot, &total) - run;
 #pragma unroll
     for (int i = 0; i < SEL_PER; ++i) v[i] += base;
-    __syncthreads();
     return total;
 }
 

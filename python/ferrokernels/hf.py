@@ -459,11 +459,10 @@ class _SelfAttendingCache(_HandleCache):
         return self._attend_layer(step.layer, q, k, v, mask, self._valid, scale, window, softcap)
 
     def _prefill(self, q, k, v, mask, valid, scale, window, softcap, return_lse=False):
-        """Full-precision causal attention over a fresh prefill's own tokens (padding masked);
-        with `return_lse`, (out, lse (b, heads_q, n))."""
-        out, lse = _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
-                          mask=None if valid is None else mask, return_lse=return_lse)
-        return (out, lse) if return_lse else out
+        """Full-precision causal attention over a fresh prefill's own tokens (padding masked):
+        (out, lse (b, heads_q, n) with `return_lse`, else None)."""
+        return _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
+                      mask=None if valid is None else mask, return_lse=return_lse)
 
 
 class QuantizedKVCache(_SelfAttendingCache):
@@ -505,7 +504,7 @@ class QuantizedKVCache(_SelfAttendingCache):
         if valid is None and q_len <= MAX_DECODE_Q and not fresh:
             return cache.decode(q, scale=scale, softcap=softcap or None, window=window, validate=False)
         if fresh:
-            return self._prefill(q, k, v, mask, valid, scale, window, softcap)
+            return self._prefill(q, k, v, mask, valid, scale, window, softcap)[0]
         out = torch.zeros_like(q)  # a later chunk: each sequence's real queries over its dequantized keys
         for i in range(b):
             rows = (torch.arange(q_len - (counts[i] if counts else q_len), q_len, device=q.device) if valid is None
@@ -598,11 +597,8 @@ class CompressedCache(_SelfAttendingCache):
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]
         if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
-            lse = None
-            if self._lse_reusable(q, scale, window, softcap):
-                out, lse = self._prefill(q, k, v, mask, valid, scale, window, softcap, return_lse=True)
-            else:
-                out = self._prefill(q, k, v, mask, valid, scale, window, softcap)
+            out, lse = self._prefill(q, k, v, mask, valid, scale, window, softcap,
+                                     return_lse=self._lse_reusable(q, scale, window, softcap))
             self.k[layer], self.v[layer], self.lengths[layer] = self._compress(layer, q, k, v, valid, lse)
             self.seqlens[layer] = torch.tensor(self.lengths[layer], dtype=torch.int32, device=k.device)
             return out

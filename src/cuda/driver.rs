@@ -71,6 +71,15 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 
 static DEVICES: Mutex<Vec<&'static Device>> = Mutex::new(Vec::new());
 
+/// The GPU a tensor lives on, for an op with no CPU path: a CPU tensor is an error saying
+/// "`what` runs on CUDA tensors".
+pub fn device_of(t: &crate::dlpack::TensorView, what: &str) -> Result<&'static Device> {
+    match t.device {
+        crate::dlpack::Device::Cuda(o) => device(o),
+        crate::dlpack::Device::Cpu => Err(Error::Device(format!("{what} runs on CUDA tensors"))),
+    }
+}
+
 pub fn device(ordinal: i32) -> Result<&'static Device> {
     init()?;
     let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());

@@ -38,6 +38,7 @@ impl KernelSource {
 pub const HEADERS: &[(&str, &str)] = &[
     ("common/types.cuh", include_str!("../../kernels/common/types.cuh")),
     ("common/mma.cuh", include_str!("../../kernels/common/mma.cuh")),
+    ("common/block.cuh", include_str!("../../kernels/common/block.cuh")),
     ("common/softmax.cuh", include_str!("../../kernels/common/softmax.cuh")),
     ("common/attention.cuh", include_str!("../../kernels/common/attention.cuh")),
     ("common/hopper.cuh", include_str!("../../kernels/common/hopper.cuh")),

@@ -1,11 +1,12 @@
 //! After a press scores the tokens (python/ferrokernels/kv.py): the k best positions per
 //! (batch, kv head) in ascending order, and the kept rows of K and V copied out
-//! (kernels/kv_select.cu). The CPU path and the reference are kv.py's torch `_top` / `_gather`.
+//! (kernels/kv_select.cu). No CPU path here: the CPU path and the reference are kv.py's torch
+//! `_top` / `_gather`.
 
 use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
-use crate::dlpack::{DType, Device, TensorView};
-use crate::error::{Error, Result};
+use crate::dlpack::{DType, TensorView};
+use crate::error::Result;
 use crate::ops::attention::shape_err;
 use std::ffi::c_void;
 
@@ -37,13 +38,6 @@ struct TopkParams {
     pad_: i32,
 }
 
-fn device_of(t: &TensorView, what: &str) -> Result<&'static driver::Device> {
-    match t.device {
-        Device::Cuda(o) => driver::device(o),
-        Device::Cpu => Err(Error::Device(format!("{what} runs on CUDA tensors; kv.py selects on the CPU in torch"))),
-    }
-}
-
 /// `index` (rows, k) int64 <- the k largest of each row of `scores` (rows, n) float32, ascending
 /// positions; ties go to the earlier position.
 pub fn topk(scores: &TensorView, index: &TensorView, stream: usize) -> Result<()> {
@@ -64,7 +58,7 @@ pub fn topk(scores: &TensorView, index: &TensorView, stream: usize) -> Result<()
     if rows == 0 {
         return Ok(());
     }
-    let dev = device_of(scores, "the top-k kernel")?;
+    let dev = driver::device_of(scores, "the top-k kernel")?;
     let f = dev.function(&topk_kernel(), 0)?;
     let mut p = TopkParams { scores: scores.ptr as u64, index: index.ptr as u64, rows: rows as i32, n: n as i32, k: k as i32, pad_: 0 };
     let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (TOPK_THREADS, 1, 1), smem_bytes: 0 };
@@ -144,7 +138,7 @@ pub fn gather(a: &GatherArgs, stream: usize) -> Result<()> {
     if n > i32::MAX as usize || hk > 65535 || b > 65535 || pieces > i32::MAX as usize {
         return shape_err(format!("{} is too large for the gather kernel", a.k.name));
     }
-    let dev = device_of(a.k, "the gather kernel")?;
+    let dev = driver::device_of(a.k, "the gather kernel")?;
     let f = dev.function(&gather_kernel(), 0)?;
     let mut p = GatherParams {
         k: a.k.ptr as u64,

@@ -255,11 +255,7 @@ pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
 /// Launches a list kernel (kernels/sparse.cu): one CTA of 256 threads per row, its parameter
 /// block `params`, on the GPU of `on`.
 fn launch_rows(kernel: &KernelSource, on: &TensorView, rows: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {
-    let ordinal = match on.device {
-        Device::Cuda(o) => o,
-        Device::Cpu => return Err(Error::Device(format!("{what} runs on CUDA tensors"))),
-    };
-    let dev = driver::device(ordinal)?;
+    let dev = driver::device_of(on, what)?;
     let f = dev.function(kernel, 0)?;
     let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
     dev.launch(f, cfg, stream, &mut [params])

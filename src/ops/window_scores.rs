@@ -5,7 +5,7 @@
 
 use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
-use crate::dlpack::{DType, Device, TensorView};
+use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
 use crate::ops::attention::{ctype, shape_err};
 use std::ffi::c_void;
@@ -143,11 +143,8 @@ pub fn forward(a: &WindowScoresArgs, stream: usize) -> Result<()> {
     if b == 0 || n == 0 || w == 0 || hk == 0 {
         return Ok(());
     }
-    let ordinal = match a.q.device {
-        Device::Cuda(o) => o,
-        Device::Cpu => return Err(Error::Device("the window_scores kernel runs on CUDA tensors; kv.py scores on the CPU in torch".into())),
-    };
-    let dev = driver::device(ordinal)?;
+    // No CPU path here: kv.py scores on the CPU in torch.
+    let dev = driver::device_of(a.q, "the window_scores kernel")?;
     let spec = WindowScoresSpec { dtype: a.q.dtype, head_dim: a.q.dim(3) };
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;

@@ -1,0 +1,28 @@
+// Block-wide collectives shared by the list kernels (sparse.cu, kv_select.cu).
+#pragma once
+#include "common/types.cuh"
+
+// Inclusive prefix sum of one value per thread over a block of THREADS threads (a multiple of
+// 32, at most 1024), in thread order; *total gets the block's sum. `warp_tot` holds THREADS / 32
+// values. Two __syncthreads, the second after every read of warp_tot, so calls may follow each
+// other on the same buffer.
+template <typename V, int THREADS>
+__device__ __forceinline__ V block_inclusive_scan(V v, V* warp_tot, V* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+    }
+    if (lane == 31) warp_tot[warp] = v;
+    __syncthreads();
+    V before = V(0), sum = V(0);
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) {
+        before += w < warp ? warp_tot[w] : V(0);
+        sum += warp_tot[w];
+    }
+    __syncthreads();
+    *total = sum;
+    return before + v;
+}
