@@ -13,8 +13,10 @@
 // output and LSE, and decode_merge combines them. With one split the CTA writes the result.
 //
 // Visibility: new token i sits at position pos = len - q_len + i and sees keys in
-// [pos - window_left, pos + window_right] intersected with [0, len); causal_q is
-// window_right = 0; WINDOW_NONE is unbounded.
+// [pos - window_left, pos + window_right] intersected with [start, len); causal_q is
+// window_right = 0; WINDOW_NONE is unbounded. `start` is the cache's left padding of the
+// (sequence, kv head), 0 without one: a compressed cache that keeps a different number of
+// tokens per head right-aligns them, so every head appends at the sequence's one length.
 #pragma once
 #include "common/types.cuh"
 #include "common/mma.cuh"
@@ -32,12 +34,14 @@ struct DecodeParams {
     const i32* block_table;   // (batch, max_pages) or per kv head (batch, heads_kv, max_pages); null: contiguous
     float* part_o;            // splits > 1: (splits, batch, heads_q, q_len, D)
     float* part_lse;          // splits > 1: (splits, batch, heads_q, q_len), log2 units
+    const i32* leftpad;       // (batch,) or (batch, heads_kv): keys before it are not the sequence's; null: 0
     i64 q_sb, q_ss, q_sh;
     i64 k_sb, k_ss, k_sh;     // k_sb: per page (paged) or per sequence (contiguous)
     i64 v_sb, v_ss, v_sh;
     i64 o_sb, o_ss, o_sh;
     i64 lse_sb, lse_sh, lse_ss;
     i64 bt_sb, bt_sh;         // bt_sh 0: one table for every kv head
+    i64 lp_sb, lp_sh;         // leftpad strides; lp_sh 0: one start for every kv head
     i32 batch, q_len, heads_q, heads_kv, group, head_dim;
     i32 page_shift;           // log2(page size); unused when contiguous
     i32 capacity;             // keys one sequence can hold
@@ -58,10 +62,10 @@ struct DecodeSmem {
     static constexpr int STAGE_ELEMS = 2 * BN * SROW;  // K then V
 };
 
-// Visible keys [lo, hi] of new token i of a sequence of `len` keys (may be empty: lo > hi).
-__device__ __forceinline__ void decode_bounds(const DecodeParams& p, int len, int i, int& lo, int& hi) {
+// Visible keys [lo, hi] of new token i of a sequence of `len` keys from `start` (may be empty: lo > hi).
+__device__ __forceinline__ void decode_bounds(const DecodeParams& p, int len, int start, int i, int& lo, int& hi) {
     const int pos = len - p.q_len + i;
-    lo = max(0, pos - p.window_left);
+    lo = max(start, pos - p.window_left);
     hi = min(len - 1, (int)min((i64)pos + p.window_right, (i64)WINDOW_NONE));
 }
 
@@ -184,11 +188,19 @@ __device__ __forceinline__ void decode_load_q(const DecodeParams& p, MT* sQ, int
     }
 }
 
+// The CTA's place in the grid: batch b, split, kv head hk, first row row0, the sequence length,
+// its first key `start` (the left padding), and the split's 64-key tiles [j_begin, j_end) of
+// the keys its rows see, [k_begin, k_end).
+struct DecodeWork {
+    int b, split, hk, row0, len, start, k_begin, k_end, j_begin, j_end;
+};
+
 // One CTA of decode over the tiles `Tiles` supplies: the rows of one kv head (every new token x
 // q head of its group, ROWS at a time), the keys of one split.
 template <typename T, int D, int WR, typename Tiles>
 __device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned char* smem_raw, Tiles& tiles,
-                                              int b, int split, int hk, int row0, int len, int j_begin, int j_end) {
+                                              const DecodeWork& w) {
+    const int b = w.b, split = w.split, hk = w.hk, row0 = w.row0, len = w.len, j_begin = w.j_begin, j_end = w.j_end;
     using MT = typename Tiles::MT;
     constexpr int BN = Tiles::BN, STAGES = Tiles::STAGES, SROW = Tiles::SROW;
     constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
@@ -215,7 +227,7 @@ __device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned ch
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row_a + 8 * r;
-        if (row < rows) decode_bounds(p, len, row / p.group, lo[r], hi[r]);
+        if (row < rows) decode_bounds(p, len, w.start, row / p.group, lo[r], hi[r]);
         else lo[r] = 1, hi[r] = 0;
     }
     // Whether a tile is skipped must be decided per warp (the MMAs and shuffles need every
@@ -344,11 +356,6 @@ __device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned ch
     }
 }
 
-// The CTA's place in the grid: batch b, split, kv head hk, first row row0, the sequence length
-// and the split's 64-key tiles [j_begin, j_end) of the keys its rows see, [k_begin, k_end).
-struct DecodeWork {
-    int b, split, hk, row0, len, k_begin, k_end, j_begin, j_end;
-};
 
 template <int ROWS>
 __device__ __forceinline__ DecodeWork decode_work(const DecodeParams& p, int len_cap) {
@@ -363,12 +370,13 @@ __device__ __forceinline__ DecodeWork decode_work(const DecodeParams& p, int len
     w.row0 = (hg / p.heads_kv) * ROWS;
     const int rows = p.q_len * p.group;
     w.len = min(p.seqlens[w.b], len_cap);
+    w.start = p.leftpad == nullptr ? 0 : min(max(p.leftpad[w.b * p.lp_sb + w.hk * p.lp_sh], 0), w.len);
 
     // Keys some row of this CTA sees: tokens i_first..i_last.
     const int i_first = w.row0 / p.group, i_last = (min(w.row0 + ROWS, rows) - 1) / p.group;
     int lo_first, hi_first, lo_last, hi_last;
-    decode_bounds(p, w.len, i_first, lo_first, hi_first);
-    decode_bounds(p, w.len, i_last, lo_last, hi_last);
+    decode_bounds(p, w.len, w.start, i_first, lo_first, hi_first);
+    decode_bounds(p, w.len, w.start, i_last, lo_last, hi_last);
     w.k_begin = lo_first, w.k_end = hi_last + 1;  // bounds grow with the token
     // This split's tiles (64-key aligned) of [k_begin, k_end).
     const int tile0 = w.k_begin / BN;
@@ -385,7 +393,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const DecodeWork w = decode_work<ROWS>(p, p.capacity);
     CacheTiles<T, D, STAGES_> tiles(p, smem_raw + ROWS * (D + 8) * sizeof(T), w.b, w.hk, w.k_begin, w.k_end);
-    decode_attend<T, D, WR>(p, smem_raw, tiles, w.b, w.split, w.hk, w.row0, w.len, w.j_begin, w.j_end);
+    decode_attend<T, D, WR>(p, smem_raw, tiles, w);
 }
 
 // Combines the splits of every (batch, q head, token) row: one warp per row, lanes over

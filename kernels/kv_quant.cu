@@ -228,5 +228,5 @@ __device__ __forceinline__ void kv_quant_decode(const DecodeParams& p, const KvQ
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const DecodeWork w = decode_work<ROWS>(p, p.capacity);
     QuantTiles<T, D, STAGES, FMT> tiles(p, q, smem_raw + ROWS * (D + 8) * 2, w.b, w.hk, w.len);
-    decode_attend<T, D, WR>(p, smem_raw, tiles, w.b, w.split, w.hk, w.row0, w.len, w.j_begin, w.j_end);
+    decode_attend<T, D, WR>(p, smem_raw, tiles, w);
 }

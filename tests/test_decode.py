@@ -276,3 +276,102 @@ def test_per_head_block_tables(device, page_size):
         check(q, k, v, seqlens, out, lse)
     with pytest.raises(ValueError, match="block_table"):
         fk.append_kv(k[:, :1], v[:, :1], pool_k, pool_v, seqlens, table)
+
+
+def reference_leftpad(q, k, v, seqlens, starts, **mods):
+    """`reference` per (sequence, kv head) over keys [start, len): window distances and the
+    causal bound are unchanged by the shift, so the tail of the cache is a sequence of its own."""
+    batch, q_len, hq, d = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    out = torch.zeros(batch, q_len, hq, d, dtype=torch.float64, device=q.device)
+    lse = torch.full((batch, hq, q_len), float("-inf"), dtype=torch.float64, device=q.device)
+    for b in range(batch):
+        n = int(seqlens[b])
+        for h in range(hk):
+            s = int(starts[b, h])
+            qs = q[b:b + 1, :, h * g:(h + 1) * g]
+            lens = torch.tensor([n - s])
+            o, l = reference(qs, k[b:b + 1, s:n, h:h + 1], v[b:b + 1, s:n, h:h + 1], lens, **mods)
+            out[b, :, h * g:(h + 1) * g], lse[b, h * g:(h + 1) * g] = o[0], l[0]
+    return out, lse
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("page_size", [None, 16, 64])
+@pytest.mark.parametrize("mods", [{}, {"window": 40}])
+def test_cache_leftpad(device, per_head, page_size, mods):
+    """Keys before cache_leftpad (per sequence or per kv head) are not attended: they hold loud
+    noise here, so reading one would show. Starts include 0, mid-tile ones and the whole length
+    (a head with no keys: zeros and LSE -inf)."""
+    cases = [(3, 200, 6, 2, 64, 1), (2, 300, 8, 4, 128, 3)]
+    for c, (batch, cap, hq, hk, d, q_len) in enumerate(cases):
+        for i, dtype in enumerate(dtypes_for(device)):
+            q, k, v, seqlens = make_cache(batch, cap, hq, hk, d, q_len, dtype, device, seed=90 + 10 * c + i)
+            g = torch.Generator().manual_seed(5 + c)
+            lens = seqlens.tolist()
+            starts = torch.stack([torch.randint(0, n + 1, (hk,), generator=g) for n in lens]).to(torch.int32)
+            starts[0, 0], starts[-1, -1] = 0, lens[-1]
+            if not per_head:
+                starts = starts[:, :1].expand(batch, hk).contiguous()
+            noisy_k = k.clone()
+            for b in range(batch):
+                for h in range(hk):
+                    noisy_k[b, :int(starts[b, h]), h] *= 50
+            kc, vc, kwargs = noisy_k, v, {}
+            if page_size is not None:
+                kc, vc, kwargs["block_table"] = to_paged(noisy_k, v, seqlens, page_size, seed=3)
+            lp = (starts if per_head else starts[:, 0].contiguous()).to(device)
+            out = torch.full_like(q, float("nan"))
+            _, lse = fk.decode_attention(q, kc, vc, seqlens, cache_leftpad=lp, return_lse=True, out=out, **mods,
+                                         **kwargs)
+            ref, ref_lse = reference_leftpad(q, k, v, seqlens, starts, **mods)
+            assert not out.isnan().any(), "unwritten (poisoned) or NaN output"
+            torch_err = 0 if dtype == torch.float32 else rel_err(
+                reference_leftpad(q.to(dtype), k, v, seqlens, starts, dtype=dtype, **mods)[0], ref)
+            err = rel_err(out, ref)
+            assert err <= max(2 * torch_err, ERR_FLOOR[dtype]), (err, torch_err)
+            finite = torch.isfinite(ref_lse)
+            assert torch.equal(torch.isfinite(lse), finite)
+            assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 2e-3
+            assert (out[~finite.permute(0, 2, 1)] == 0).all()
+
+
+@pytest.mark.cuda
+def test_cache_leftpad_with_split_kv():
+    """A long sequence splits its keys across CTAs; splits that lie wholly before a head's start
+    are empty and must drop out of the merge."""
+    q, k, v, seqlens = make_cache(2, 9000, 16, 4, 128, 1, torch.bfloat16, "cuda", seed=11, lens=[9000, 7000])
+    starts = torch.tensor([[0, 4500, 8999, 9000], [100, 6990, 64, 3000]], dtype=torch.int32)
+    noisy_k = k.clone()
+    for b in range(2):
+        for h in range(4):
+            noisy_k[b, :int(starts[b, h]), h] *= 50
+    out = torch.full_like(q, float("nan"))
+    _, lse = fk.decode_attention(q, noisy_k, v, seqlens, cache_leftpad=starts.cuda(), return_lse=True, out=out)
+    ref, ref_lse = reference_leftpad(q, k, v, seqlens, starts)
+    assert rel_err(out, ref) <= max(2 * rel_err(reference_leftpad(q, k, v, seqlens, starts, dtype=q.dtype)[0], ref),
+                                    ERR_FLOOR[q.dtype])
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("device", devices())
+def test_cache_leftpad_bad_inputs(device):
+    q, k, v, sl = qkv(device)
+    with pytest.raises(ValueError, match=r"cache_leftpad\[1\] is 6; it must be in \[0, cache_seqlens\[1\] = 5\]"):
+        fk.decode_attention(q, k, v, sl, cache_leftpad=torch.tensor([0, 6], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"cache_leftpad\[0, 1\] is -2"):
+        fk.decode_attention(q, k, v, sl, cache_leftpad=torch.tensor([[0, -2], [0, 0]], dtype=torch.int32,
+                                                                    device=device))
+    with pytest.raises(fk.DTypeError, match="cache_leftpad must have dtype int32"):
+        fk.decode_attention(q, k, v, sl, cache_leftpad=torch.zeros(2, dtype=torch.int64, device=device),
+                            validate=False)
+    with pytest.raises(fk.ShapeError, match="cache_leftpad"):
+        fk.decode_attention(q, k, v, sl, cache_leftpad=torch.zeros(2, 3, dtype=torch.int32, device=device),
+                            validate=False)
+    with pytest.raises(fk.ShapeError, match="cache_leftpad"):
+        fk.decode_attention(q, k, v, sl, cache_leftpad=torch.zeros(3, dtype=torch.int32, device=device),
+                            validate=False)

@@ -2,6 +2,8 @@
 (softcap, sliding window) give transformers' eager logits and greedy tokens when patched, with the
 dense backend, the paged cache, compile and (on the GPU) the CUDA-graphed decode loop."""
 
+import math
+
 import pytest
 import torch
 
@@ -440,12 +442,12 @@ def test_press_context_manager_compresses_and_restores():
     with torch.no_grad():
         with fk.kv.press(model, "streaming_llm", ratio=0.5) as p:
             seen = []
-            orig = fh.CompressedCache._compress
-            fh.CompressedCache._compress = lambda self, *a: seen.append(self) or orig(self, *a)
+            orig = fh.CompressedCache._store
+            fh.CompressedCache._store = lambda self, *a: seen.append(self) or orig(self, *a)
             try:
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
             finally:
-                fh.CompressedCache._compress = orig
+                fh.CompressedCache._store = orig
         assert isinstance(p, fk.kv.StreamingLLM) and out.shape == (3, 64)
         cache = seen[0]
         # Per sequence: the press's budget of its real tokens, plus the 3 decoded after the prefill.
@@ -454,7 +456,130 @@ def test_press_context_manager_compresses_and_restores():
     assert model.config._attn_implementation == "eager" and "generate" not in model.__dict__
 
 
-def test_compressed_cache_refuses_per_head_presses():
+def test_compressed_cache_refuses_think():
     model = fk.patch(make64())
-    with pytest.raises(NotImplementedError, match="per-head"):
-        fh.CompressedCache(model.config, fk.kv.AdaKV(fk.kv.SnapKV(0.5)), max_new_tokens=4)
+    with pytest.raises(NotImplementedError, match="ThinK"):
+        fh.CompressedCache(model.config, fk.kv.ThinK(0.5), max_new_tokens=4)
+    with pytest.raises(ValueError, match="page_size"):
+        fh.CompressedCache(model.config, fk.kv.SnapKV(0.5), max_new_tokens=4, page_size=48)
+
+
+_HEAD_KEPT = {}  # layer -> (kept per kv head, padded length): the per-head reference's mask
+
+
+def _per_head_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention where kv head h of a pressed layer sees its first kept[h] tokens of the
+    padded pressed K/V and every token appended after them."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    s = (query @ k.transpose(-1, -2)) * scaling
+    kept, padded = _HEAD_KEPT[module.layer_idx]
+    j = torch.arange(k.shape[2])
+    visible = (j < kept.repeat_interleave(g)[:, None]) | (j >= padded)           # (heads_q, kv)
+    s = s.masked_fill(~visible[None, :, None], float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("press", ["adakv", "duo_attention"])
+def test_per_head_presses_decode_equals_eager_over_each_heads_tokens(press):
+    """AdaKV / DuoAttention keep a different number of tokens per kv head: CompressedCache's
+    decode logits against eager attention over the pressed, padded K/V with each head masked to
+    its own kept tokens (two decode steps, so the appended tokens are attended too)."""
+    device = "cpu"
+    model = make64()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (1, 90), generator=g).to(device)
+    steps = torch.randint(1, VOCAB, (2, 1), generator=g).to(device)
+    pos = lambda i: torch.tensor([[90 + i]], device=device)  # noqa: E731
+    p = (fk.kv.AdaKV(fk.kv.SnapKV(0.5, window=16)) if press == "adakv"
+         else fk.kv.DuoAttention(0.5, sink=8, recent=16))
+    with torch.no_grad():
+        fk.patch(model)
+        cache = fh.CompressedCache(model.config, p, max_new_tokens=4, page_size=16)
+        model(ids, past_key_values=cache)
+        got = [model(steps[i:i + 1], past_key_values=cache, position_ids=pos(i)).logits for i in range(2)]
+        fk.unpatch(model)
+        dyn = transformers.DynamicCache(config=model.config)
+        queries = {}
+        hooks = [m.q_proj.register_forward_hook(lambda m, a, o, i=i: queries.__setitem__(i, o))
+                 for i, m in enumerate(fh._attention_modules(model))]
+        model(ids, past_key_values=dyn)
+        for h in hooks:
+            h.remove()
+        pressed = transformers.DynamicCache(config=model.config)
+        for layer, mod in enumerate(fh._attention_modules(model)):
+            k, v = dyn.layers[layer].keys.transpose(1, 2), dyn.layers[layer].values.transpose(1, 2)
+            q = queries[layer].view(1, 90, -1, 64).transpose(1, 2)
+            cos, sin = model.model.rotary_emb(q, torch.arange(90, device=device)[None])
+            q = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0].transpose(1, 2)
+            c = p(k, v, cache._queries(q), layer=layer, n_layers=len(dyn.layers))
+            assert not c.uniform  # the per-head layout is what this test covers
+            _HEAD_KEPT[layer] = (c.lengths[0], c.keys.shape[1])
+            pressed.update(c.keys.transpose(1, 2), c.values.transpose(1, 2), layer)
+            assert cache.lengths[layer] == (c.lengths[0] + 2).tolist()
+        transformers.AttentionInterface.register("per_head_eager", _per_head_eager)
+        model.config._attn_implementation = "per_head_eager"
+        want = [model(steps[i:i + 1], past_key_values=pressed, position_ids=pos(i)).logits for i in range(2)]
+        model.config._attn_implementation = "eager"
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() < 1e-4
+    # Memory: the kept tokens of each head, rounded up to pages, plus the room for new tokens.
+    c_lens = torch.tensor(cache.lengths[0]) - 2
+    pages = ((c_lens + 4 + 15) // 16).sum().item()
+    assert cache.k[0].shape == (pages, 16, 1, 64)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_per_head_layout_decode_steps(device):
+    """The per-head layout alone, on each device: a DuoAttention layer (fixed head scores, so the
+    kept sets are known) stored in pages, then decode steps of 1, 3 and 1 new tokens against
+    float64 attention over each (sequence, kv head)'s kept tokens and its new ones (causal among
+    the new tokens)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    b, n, hk, hq, d = 2, 150, 4, 8, 64
+    model = fk.patch(make("llama", hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hk))
+    g = torch.Generator().manual_seed(9)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    keys, values = rand(b, n, hk, d), rand(b, n, hk, d)
+    press = fk.kv.DuoAttention(0.5, sink=8, recent=24, head_scores=[0.9, 0.1, 0.2, 0.8])
+    c = press(keys, values)
+    cache = fh.CompressedCache(model.config, press, max_new_tokens=6, page_size=16)
+    cache._store(0, [c])
+    ks = [[c.keys[i, :int(c.lengths[i, h]), h].double() for h in range(hk)] for i in range(b)]
+    vs = [[c.values[i, :int(c.lengths[i, h]), h].double() for h in range(hk)] for i in range(b)]
+    assert [len(x) for x in ks[0]] == [150, 32, 32, 150]
+    assert cache.nbytes() == 2 * b * (10 + 3 + 3 + 10) * 16 * d * keys.element_size()  # pages of 16
+    for q_len in (1, 3, 1):
+        q, kn, vn = rand(b, q_len, hq, d), rand(b, q_len, hk, d), rand(b, q_len, hk, d)
+        out = cache._attend_layer(0, q, kn, vn, None, None, None, (-1, -1), 0.0)
+        want = torch.empty(b, q_len, hq, d, dtype=torch.float64)
+        for i in range(b):
+            for h in range(hk):
+                ks[i][h] = torch.cat([ks[i][h], kn[i, :, h].double()])
+                vs[i][h] = torch.cat([vs[i][h], vn[i, :, h].double()])
+                m = len(ks[i][h])
+                qq = q[i, :, h * 2:(h + 1) * 2].double().transpose(0, 1)          # (2, q_len, d)
+                sc = qq @ ks[i][h].T / math.sqrt(d)
+                future = torch.arange(m, device=device)[None] > torch.arange(m - q_len, m, device=device)[:, None]
+                p = torch.softmax(sc.masked_fill(future, float("-inf")), -1)
+                want[i, :, h * 2:(h + 1) * 2] = (p @ vs[i][h]).transpose(0, 1).cpu()
+        err = (out.double().cpu() - want).abs().max().item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    assert cache.lengths[0] == [x + 5 for x in [150, 32, 32, 150, 150, 32, 32, 150]]
+
+
+def test_per_head_press_on_a_padded_batch_equals_each_sequence_alone():
+    """A padded batch through generate with DuoAttention: each sequence's tokens are those it
+    gets alone (its heads' pages and lengths are its own)."""
+    model = make64()
+    ids, mask = padded_batch(n=60)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with fk.kv.press(model, "duo_attention", streaming_ratio=0.5, sink=4, recent=12):
+            got = model.generate(ids, attention_mask=mask, **kw)
+            for i in range(3):
+                real = ids[i:i + 1, mask[i].bool()]
+                alone = model.generate(real, attention_mask=torch.ones_like(real), **kw)
+                assert torch.equal(got[i, -5:], alone[0, -5:]), i

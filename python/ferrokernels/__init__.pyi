@@ -17,7 +17,7 @@ def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
 def sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Any: ...
 def decode_attention(q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, *, block_table: Any = None,
-                     causal_q: bool = True, scale: Optional[float] = None, softcap: Optional[float] = None,
+                     cache_leftpad: Any = None, causal_q: bool = True, scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Union[int, Window] = None, return_lse: bool = False, out: Any = None,
                      validate: bool = True) -> Union[Any, Tuple[Any, Any]]: ...
 def append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, block_table: Any = None, *,

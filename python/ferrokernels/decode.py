@@ -4,7 +4,9 @@ The cache is contiguous ``(batch, capacity, heads_kv, head_dim)`` or paged
 ``(num_pages, page_size, heads_kv, head_dim)`` with an int32 ``block_table (batch, max_pages)``
 (page sizes: powers of two up to 256). ``cache_seqlens[b]`` (int32) counts sequence b's keys
 with the new tokens already written (``append_kv``); new token i sits at position
-``cache_seqlens[b] - q_len + i``.
+``cache_seqlens[b] - q_len + i``. ``cache_leftpad`` (flash-attn's name) moves the first key of a
+sequence, or of each (sequence, kv head), right: a compressed cache that keeps a different number
+of tokens per head right-aligns them and appends at one length per sequence.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ def _capturing(t) -> bool:
     return is_torch(t) and t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int, extra: int = 0):
-    """Lengths (plus `extra` tokens being appended) within the capacity and every page in use
-    inside the pool, checked on the host before the launch (a device-to-host copy for GPU
+def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int, extra: int = 0,
+                     cache_leftpad=None):
+    """Lengths (plus `extra` tokens being appended) within the capacity, every page in use
+    inside the pool and every left padding within its sequence, checked on the host before the launch (a device-to-host copy for GPU
     tables; skipped while a CUDA graph is being captured, where the kernels still skip
     out-of-pool pages instead of touching them). Returns the host lengths (None if skipped)."""
     if _capturing(cache_seqlens):
         return None
     lens = _host(cache_seqlens)
     _native.decode_check_tables(lens, None if block_table is None else _host(block_table),
-                                capacity, page_size, num_pages, extra)
+                                capacity, page_size, num_pages, extra,
+                                None if cache_leftpad is None else _host(cache_leftpad))
     return lens
 
 
@@ -58,9 +62,9 @@ def _cache_geometry(k_cache, block_table):
     return page_size, int(k_cache.shape[0]), int(block_table.shape[-1]) * page_size
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal_q: bool = True,
-                     scale: Optional[float] = None, softcap: Optional[float] = None, window=None,
-                     return_lse: bool = False, out=None, validate: bool = True):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_leftpad=None,
+                     causal_q: bool = True, scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window=None, return_lse: bool = False, out=None, validate: bool = True):
     """Attention of ``q`` (batch, q_len, heads_q, head_dim) over a KV cache.
 
     Parameters
@@ -74,6 +78,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
     block_table : int32 (batch, max_pages): page j of sequence b is ``block_table[b, j]``; or
         (batch, heads_kv, max_pages): kv head h of sequence b reads its own pages
         ``block_table[b, h, j]`` (sparse decode: a page set per head).
+    cache_leftpad : int32 (batch,) or (batch, heads_kv): sequence b's (kv head h's) keys are
+        ``[cache_leftpad[b(, h)], cache_seqlens[b])``; earlier slots are ignored. Positions (for
+        ``causal_q`` and ``window``) stay cache indices.
     causal_q : new token i sees keys up to its own position (else every key in the cache).
     scale : softmax scale, default 1/sqrt(head_dim).
     softcap : scores become ``softcap * tanh(score / softcap)`` (Gemma 2).
@@ -89,16 +96,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, ca
     window = list(_decode_window(window))
     softcap = _softcap(softcap)
     if is_torch(q) and torch.compiler.is_compiling():
-        o, lse = torch.ops.ferrokernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal_q,
-                                                         scale, softcap, window, return_lse, validate)
+        o, lse = torch.ops.ferrokernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table,
+                                                         cache_leftpad, causal_q, scale, softcap, window,
+                                                         return_lse, validate)
         return (o, lse) if return_lse else o
-    out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window,
-                           return_lse, out, validate)
+    out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, causal_q, scale, softcap,
+                           window, return_lse, out, validate)
     return (out, lse) if return_lse else out
 
 
-def _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window, return_lse,
-                out, validate):
+def _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, causal_q, scale, softcap, window,
+                return_lse, out, validate):
     expect_rank(q, 4, "q", Q_LAYOUT)
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     batch, q_len, heads_q, head_dim = (int(x) for x in q.shape)
@@ -107,7 +115,7 @@ def _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale
         out = empty(q, tuple(q.shape))
     lse = empty(q, (batch, heads_q, q_len), float32_of(q)) if return_lse else None
     if validate:
-        _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages)
+        _validate_tables(cache_seqlens, block_table, capacity, page_size, num_pages, cache_leftpad=cache_leftpad)
     splits, workspace = 1, None
     plannable = heads_kv > 0 and heads_q % heads_kv == 0 and q.dtype in (torch.float16, torch.bfloat16)
     if is_torch(q) and q.is_cuda and plannable:
@@ -117,7 +125,8 @@ def _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale
         if floats:
             # From torch's allocator, so a captured CUDA graph owns its copy.
             workspace = torch.empty(floats, dtype=torch.float32, device=q.device)
-    _native.decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse, block_table=block_table, causal_q=causal_q,
+    _native.decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse, block_table=block_table,
+                       cache_leftpad=cache_leftpad, causal_q=causal_q,
                        scale=None if scale is None else float(scale), softcap=softcap,
                        window=tuple(window), workspace=workspace, splits=splits, stream=stream_of(q))
     return out, lse
@@ -170,14 +179,16 @@ if torch is not None:
 
     @torch.library.custom_op("ferrokernels::decode_attention", mutates_args=())
     def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                   block_table: Optional[torch.Tensor], causal_q: bool, scale: Optional[float], softcap: float,
-                   window: List[int], return_lse: bool, validate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window,
-                               return_lse, None, validate)
+                   block_table: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor], causal_q: bool,
+                   scale: Optional[float], softcap: float, window: List[int], return_lse: bool,
+                   validate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _decode_run(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, causal_q, scale,
+                               softcap, window, return_lse, None, validate)
         return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
     @_decode_op.register_fake
-    def _(q, k_cache, v_cache, cache_seqlens, block_table, causal_q, scale, softcap, window, return_lse, validate):
+    def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, causal_q, scale, softcap, window,
+          return_lse, validate):
         b, n, h, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((b, h, n) if return_lse else (0,), dtype=torch.float32)
 

@@ -524,25 +524,34 @@ class CompressedCache(_SelfAttendingCache):
     memory is never kept), and decode steps run the decode kernel over them. The prefill
     attends over all of its tokens in full precision; the press scores with the prefill's
     queries (the last ``window`` of them, or all for ObservedAttention). Sequences of a padded
-    batch are pressed one by one. Presses that keep different numbers of tokens per head
-    (AdaKV, DuoAttention) and ThinK's channel pruning are refused: the decode kernel takes one
-    length per sequence."""
+    batch are pressed one by one.
 
-    def __init__(self, config, press, max_new_tokens: int, *, dtype=None, device=None):
+    Presses that keep one count per sequence store it densely, (batch, kept + new, heads_kv,
+    D). Presses that keep a different count per kv head (AdaKV, DuoAttention) store every
+    (sequence, kv head) as a sequence of its own in pages of ``page_size`` tokens, so a
+    streaming head really holds only its sink and recent tokens; a decode step attends with
+    the q heads of each kv head as that sequence's group. ThinK's channel pruning is refused
+    (the decode kernel reads whole key rows)."""
+
+    def __init__(self, config, press, max_new_tokens: int, *, dtype=None, device=None, page_size: int = 64):
         super().__init__(config, 0, dtype, device)
-        from .kv import AdaKV, DuoAttention, ThinK
+        from .kv import ThinK
 
-        if isinstance(press, (AdaKV, DuoAttention, ThinK)):
-            raise NotImplementedError(f"CompressedCache takes presses with one budget per layer; {type(press).__name__} "
-                                      "keeps per-head lengths or channels (use kv.compressed_attention directly)")
-        self.press, self.max_new = press, int(max_new_tokens)
+        if isinstance(press, ThinK):
+            raise NotImplementedError("CompressedCache does not take ThinK: it prunes key channels, and the decode "
+                                      "kernel reads whole key rows (use kv.ChannelPruned with your own attention)")
+        if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
+            raise ValueError(f"page_size must be a power of two up to 256, got {page_size}")
+        self.press, self.max_new, self.page_size = press, int(max_new_tokens), int(page_size)
         self._reset_layers()
 
     def _reset_layers(self) -> None:
         self.k: List = [None] * self.num_layers
         self.v: List = [None] * self.num_layers
-        self.lengths: List = [None] * self.num_layers
+        self.lengths: List = [None] * self.num_layers    # per sequence, or per (sequence, kv head) when paged
+        self.capacity: List = [None] * self.num_layers   # room of each of those, new tokens included
         self.seqlens: List = [None] * self.num_layers
+        self.tables: List = [None] * self.num_layers     # block table of a per-head layer, else None
         self.seen_tokens: Optional[List[int]] = None  # real tokens per sequence before compression
 
     def get_max_length(self, layer_idx=None) -> int:
@@ -565,11 +574,10 @@ class CompressedCache(_SelfAttendingCache):
         return (isinstance(inner, Press) and inner.needs_queries and tuple(window) == (-1, -1) and not softcap
                 and (scale is None or abs(scale * math.sqrt(q.shape[-1]) - 1) < 1e-6))
 
-    def _compress(self, layer, q, k, v, valid, lse=None):
-        """The kept K/V of each sequence, (b, kept_max + max_new, heads_kv, D), and their counts."""
-        b = k.shape[0]
+    def _press_each(self, layer, q, k, v, valid, lse):
+        """The press's Compressed of each sequence (of the whole batch when nothing is padded)."""
         pieces = []
-        for i in range(b) if valid is not None else [None]:
+        for i in range(k.shape[0]) if valid is not None else [None]:
             sl = slice(None) if i is None else slice(i, i + 1)
             qi, ki, vi = q[sl], k[sl], v[sl]
             li = None if lse is None else lse[sl]
@@ -579,39 +587,81 @@ class CompressedCache(_SelfAttendingCache):
                 li = None if li is None else li[..., idx]
             qw = self._queries(qi)
             li = None if li is None else li[..., li.shape[-1] - qw.shape[1]:]
-            c = self.press(ki, vi, qw, layer=layer, n_layers=self.num_layers, lse=li)
-            if not c.uniform:
-                raise NotImplementedError("the press kept different numbers of tokens per head")
-            pieces.append((c.keys, c.values))
-        kept = [p[0].shape[1] for p in pieces for _ in range(p[0].shape[0])]
+            pieces.append(self.press(ki, vi, qw, layer=layer, n_layers=self.num_layers, lse=li))
+        return pieces
+
+    def _store(self, layer, pieces) -> None:
+        if all(c.uniform for c in pieces):
+            self._store_dense(layer, pieces)
+        else:
+            self._store_per_head(layer, pieces)
+
+    def _store_dense(self, layer, pieces) -> None:
+        """(b, kept_max + max_new, heads_kv, D), each sequence's kept tokens first."""
+        kept = [c.keys.shape[1] for c in pieces for _ in range(c.keys.shape[0])]
         cap = max(kept) + self.max_new
-        kc = torch.zeros(b, cap, self.heads_kv, self.head_dim, dtype=k.dtype, device=k.device)
+        k0 = pieces[0].keys
+        kc = k0.new_zeros(len(kept), cap, self.heads_kv, self.head_dim)
         vc = torch.zeros_like(kc)
         at = 0
-        for keys, values in pieces:
-            n = keys.shape[0]
-            kc[at:at + n, :keys.shape[1]], vc[at:at + n, :values.shape[1]] = keys, values
+        for c in pieces:
+            n = c.keys.shape[0]
+            kc[at:at + n, :c.keys.shape[1]], vc[at:at + n, :c.values.shape[1]] = c.keys, c.values
             at += n
-        return kc, vc, kept
+        self.k[layer], self.v[layer], self.tables[layer] = kc, vc, None
+        self.lengths[layer], self.capacity[layer] = kept, [cap] * len(kept)
+        self.seqlens[layer] = torch.tensor(kept, dtype=torch.int32, device=kc.device)
+
+    def _store_per_head(self, layer, pieces) -> None:
+        """Every (sequence, kv head) in pages of its own: a pool (pages, page_size, 1, D) and a
+        block table (batch * heads_kv, max_pages); each keeps its length plus max_new."""
+        ps, d = self.page_size, self.head_dim
+        device = pieces[0].keys.device
+        lens = torch.cat([c.lengths.reshape(-1) for c in pieces]).to(torch.int64)      # (b * hk,)
+        counts = lens.tolist()
+        pages = (lens + self.max_new + ps - 1) // ps
+        first = torch.cumsum(pages, 0) - pages
+        total = int(pages.sum())
+        j = torch.arange(int(pages.max()), device=device)
+        table = torch.where(j < pages[:, None], first[:, None] + j, -1).to(torch.int32)
+        pool_k = pieces[0].keys.new_zeros(total, ps, 1, d)
+        pool_v = torch.zeros_like(pool_k)
+        row = 0
+        for c in pieces:  # each head's kept rows to the start of its pages
+            n, longest = c.keys.shape[0] * c.keys.shape[2], c.keys.shape[1]
+            keep = torch.arange(longest, device=device) < lens[row:row + n, None]        # (n, longest)
+            dest = first[row:row + n, None] * ps + torch.arange(longest, device=device)
+            pool_k.view(-1, d)[dest[keep]] = c.keys.transpose(1, 2).reshape(n, longest, d)[keep]
+            pool_v.view(-1, d)[dest[keep]] = c.values.transpose(1, 2).reshape(n, longest, d)[keep]
+            row += n
+        self.k[layer], self.v[layer], self.tables[layer] = pool_k, pool_v, table
+        self.lengths[layer], self.capacity[layer] = counts, (pages * ps).tolist()
+        self.seqlens[layer] = lens.to(torch.int32)
 
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]
         if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
             out, lse = self._prefill(q, k, v, mask, valid, scale, window, softcap,
                                      return_lse=self._lse_reusable(q, scale, window, softcap))
-            self.k[layer], self.v[layer], self.lengths[layer] = self._compress(layer, q, k, v, valid, lse)
-            self.seqlens[layer] = torch.tensor(self.lengths[layer], dtype=torch.int32, device=k.device)
+            self._store(layer, self._press_each(layer, q, k, v, valid, lse))
             return out
         if valid is not None or q_len > MAX_DECODE_Q:
             raise NotImplementedError("CompressedCache takes one prefill, then decode steps of up to 16 tokens")
-        lens = self.lengths[layer]
-        if max(lens) + q_len > self.k[layer].shape[1]:
+        if any(n + q_len > c for n, c in zip(self.lengths[layer], self.capacity[layer])):
             raise ValueError(f"the compressed cache has room for {self.max_new} new tokens (max_new_tokens)")
-        append_kv(k, v, self.k[layer], self.v[layer], self.seqlens[layer], validate=False)
-        self.lengths[layer] = [n + q_len for n in lens]
+        table = self.tables[layer]
+        if table is not None:  # per head: each kv head is a sequence whose group is its q heads
+            hk = self.heads_kv
+            q, k, v = (t.view(b, q_len, hk, -1, t.shape[-1]).transpose(1, 2).reshape(b * hk, q_len, -1, t.shape[-1])
+                       for t in (q, k, v))
+        append_kv(k, v, self.k[layer], self.v[layer], self.seqlens[layer], table, validate=False)
+        self.lengths[layer] = [n + q_len for n in self.lengths[layer]]
         self.seqlens[layer] += q_len
-        return decode_attention(q, self.k[layer], self.v[layer], self.seqlens[layer], scale=scale,
-                                softcap=softcap or None, window=window, validate=False)
+        out = decode_attention(q, self.k[layer], self.v[layer], self.seqlens[layer], block_table=table, scale=scale,
+                               softcap=softcap or None, window=window, validate=False)
+        if table is None:
+            return out
+        return out.view(b, self.heads_kv, q_len, -1, out.shape[-1]).transpose(1, 2).reshape(b, q_len, -1, out.shape[-1])
 
 
 def _cache_generate(model, original, make_cache):

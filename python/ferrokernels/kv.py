@@ -534,6 +534,9 @@ def make_press(name: str, **kwargs):
     if name == "think":
         return ThinK(**kwargs)
     if name in ("duo_attention", "duo", "razor"):
+        if "ratio" in kwargs:
+            raise ValueError("DuoAttention takes streaming_ratio (the share of heads that keep only sink + recent), "
+                             "not ratio")
         return DuoAttention(**kwargs)
     if name in ("adakv", "kvmerge"):
         inner_key = "scorer" if name == "adakv" else "press"
@@ -545,13 +548,16 @@ def make_press(name: str, **kwargs):
 
 
 @contextlib.contextmanager
-def press(model, press="snapkv", ratio: float = 0.5, **kwargs):
+def press(model, press="snapkv", ratio: Optional[float] = None, **kwargs):
     """``with ferrokernels.kv.press(model, "snapkv", ratio=0.5): model.generate(...)``: generation
     in the block uses ``hf.CompressedCache``: each layer's K/V pressed right after the prefill.
-    ``press`` is a name for ``make_press`` (with ``ratio`` and ``kwargs``) or a Press."""
+    ``press`` is a name for ``make_press`` (with ``ratio``, default the press's own, and
+    ``kwargs``) or a Press."""
     from . import hf
 
-    p = make_press(press, ratio=ratio, **kwargs) if isinstance(press, str) else press
+    if ratio is not None:
+        kwargs["ratio"] = ratio
+    p = make_press(press, **kwargs) if isinstance(press, str) else press
     with hf.pressed(model, p):
         yield p
 

@@ -12,12 +12,34 @@ use rayon::prelude::*;
 
 pub fn forward(a: &DecodeArgs, d: &DecodeDims) -> Result<()> {
     let tables = CacheTables::load(a.cache_seqlens, a.block_table, &d.cache, 0)?;
+    let starts = Starts::load(a.cache_leftpad);
     match a.q.dtype {
-        DType::F16 => run::<f16>(a, d, &tables),
-        DType::BF16 => run::<bf16>(a, d, &tables),
-        _ => run::<f32>(a, d, &tables),
+        DType::F16 => run::<f16>(a, d, &tables, &starts),
+        DType::BF16 => run::<bf16>(a, d, &tables, &starts),
+        _ => run::<f32>(a, d, &tables, &starts),
     }
     Ok(())
+}
+
+/// `cache_leftpad` on the host: the first key of each (sequence, kv head), clamped into the
+/// sequence as the kernel clamps it.
+struct Starts {
+    values: Vec<i32>,
+    per_head: bool,
+}
+
+impl Starts {
+    fn load(leftpad: Option<&TensorView>) -> Self {
+        Starts { values: leftpad.map_or_else(Vec::new, host_i32), per_head: leftpad.is_some_and(|t| t.ndim() == 2) }
+    }
+
+    fn of(&self, b: usize, hk: usize, heads_kv: usize, len: usize) -> usize {
+        if self.values.is_empty() {
+            return 0;
+        }
+        let at = if self.per_head { b * heads_kv + hk } else { b };
+        (self.values[at].max(0) as usize).min(len)
+    }
 }
 
 /// The lengths and block table of a cache, read from host memory and checked
@@ -55,7 +77,7 @@ impl CacheTables {
     }
 }
 
-fn run<T: Element>(a: &DecodeArgs, d: &DecodeDims, tables: &CacheTables) {
+fn run<T: Element>(a: &DecodeArgs, d: &DecodeDims, tables: &CacheTables, starts: &Starts) {
     let group = d.heads_q / d.heads_kv;
     let (q, k, v, out) = (Rows::of(a.q, false), Rows::of(a.k_cache, false), Rows::of(a.v_cache, false), Rows::of(a.out, false));
     // lse (batch, heads_q, q_len): element (b, hq, i) is "row" hq of "batch" b, column i.
@@ -64,13 +86,14 @@ fn run<T: Element>(a: &DecodeArgs, d: &DecodeDims, tables: &CacheTables) {
     (0..d.batch * d.heads_kv).into_par_iter().for_each(|task| {
         let (b, hk) = (task / d.heads_kv, task % d.heads_kv);
         let len = tables.seqlens[b] as usize;
+        let start = starts.of(b, hk, d.heads_kv, len);
         let mut krow = vec![0f32; dim];
         let mut scores = vec![0f32; len];
         let mut acc = vec![0f32; dim];
         // Key rows of this sequence, located once and reused by every row of the group.
         let rows: Vec<(usize, usize)> = (0..len).map(|key| tables.locate(b, hk, key)).collect();
         for i in 0..d.q_len {
-            let (lo, hi) = d.bounds(len, i);
+            let (lo, hi) = d.bounds(len, start, i);
             for gi in 0..group {
                 let hq = hk * group + gi;
                 let qp = q.row::<T>(b, i, hq);

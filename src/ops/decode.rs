@@ -34,6 +34,8 @@ pub struct DecodeArgs<'a> {
     pub cache_seqlens: &'a TensorView,
     /// int32 (batch, max_pages), or None for a contiguous cache.
     pub block_table: Option<&'a TensorView>,
+    /// int32 (batch,) or (batch, heads_kv): the first key of each sequence (or kv head); None: 0.
+    pub cache_leftpad: Option<&'a TensorView>,
     pub out: &'a TensorView,
     /// float32 (batch, heads_q, q_len), natural log.
     pub lse: Option<&'a TensorView>,
@@ -81,10 +83,11 @@ pub struct DecodeDims {
 }
 
 impl DecodeDims {
-    /// Visible keys [lo, hi] of new token i of a sequence of `len` keys (empty when lo > hi).
-    pub fn bounds(&self, len: usize, i: usize) -> (i64, i64) {
+    /// Visible keys [lo, hi] of new token i of a sequence of `len` keys whose first key is
+    /// `start` (empty when lo > hi).
+    pub fn bounds(&self, len: usize, start: usize, i: usize) -> (i64, i64) {
         let pos = len as i64 - self.q_len as i64 + i as i64;
-        let lo = (pos - self.window_left).max(0);
+        let lo = (pos - self.window_left).max(start as i64);
         let hi = (pos + self.window_right).min(len as i64 - 1);
         (lo, hi)
     }
@@ -121,6 +124,9 @@ pub fn check(a: &DecodeArgs) -> Result<DecodeDims> {
         t.expect_last_contiguous()?;
     }
     let cache = check_cache(k, v, a.cache_seqlens, a.block_table, batch)?;
+    if let Some(lp) = a.cache_leftpad {
+        check_leftpad(lp, q, batch, heads_kv)?;
+    }
     let shape = DecodeShape { batch, q_len, heads_q, heads_kv, head_dim };
     check_options(q, a.lse, a.workspace, shape, cache, a.scale, a.softcap, a.window, a.causal_q)
 }
@@ -186,6 +192,42 @@ pub(crate) fn check_options(
         scale: scale as f32,
         softcap: softcap as f32,
     })
+}
+
+pub const LEFTPAD_LAYOUT: &str = "(batch,) or (batch, heads_kv)";
+
+/// `cache_leftpad`: int32, one start per sequence or per (sequence, kv head).
+fn check_leftpad(lp: &TensorView, q: &TensorView, batch: usize, heads_kv: usize) -> Result<()> {
+    lp.expect_same_device(q)?;
+    lp.expect_dtype(&[DType::I32])?;
+    if lp.ndim() != 1 && lp.ndim() != 2 {
+        lp.expect_rank(1, LEFTPAD_LAYOUT)?;
+    }
+    lp.expect_dim(0, batch, "batch")?;
+    if lp.ndim() == 2 {
+        lp.expect_dim(1, heads_kv, "heads_kv (k_cache's axis 2)")?;
+    }
+    Ok(())
+}
+
+/// Host-side check of `cache_leftpad`'s values (row-major, one per sequence or per (sequence,
+/// kv head)): each start within its sequence, 0 <= start <= cache_seqlens[b].
+pub fn check_leftpad_values(seqlens: &[i32], starts: &[i32], per_head: bool) -> Result<()> {
+    let heads = if seqlens.is_empty() { 1 } else { (starts.len() / seqlens.len()).max(1) };
+    for (at, &s) in starts.iter().enumerate() {
+        let b = at / heads;
+        let len = seqlens.get(b).copied().unwrap_or(0);
+        if s < 0 || s > len {
+            let idx = if per_head { format!("{b}, {}", at % heads) } else { format!("{b}") };
+            return Err(Error::Value(format!("cache_leftpad[{idx}] is {s}; it must be in [0, cache_seqlens[{b}] = {len}]")));
+        }
+    }
+    Ok(())
+}
+
+/// (start of each (sequence, kv head) row, kv heads with their own start) of a leftpad tensor.
+pub fn leftpad_strides(lp: Option<&TensorView>) -> (i64, i64) {
+    lp.map_or((0, 0), |t| (t.stride(0), if t.ndim() == 2 { t.stride(1) } else { 0 }))
 }
 
 /// The cache layout shared by decode_attention and append_kv: K and V alike, `cache_seqlens`
@@ -435,6 +477,7 @@ pub(crate) struct DecodeParams {
     block_table: u64,
     part_o: u64,
     part_lse: u64,
+    leftpad: u64,
     q_s: [i64; 3],
     k_s: [i64; 3],
     v_s: [i64; 3],
@@ -442,6 +485,8 @@ pub(crate) struct DecodeParams {
     lse_s: [i64; 3],
     bt_sb: i64,
     bt_sh: i64,
+    lp_sb: i64,
+    lp_sh: i64,
     batch: i32,
     q_len: i32,
     heads_q: i32,
@@ -498,6 +543,8 @@ fn forward_cuda(ordinal: i32, a: &DecodeArgs, d: &DecodeDims, stream: usize) -> 
     p.block_table = ptr(a.block_table);
     p.bt_sb = a.block_table.map_or(0, |t| t.stride(0));
     p.bt_sh = a.block_table.map_or(0, |t| if t.ndim() == 3 { t.stride(1) } else { 0 });
+    p.leftpad = ptr(a.cache_leftpad);
+    (p.lp_sb, p.lp_sh) = leftpad_strides(a.cache_leftpad);
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
     let mut args = [&mut p as *mut DecodeParams as *mut c_void];
@@ -554,6 +601,7 @@ impl DecodeLaunch<'_> {
             block_table: 0,
             part_o,
             part_lse,
+            leftpad: 0,
             q_s: st(self.q),
             k_s: [0; 3],
             v_s: [0; 3],
@@ -561,6 +609,8 @@ impl DecodeLaunch<'_> {
             lse_s: self.lse.map_or([0; 3], st),
             bt_sb: 0,
             bt_sh: 0,
+            lp_sb: 0,
+            lp_sh: 0,
             batch: d.batch as i32,
             q_len: d.q_len as i32,
             heads_q: d.heads_q as i32,
@@ -631,8 +681,8 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_struct() {
-        // 9 pointers, 17 i64 strides, 14 i32, 2 f32.
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 17 * 8 + 14 * 4 + 2 * 4);
+        // 10 pointers, 19 i64 strides, 14 i32, 2 f32.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 10 * 8 + 19 * 8 + 14 * 4 + 2 * 4);
     }
 
     #[test]

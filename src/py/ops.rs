@@ -288,8 +288,8 @@ fn check_seqlens(cu_seqlens: &Bound<'_, PyAny>, total: usize, max_seqlen: usize,
 /// decode_fwd(q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table, causal_q,
 /// scale, softcap, window, workspace, splits, stream): see ops::decode.
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table=None, causal_q=true,
-                    scale=None, softcap=0.0, window=(-1, -1), workspace=None, splits=1, stream=0))]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table=None, cache_leftpad=None,
+                    causal_q=true, scale=None, softcap=0.0, window=(-1, -1), workspace=None, splits=1, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn decode_fwd(
     py: Python<'_>,
@@ -300,6 +300,7 @@ fn decode_fwd(
     out: &Bound<'_, PyAny>,
     lse: Option<&Bound<'_, PyAny>>,
     block_table: Option<&Bound<'_, PyAny>>,
+    cache_leftpad: Option<&Bound<'_, PyAny>>,
     causal_q: bool,
     scale: Option<f64>,
     softcap: f64,
@@ -315,6 +316,7 @@ fn decode_fwd(
     let out = import(out, "out", stream, true)?;
     let lse = import_opt(lse, "lse", stream, true)?;
     let bt = import_opt(block_table, "block_table", stream, false)?;
+    let lp = import_opt(cache_leftpad, "cache_leftpad", stream, false)?;
     let ws = import_opt(workspace, "workspace", stream, true)?;
     let args = DecodeArgs {
         q: &q.view,
@@ -322,6 +324,7 @@ fn decode_fwd(
         v_cache: &v.view,
         cache_seqlens: &sl.view,
         block_table: view(&bt),
+        cache_leftpad: view(&lp),
         out: &out.view,
         lse: view(&lse),
         workspace: view(&ws),
@@ -370,12 +373,13 @@ fn plan_dims(batch: usize, q_len: usize, heads_q: usize, heads_kv: usize, head_d
     }
 }
 
-/// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=0):
-/// raises unless every length (plus `extra` tokens about to be appended) fits the capacity and
-/// every page those keys use is inside the pool. Host tensors; Python copies device tables here
-/// before a launch, outside graph capture.
+/// decode_check_tables(cache_seqlens, block_table, capacity, page_size, num_pages, extra=0,
+/// cache_leftpad=None): raises unless every length (plus `extra` tokens about to be appended)
+/// fits the capacity, every page those keys use is inside the pool and every left padding lies
+/// within its sequence. Host tensors; Python copies device tables here before a launch, outside
+/// graph capture.
 #[pyfunction]
-#[pyo3(signature = (cache_seqlens, block_table, capacity, page_size, num_pages, extra=0))]
+#[pyo3(signature = (cache_seqlens, block_table, capacity, page_size, num_pages, extra=0, cache_leftpad=None))]
 fn decode_check_tables(
     cache_seqlens: &Bound<'_, PyAny>,
     block_table: Option<&Bound<'_, PyAny>>,
@@ -383,11 +387,13 @@ fn decode_check_tables(
     page_size: usize,
     num_pages: usize,
     extra: usize,
+    cache_leftpad: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let sl = import(cache_seqlens, "cache_seqlens", 0, false)?;
     let bt = import_opt(block_table, "block_table", 0, false)?;
+    let lp = import_opt(cache_leftpad, "cache_leftpad", 0, false)?;
     let check = || -> crate::error::Result<()> {
-        for t in [Some(&sl), bt.as_ref()].into_iter().flatten() {
+        for t in [Some(&sl), bt.as_ref(), lp.as_ref()].into_iter().flatten() {
             t.view.expect_dtype(&[DType::I32])?;
             if t.view.device != Device::Cpu {
                 return Err(Error::Device(format!("{} must be in host memory for this check", t.view.name)));
@@ -397,7 +403,11 @@ fn decode_check_tables(
         let table = bt.as_ref().map(|t| crate::cpu::host_i32(&t.view));
         let (heads, stride) = bt.as_ref().map_or((1, 0), |t| decode::table_rows(&t.view));
         let cache = CacheDims { page_size, num_pages, capacity };
-        decode::check_tables(&cache, &seqlens, table.as_deref().map(|t| (t, heads, stride)), extra)
+        decode::check_tables(&cache, &seqlens, table.as_deref().map(|t| (t, heads, stride)), extra)?;
+        match &lp {
+            Some(t) => decode::check_leftpad_values(&seqlens, &crate::cpu::host_i32(&t.view), t.view.ndim() == 2),
+            None => Ok(()),
+        }
     };
     check().map_err(to_py)
 }
