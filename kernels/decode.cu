@@ -92,6 +92,8 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
 //   load(j, s)    issue the copies of 64-key tile j into stage s (one commit group per call)
 //   ready(j, s)   tile j's K rows (V rows follow BN * SROW later), once its group has landed
 //                 and every thread passed a barrier; may itself end with a barrier
+//   scale_scores<N>(s, stage, k0, t)   per-key factors on the scores of the warp's keys k0.. of
+//                 the tile in `stage` (C fragments; a no-op for a plain cache)
 //   scratch()     float area of at least (4 * 16 * D + 2 * 4 * 16) floats for the warp merge
 
 // The plain cache: tiles land by cp.async in a ring of stages and are read where they land.
@@ -165,6 +167,8 @@ struct CacheTiles {
     }
 
     __device__ const T* ready(int, int stage) const { return sKV + stage * L::STAGE_ELEMS; }
+    template <int N>
+    __device__ __forceinline__ void scale_scores(float (&)[N / 8][4], int, int, int) const {}
     __device__ float* scratch() const { return reinterpret_cast<float*>(sKV); }
 };
 
@@ -195,109 +199,70 @@ struct DecodeWork {
     int b, split, hk, row0, len, start, k_begin, k_end, j_begin, j_end;
 };
 
-// One CTA of decode over the tiles `Tiles` supplies: the rows of one kv head (every new token x
-// q head of its group, ROWS at a time), the keys of one split.
-template <typename T, int D, int WR, typename Tiles>
-__device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned char* smem_raw, Tiles& tiles,
-                                              const DecodeWork& w) {
-    const int b = w.b, split = w.split, hk = w.hk, row0 = w.row0, len = w.len, j_begin = w.j_begin, j_end = w.j_end;
-    using MT = typename Tiles::MT;
-    constexpr int BN = Tiles::BN, STAGES = Tiles::STAGES, SROW = Tiles::SROW;
-    constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
-    constexpr int KT = BN / WK;      // keys per warp per tile
-    constexpr int ROWS = 16 * WR;    // query rows per CTA
-    MT* sQ = reinterpret_cast<MT*>(smem_raw);
+// The visible keys of a warp's two rows (row_a, row_a + 8) of a CTA's work: per lane [lo, hi]
+// per row; whether a tile is skipped is decided per warp (the MMAs and shuffles need every
+// lane), whether it needs masking per lane.
+struct RowKeys {
+    int lo[2], hi[2], w_lo, w_hi, lo_max, hi_min;
 
+    __device__ __forceinline__ RowKeys(const DecodeParams& p, const DecodeWork& w, int row_a) {
+        const int rows = p.q_len * p.group;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row_a + 8 * r;
+            if (row < rows) decode_bounds(p, w.len, w.start, row / p.group, lo[r], hi[r]);
+            else lo[r] = 1, hi[r] = 0;
+        }
+        w_lo = __reduce_min_sync(0xffffffffu, min(lo[0], lo[1]));
+        w_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
+        lo_max = max(lo[0], lo[1]), hi_min = min(hi[0], hi[1]);
+    }
+
+    // No row of the warp sees keys [n0, n0 + n).
+    __device__ __forceinline__ bool skip(int n0, int n) const { return n0 > w_hi || n0 + n <= w_lo; }
+};
+
+// A warp's raw scores of keys n0.. (C fragments of N / 8 key columns) made ready for softmax_p:
+// the softcap applied, invisible keys -inf. Returns the factor softmax_p still applies.
+template <int N>
+__device__ __forceinline__ float decode_scores(const DecodeParams& p, float (&s)[N / 8][4], const RowKeys& rk, int n0, int t) {
+    float factor = p.scale_log2;
+    if (p.softcap > 0.f) {
+        // softcap * tanh(scale * s / softcap), in log2 units.
+        const float cin = p.scale_log2 * 0.69314718055994531f / p.softcap;
+        const float cout = p.softcap * 1.4426950408889634f;
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = cout * tanh_approx(s[i][e] * cin);
+        factor = 1.f;
+    }
+    if (n0 < rk.lo_max || n0 + N - 1 > rk.hi_min) {
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + 8 * i + 2 * t + (e & 1), r = e >> 1;
+                if (key < rk.lo[r] || key > rk.hi[r]) s[i][e] = neg_inf();
+            }
+    }
+    return factor;
+}
+
+// The end of a CTA: merges the WK = 4 / WR warps of each row group through `scratch` (at least
+// (4 * 16 * D + 2 * 4 * 16) floats, free once every warp passed the barrier before this) and
+// writes its rows: the output and LSE with one split, else the split's partials.
+template <typename T, int D, int WR>
+__device__ __forceinline__ void decode_store(const DecodeParams& p, float* scratch, float (&o)[D / 8][4],
+                                             float (&m_row)[2], float (&l_row)[2], const DecodeWork& w) {
+    constexpr int WK = 4 / WR, ROWS = 16 * WR;
+    const int b = w.b, split = w.split, hk = w.hk, row0 = w.row0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int wr = warp / WK, wk = warp % WK;
     const int rows = p.q_len * p.group;
 
-    // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
-    decode_load_q<T, MT, D, ROWS>(p, sQ, b, hk, row0);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (j_begin + s < j_end) tiles.load(j_begin + s, s);
-        cp_async_commit();
-    }
-
-    // This warp's rows row_a, row_a + 8 and their visible keys.
-    const int row_a = row0 + 16 * wr + g;
-    int lo[2], hi[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row_a + 8 * r;
-        if (row < rows) decode_bounds(p, len, w.start, row / p.group, lo[r], hi[r]);
-        else lo[r] = 1, hi[r] = 0;
-    }
-    // Whether a tile is skipped must be decided per warp (the MMAs and shuffles need every
-    // lane); whether it needs masking may differ per lane.
-    const int w_lo = __reduce_min_sync(0xffffffffu, min(lo[0], lo[1]));
-    const int w_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
-    const int lo_max = max(lo[0], lo[1]), hi_min = min(hi[0], hi[1]);
-
-    float o[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
-    const MT* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
-    // Q's A fragments stay in registers where they fit beside O (D <= 128).
-    constexpr bool Q_IN_REGS = D <= 128;
-    u32 qf[Q_IN_REGS ? D / 16 : 1][4];
-    bool q_loaded = false;
-
-    for (int j = j_begin; j < j_end; ++j) {
-        const int stage = (j - j_begin) % STAGES;
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();  // tile j landed for all; every warp is done with the stage refilled next
-        if (j + STAGES - 1 < j_end) tiles.load(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
-        cp_async_commit();
-
-        const MT* sK = tiles.ready(j, stage) + wk * KT * SROW;
-        const MT* sV = sK + BN * SROW;
-        const int n0 = j * BN + wk * KT;  // this warp's first key
-        if (n0 > w_hi || n0 + KT <= w_lo) continue;
-        if constexpr (Q_IN_REGS) {
-            if (!q_loaded) {  // Q landed with the first tile's group
-                q_fragments<MT, D>(qf, sQw);
-                q_loaded = true;
-            }
-        }
-
-        float s[KT / 8][4];
-        mma_qk<MT, D, KT, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
-
-        float factor = p.scale_log2;
-        if (p.softcap > 0.f) {
-            // softcap * tanh(scale * s / softcap), in log2 units.
-            const float cin = p.scale_log2 * 0.69314718055994531f / p.softcap;
-            const float cout = p.softcap * 1.4426950408889634f;
-#pragma unroll
-            for (int i = 0; i < KT / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[i][e] = cout * tanh_approx(s[i][e] * cin);
-            factor = 1.f;
-        }
-        if (n0 < lo_max || n0 + KT - 1 > hi_min) {
-#pragma unroll
-            for (int i = 0; i < KT / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = n0 + 8 * i + 2 * t + (e & 1), r = e >> 1;
-                    if (key < lo[r] || key > hi[r]) s[i][e] = neg_inf();
-                }
-        }
-        float alpha[2];
-        softmax_p<KT>(s, m_row, l_row, alpha, factor);
-        rescale_o<D>(o, alpha);
-
-        mma_pv<MT, KT, D, SROW>(o, s, sV, lane);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the stages are free: reuse them to merge the WK warps of each row group
-
     // Per warp: m (log2 units) and l per row, and O (unnormalised) in f32.
-    float* sM = tiles.scratch();
+    float* sM = scratch;
     float* sL = sM + 4 * 16;
     float* sO = sL + 4 * 16;
 #pragma unroll
@@ -356,6 +321,76 @@ __device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned ch
     }
 }
 
+// One CTA of decode over the tiles `Tiles` supplies: the rows of one kv head (every new token x
+// q head of its group, ROWS at a time), the keys of one split.
+template <typename T, int D, int WR, typename Tiles>
+__device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned char* smem_raw, Tiles& tiles,
+                                              const DecodeWork& w) {
+    const int b = w.b, hk = w.hk, row0 = w.row0, j_begin = w.j_begin, j_end = w.j_end;
+    using MT = typename Tiles::MT;
+    constexpr int BN = Tiles::BN, STAGES = Tiles::STAGES, SROW = Tiles::SROW;
+    constexpr int WK = 4 / WR;       // warps per row group, splitting each tile's keys
+    constexpr int KT = BN / WK;      // keys per warp per tile
+    constexpr int ROWS = 16 * WR;    // query rows per CTA
+    MT* sQ = reinterpret_cast<MT*>(smem_raw);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wr = warp / WK, wk = warp % WK;
+
+    // Q rows of this CTA, then the first STAGES - 1 tiles, one commit group each.
+    decode_load_q<T, MT, D, ROWS>(p, sQ, b, hk, row0);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (j_begin + s < j_end) tiles.load(j_begin + s, s);
+        cp_async_commit();
+    }
+
+    const RowKeys rk(p, w, row0 + 16 * wr + g);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_row[2] = {neg_inf(), neg_inf()}, l_row[2] = {0.f, 0.f};
+    const MT* sQw = sQ + (16 * wr + (lane & 15)) * SROW + (lane >> 4) * 8;
+    // Q's A fragments stay in registers where they fit beside O (D <= 128).
+    constexpr bool Q_IN_REGS = D <= 128;
+    u32 qf[Q_IN_REGS ? D / 16 : 1][4];
+    bool q_loaded = false;
+
+    for (int j = j_begin; j < j_end; ++j) {
+        const int stage = (j - j_begin) % STAGES;
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile j landed for all; every warp is done with the stage refilled next
+        if (j + STAGES - 1 < j_end) tiles.load(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        const MT* sK = tiles.ready(j, stage) + wk * KT * SROW;
+        const MT* sV = sK + BN * SROW;
+        const int n0 = j * BN + wk * KT;  // this warp's first key
+        if (rk.skip(n0, KT)) continue;
+        if constexpr (Q_IN_REGS) {
+            if (!q_loaded) {  // Q landed with the first tile's group
+                q_fragments<MT, D>(qf, sQw);
+                q_loaded = true;
+            }
+        }
+
+        float s[KT / 8][4];
+        mma_qk<MT, D, KT, SROW, Q_IN_REGS>(s, qf, sQw, sK, lane);
+        tiles.template scale_scores<KT>(s, stage, wk * KT, t);
+
+        const float factor = decode_scores<KT>(p, s, rk, n0, t);
+        float alpha[2];
+        softmax_p<KT>(s, m_row, l_row, alpha, factor);
+        rescale_o<D>(o, alpha);
+
+        mma_pv<MT, KT, D, SROW>(o, s, sV, lane);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages are free: reuse them to merge the WK warps of each row group
+    decode_store<T, D, WR>(p, tiles.scratch(), o, m_row, l_row, w);
+}
 
 template <int ROWS>
 __device__ __forceinline__ DecodeWork decode_work(const DecodeParams& p, int len_cap) {

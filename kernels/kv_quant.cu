@@ -168,7 +168,8 @@ struct QuantTiles {
         const unsigned char* codes = st + (IS_V ? CODE_BYTES : 0) + r * CB + c8 * BITS;
         const unsigned char* meta = st + 2 * CODE_BYTES + (IS_V ? META_BYTES : 0);
         if constexpr (FMT < KV_INT4) {
-            const __half2 s = __float2half2_rn(reinterpret_cast<const float*>(meta)[r]);
+            // K's codes stay exact (its scale multiplies the scores: scale_scores), V's are scaled.
+            const __half2 s = __float2half2_rn(IS_V ? reinterpret_cast<const float*>(meta)[r] : 1.f);
             const uint2 c = *reinterpret_cast<const uint2*>(codes);
             return FMT == KV_INT8 ? deq_int8(c, s) : deq_fp8(c, s);
         } else {
@@ -217,6 +218,20 @@ struct QuantTiles {
         }
         __syncthreads();
         return sKV;
+    }
+
+    // 8-bit K: the scores of keys k0.. (this warp's columns of the tile in `stage`) times each
+    // key's scale, in float32, so a key's dot product is exact before its scale.
+    template <int N>
+    __device__ __forceinline__ void scale_scores(float (&s)[N / 8][4], int stage, int k0, int t) const {
+        if constexpr (FMT < KV_INT4) {
+            const float* ks = reinterpret_cast<const float*>(raw + stage * STAGE_BYTES + 2 * CODE_BYTES) + k0;
+#pragma unroll
+            for (int i = 0; i < N / 8; ++i) {
+                const float2 f = *reinterpret_cast<const float2*>(ks + 8 * i + 2 * t);
+                s[i][0] *= f.x, s[i][1] *= f.y, s[i][2] *= f.x, s[i][3] *= f.y;
+            }
+        }
     }
 
     __device__ float* scratch() const { return reinterpret_cast<float*>(sKV); }

@@ -269,7 +269,9 @@ class QuantizedKV:
     # reading ----------------------------------------------------------------------------------
     def dequantize(self, b: int, as_kernel: bool = False):
         """Sequence b's keys and values (lengths[b], heads_kv, head_dim), float32. ``as_kernel``:
-        rounded as the GPU kernel holds them (float16 values, 8-bit scales rounded to float16)."""
+        rounded as the GPU kernel holds them: float16 values, except 8-bit keys, whose exact codes
+        meet Q before their float32 scale multiplies the score (8-bit V: code times the scale
+        rounded to float16, rounded)."""
         n, nq = self.lengths[b], self.quant_lengths[b]
         kc, vc = self.k_codes[b, :, :nq], self.v_codes[b, :, :nq]
         if self.grouped:
@@ -280,14 +282,14 @@ class QuantizedKV:
             slots = torch.arange(nq, n, device=self.device) % self.res_cap
             k = torch.cat([k, self.k_res[b][:, slots].float()], 1)
             v = torch.cat([v, self.v_res[b][:, slots].float()], 1)
-        else:
-            ks, vs = self.k_meta[b, :, :nq], self.v_meta[b, :, :nq]
             if as_kernel:
-                ks, vs = ks.half().float(), vs.half().float()
-            k = dequantize_tokens(kc, ks, self.format)
-            v = dequantize_tokens(vc, vs, self.format)
-        if as_kernel:
-            k, v = k.half().float(), v.half().float()
+                k, v = k.half().float(), v.half().float()
+        else:
+            vs = self.v_meta[b, :, :nq]
+            k = dequantize_tokens(kc, self.k_meta[b, :, :nq], self.format)
+            v = dequantize_tokens(vc, vs.half().float() if as_kernel else vs, self.format)
+            if as_kernel:
+                v = v.half().float()
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def dense(self, as_kernel: bool = False):
