@@ -8,7 +8,8 @@ code and 16 tokens are decoded greedily; exact match = the code appears in the a
 Perplexity: the NLL of a 64-token continuation of the filler text, fed in decode steps of 16
 after the compressed prefill. Baseline: the full cache (our PagedCache). Rows: presses at
 several ratios (hf.CompressedCache) and quantized caches (hf.QuantizedKVCache). A kind
-"snapkv,window=32@0.5" is make_press("snapkv", ratio=0.5, window=32).
+"snapkv,window=32@0.5" is make_press("snapkv", ratio=0.5, window=32); "duo_attention@0.5" has half
+of each layer's heads streaming (sink + recent).
 
 python benchmarks/kv_needle.py [--quick] [--results-dir DIR]  (records: bench "kv", op "needle")
 """
@@ -77,7 +78,10 @@ def make_cache(model, kind, new_tokens):
                                    device=model.device)
     name, ratio = kind.rsplit("@", 1)
     name, *opts = name.split(",")  # "snapkv,window=32@0.5": press options after commas
-    press = fk.kv.make_press(name, ratio=float(ratio), **{k: int(v) for k, v in (o.split("=") for o in opts)})
+    opts = {k: int(v) for k, v in (o.split("=") for o in opts)}
+    # DuoAttention's number is the share of streaming heads (sink + recent only).
+    opts["streaming_ratio" if name == "duo_attention" else "ratio"] = float(ratio)
+    press = fk.kv.make_press(name, **opts)
     return fh.CompressedCache(model.config, press, new_tokens, dtype=model.dtype, device=model.device)
 
 
@@ -118,6 +122,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--kinds", default=None, help="';'-separated cache kinds instead of the default list")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -127,7 +132,9 @@ def main():
     kinds = ["full", "snapkv@0.5", "snapkv,window=32@0.5", "streaming_llm@0.5"] if args.quick else [
         "full", "snapkv@0.25", "snapkv@0.5", "snapkv@0.75", "snapkv,window=32@0.25", "snapkv,window=32@0.5",
         "snapkv,window=32@0.75", "snapkv,window=16@0.5", "pyramidkv@0.5", "pyramidkv,window=32@0.5", "streaming_llm@0.5", "knorm@0.5",
-        "tova@0.5", "kv-int8", "kv-fp8", "kv-int4", "kv-int2"]
+        "tova@0.5", "adakv,window=16@0.5", "duo_attention@0.5", "duo_attention@0.75", "kv-int8", "kv-fp8", "kv-int4",
+        "kv-int2"]
+    kinds = args.kinds.split(";") if args.kinds else kinds
     rng = random.Random(0)
     samples = [(n, d, make_sample(tok, rng, n, d)) for n in lengths for d in depths]
     records = []

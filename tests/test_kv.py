@@ -380,6 +380,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="more keys"):
         kv.SnapKV(0.5, window=8)(keys[:, :8], values[:, :8], window)
     assert isinstance(kv.make_press("adakv", scorer="knorm", ratio=0.3), kv.AdaKV)
+    ada = kv.make_press("adakv", ratio=0.3, window=16)  # the scorer's own options reach it
+    assert isinstance(ada.scorer, kv.SnapKV) and ada.scorer.window == 16 and ada.ratio == 0.3
+    with pytest.raises(ValueError, match="streaming_ratio"):
+        kv.make_press("duo_attention", ratio=0.5)
     with pytest.raises(ValueError, match="at least as many keys"):
         kv.window_scores(keys[:, :4], window)
     with pytest.raises(fk.ShapeError, match="lse"):

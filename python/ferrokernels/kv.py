@@ -542,7 +542,9 @@ def make_press(name: str, **kwargs):
         inner_key = "scorer" if name == "adakv" else "press"
         inner = kwargs.pop(inner_key, "snapkv")
         ratio = kwargs.pop("ratio", 0.5)
-        inner = make_press(inner, ratio=ratio) if isinstance(inner, str) else inner
+        # The scorer's own options (a named scorer's window, kernel, n_sink) go to it.
+        own = {k: kwargs.pop(k) for k in ("window", "kernel", "n_sink") if k in kwargs}
+        inner = make_press(inner, ratio=ratio, **own) if isinstance(inner, str) else inner
         return AdaKV(inner, **kwargs) if name == "adakv" else KVMerge(inner)
     raise ValueError(f"unknown press {name!r}; known: {sorted(list(PRESSES) + ['think', 'duo_attention', 'adakv', 'kvmerge'])}")
 
