@@ -15,8 +15,8 @@
 // Visibility: new token i sits at position pos = len - q_len + i and sees keys in
 // [pos - window_left, pos + window_right] intersected with [start, len); causal_q is
 // window_right = 0; WINDOW_NONE is unbounded. `start` is the cache's left padding of the
-// (sequence, kv head), 0 without one: a compressed cache that keeps a different number of
-// tokens per head right-aligns them, so every head appends at the sequence's one length.
+// (sequence, kv head), 0 without one (e.g. a cache that keeps a different number of tokens per
+// head can right-align them and append at the sequence's one length).
 #pragma once
 #include "common/types.cuh"
 #include "common/mma.cuh"

@@ -400,6 +400,36 @@ def test_quantized_cache_through_patch_and_generate():
     assert torch.equal(got, want)  # 46 tokens stay in the full-precision ring (residual 128)
 
 
+def eager_pressed(model, ids, press, cache):
+    """Each layer's Compressed when `press` runs by hand on the eager prefill of `ids` (1, n): the
+    layer's K/V from a DynamicCache, the queries rotated as the model rotates them and cut as
+    `cache` (a CompressedCache) cuts them."""
+    n = ids.shape[1]
+    dyn = transformers.DynamicCache(config=model.config)
+    queries = {}
+    hooks = [m.q_proj.register_forward_hook(lambda m, a, o, i=i: queries.__setitem__(i, o))
+             for i, m in enumerate(fh._attention_modules(model))]
+    model(ids, past_key_values=dyn)
+    for h in hooks:
+        h.remove()
+    out = []
+    for layer in range(len(dyn.layers)):
+        k, v = dyn.layers[layer].keys.transpose(1, 2), dyn.layers[layer].values.transpose(1, 2)
+        q = queries[layer].view(1, n, -1, 64).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(q, torch.arange(n)[None])
+        q = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0].transpose(1, 2)
+        out.append(press(k, v, cache._queries(q), layer=layer, n_layers=len(dyn.layers)))
+    return out
+
+
+def dynamic_cache_of(model, layers):
+    """A DynamicCache holding each layer's Compressed keys and values (padded per head)."""
+    cache = transformers.DynamicCache(config=model.config)
+    for layer, c in enumerate(layers):
+        cache.update(c.keys.transpose(1, 2), c.values.transpose(1, 2), layer)
+    return cache
+
+
 @pytest.mark.parametrize("press", ["streaming_llm", "snapkv", "knorm", "tova"])
 def test_compressed_cache_decode_equals_eager_on_the_pressed_cache(press):
     """CompressedCache's decode logits against eager attention over a DynamicCache holding the
@@ -415,22 +445,7 @@ def test_compressed_cache_decode_equals_eager_on_the_pressed_cache(press):
         model(ids, past_key_values=cache)
         got = model(nxt, past_key_values=cache, position_ids=torch.tensor([[90]])).logits
         fk.unpatch(model)
-        # Eager: each layer's K/V and the queries the press reads, pressed by hand.
-        dyn = transformers.DynamicCache(config=model.config)
-        queries = {}
-        hooks = [m.q_proj.register_forward_hook(lambda m, a, o, i=i: queries.__setitem__(i, o))
-                 for i, m in enumerate(fh._attention_modules(model))]
-        model(ids, past_key_values=dyn)
-        for h in hooks:
-            h.remove()
-        pressed = transformers.DynamicCache(config=model.config)
-        for layer, mod in enumerate(fh._attention_modules(model)):
-            k, v = dyn.layers[layer].keys.transpose(1, 2), dyn.layers[layer].values.transpose(1, 2)
-            q = queries[layer].view(1, 90, -1, 64).transpose(1, 2)
-            cos, sin = model.model.rotary_emb(q, torch.arange(90)[None])
-            q = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0].transpose(1, 2)
-            c = p(k, v, cache._queries(q), layer=layer, n_layers=len(dyn.layers))
-            pressed.update(c.keys.transpose(1, 2), c.values.transpose(1, 2), layer)
+        pressed = dynamic_cache_of(model, eager_pressed(model, ids, p, cache))
         want = model(nxt, past_key_values=pressed, position_ids=torch.tensor([[90]])).logits
     assert cache.lengths[0] == [p.budget(90) + 1]
     assert (got - want).abs().max().item() < 1e-4
@@ -485,12 +500,11 @@ def test_per_head_presses_decode_equals_eager_over_each_heads_tokens(press):
     """AdaKV / DuoAttention keep a different number of tokens per kv head: CompressedCache's
     decode logits against eager attention over the pressed, padded K/V with each head masked to
     its own kept tokens (two decode steps, so the appended tokens are attended too)."""
-    device = "cpu"
     model = make64()
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, VOCAB, (1, 90), generator=g).to(device)
-    steps = torch.randint(1, VOCAB, (2, 1), generator=g).to(device)
-    pos = lambda i: torch.tensor([[90 + i]], device=device)  # noqa: E731
+    ids = torch.randint(1, VOCAB, (1, 90), generator=g)
+    steps = torch.randint(1, VOCAB, (2, 1), generator=g)
+    pos = lambda i: torch.tensor([[90 + i]])  # noqa: E731
     p = (fk.kv.AdaKV(fk.kv.SnapKV(0.5, window=16)) if press == "adakv"
          else fk.kv.DuoAttention(0.5, sink=8, recent=16))
     with torch.no_grad():
@@ -499,24 +513,12 @@ def test_per_head_presses_decode_equals_eager_over_each_heads_tokens(press):
         model(ids, past_key_values=cache)
         got = [model(steps[i:i + 1], past_key_values=cache, position_ids=pos(i)).logits for i in range(2)]
         fk.unpatch(model)
-        dyn = transformers.DynamicCache(config=model.config)
-        queries = {}
-        hooks = [m.q_proj.register_forward_hook(lambda m, a, o, i=i: queries.__setitem__(i, o))
-                 for i, m in enumerate(fh._attention_modules(model))]
-        model(ids, past_key_values=dyn)
-        for h in hooks:
-            h.remove()
-        pressed = transformers.DynamicCache(config=model.config)
-        for layer, mod in enumerate(fh._attention_modules(model)):
-            k, v = dyn.layers[layer].keys.transpose(1, 2), dyn.layers[layer].values.transpose(1, 2)
-            q = queries[layer].view(1, 90, -1, 64).transpose(1, 2)
-            cos, sin = model.model.rotary_emb(q, torch.arange(90, device=device)[None])
-            q = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0].transpose(1, 2)
-            c = p(k, v, cache._queries(q), layer=layer, n_layers=len(dyn.layers))
+        layers = eager_pressed(model, ids, p, cache)
+        for layer, c in enumerate(layers):
             assert not c.uniform  # the per-head layout is what this test covers
             _HEAD_KEPT[layer] = (c.lengths[0], c.keys.shape[1])
-            pressed.update(c.keys.transpose(1, 2), c.values.transpose(1, 2), layer)
             assert cache.lengths[layer] == (c.lengths[0] + 2).tolist()
+        pressed = dynamic_cache_of(model, layers)
         transformers.AttentionInterface.register("per_head_eager", _per_head_eager)
         model.config._attn_implementation = "per_head_eager"
         want = [model(steps[i:i + 1], past_key_values=pressed, position_ids=pos(i)).logits for i in range(2)]

@@ -5,8 +5,8 @@ The cache is contiguous ``(batch, capacity, heads_kv, head_dim)`` or paged
 (page sizes: powers of two up to 256). ``cache_seqlens[b]`` (int32) counts sequence b's keys
 with the new tokens already written (``append_kv``); new token i sits at position
 ``cache_seqlens[b] - q_len + i``. ``cache_leftpad`` (flash-attn's name) moves the first key of a
-sequence, or of each (sequence, kv head), right: a compressed cache that keeps a different number
-of tokens per head right-aligns them and appends at one length per sequence.
+sequence, or of each (sequence, kv head), right: e.g. a cache that keeps a different number of
+tokens per head can right-align them and append at one length per sequence.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def _capturing(t) -> bool:
 def _validate_tables(cache_seqlens, block_table, capacity: int, page_size: int, num_pages: int, extra: int = 0,
                      cache_leftpad=None):
     """Lengths (plus `extra` tokens being appended) within the capacity, every page in use
-    inside the pool and every left padding within its sequence, checked on the host before the launch (a device-to-host copy for GPU
-    tables; skipped while a CUDA graph is being captured, where the kernels still skip
-    out-of-pool pages instead of touching them). Returns the host lengths (None if skipped)."""
+    inside the pool and every left padding within its sequence, checked on the host before the
+    launch (a device-to-host copy for GPU tables; skipped while a CUDA graph is being captured,
+    where the kernels still skip out-of-pool pages instead of touching them). Returns the host
+    lengths (None if skipped)."""
     if _capturing(cache_seqlens):
         return None
     lens = _host(cache_seqlens)
