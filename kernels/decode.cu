@@ -85,40 +85,69 @@ __device__ __forceinline__ bool decode_row(const DecodeParams& p, int b, int hk,
     return true;
 }
 
+// The keys of a tile are split among the WK = 4 / WR key groups of a CTA: group wk is the WR
+// warps (one per row group) that read keys [wk * KT, (wk + 1) * KT) of every tile, KT = 64 / WK.
+// Each group loads (and, quantized, dequantizes) its own rows, so the per-tile waits are the
+// group's barrier -- the warp's own __syncwarp when WR = 1 -- not the CTA's: a warp runs ahead
+// of the others by up to the ring's depth instead of meeting them at every tile.
+template <int WR>
+struct KeyGroup {
+    static constexpr int WK = 4 / WR, KT = 64 / WK, THREADS = 32 * WR;
+    int wk, tid;  // the group, and this thread's index in it
+    __device__ __forceinline__ KeyGroup() {
+        const int warp = threadIdx.x >> 5;
+        wk = warp % WK;
+        tid = (warp / WK) * 32 + (threadIdx.x & 31);
+    }
+    __device__ __forceinline__ int row0() const { return wk * KT; }  // first row of the tile
+    // Orders the group's shared-memory writes before its reads (and the reverse).
+    __device__ __forceinline__ void sync() const {
+        if constexpr (WR == 1) __syncwarp();
+        else if constexpr (WR == 4) __syncthreads();
+        else asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wk), "n"(THREADS) : "memory");
+    }
+};
+
 // Where a CTA's K/V tiles come from (the quantized cache supplies its own, kv_quant.cu). A tile
-// source owns the shared memory after the Q rows and provides:
+// source owns the shared memory after the Q rows and provides, per key group (KeyGroup):
 //   MT            the element type the MMAs read (K and V tiles of BN rows, SROW apart)
 //   STAGES        tiles in flight
-//   load(j, s)    issue the copies of 64-key tile j into stage s (one commit group per call)
-//   ready(j, s)   tile j's K rows (V rows follow BN * SROW later), once its group has landed
-//                 and every thread passed a barrier; may itself end with a barrier
+//   load(j, s)    issue the copies of the group's rows of 64-key tile j into stage s (one
+//                 commit group per call)
+//   ready(j, s)   tile j's K rows (V rows follow BN * SROW later), once its copies landed and
+//                 the group passed its barrier; may itself end with the group's barrier (every
+//                 warp calls it, before deciding to skip the tile)
 //   scale_scores<N>(s, stage, k0, t)   per-key factors on the scores of the warp's keys k0.. of
 //                 the tile in `stage` (C fragments; a no-op for a plain cache)
 //   scratch()     float area of at least (4 * 16 * D + 2 * 4 * 16) floats for the warp merge
 
 // The plain cache: tiles land by cp.async in a ring of stages and are read where they land.
-template <typename T, int D, int STAGES_>
+template <typename T, int D, int STAGES_, int WR>
 struct CacheTiles {
     using L = DecodeSmem<D, STAGES_>;
     using MT = T;
+    using KG = KeyGroup<WR>;
     static constexpr int BN = L::BN, STAGES = L::STAGES, SROW = L::SROW, CH = D / 8;
-    // Thread t copies 16-byte column chunk t % CH of rows t / CH + RSTEP * i. A tile (64 keys,
-    // 64-aligned) lies inside one sequence (contiguous) or one page (pages of >= 64 keys), so
-    // it has one base address and the per-row cost is an add; smaller pages look up each row.
-    static constexpr int RSTEP = 128 / CH, PASSES = BN / RSTEP;
+    // Thread t of the group copies 16-byte column chunk t % CH of its rows t / CH + RSTEP * i.
+    // A group's rows (64-aligned tile, KT-aligned rows) lie inside one sequence (contiguous) or
+    // one page (pages of >= 64 keys), so they have one base address and the per-row cost is an
+    // add; smaller pages look up each row.
+    static constexpr int RSTEP = KG::THREADS / CH, PASSES = KG::KT / RSTEP;
+    static_assert(PASSES * RSTEP == KG::KT, "a group's rows split evenly into passes");
 
     const DecodeParams& p;
     T* sKV;
     const T* kg;
     const T* vg;
+    KG grp;
     int b, hk, k_begin, k_end, my_col, my_row;
     bool col_ok, tile_in_page;
 
     __device__ CacheTiles(const DecodeParams& p_, unsigned char* stages, int b_, int hk_, int kb, int ke)
         : p(p_), sKV(reinterpret_cast<T*>(stages)), kg(static_cast<const T*>(p_.k)), vg(static_cast<const T*>(p_.v)),
           b(b_), hk(hk_), k_begin(kb), k_end(ke) {
-        my_col = (threadIdx.x % CH) * 8;
-        my_row = threadIdx.x / CH;
+        my_col = (grp.tid % CH) * 8;
+        my_row = grp.row0() + grp.tid / CH;
         col_ok = my_col < p.head_dim;
         tile_in_page = p.block_table == nullptr || p.page_shift >= 6;  // 2^6 = BN
     }
@@ -137,21 +166,22 @@ struct CacheTiles {
         }
     }
 
-    // One base per tile, then pointer steps; only the first and last tiles of a range test keys.
-    // (Re-deriving each row's 64-bit offset cost ~110 instructions per pass of 16 rows.)
+    // One base per group's rows, then pointer steps; only a range's first and last tiles test
+    // keys. (Re-deriving each row's 64-bit offset cost ~110 instructions per pass of 16 rows.)
     __device__ void load_rows_stepped(int j, int stage) {
         const u32 sk = smem_addr(sKV + stage * L::STAGE_ELEMS + my_row * SROW + my_col);
         const u32 sv = sk + BN * SROW * (u32)sizeof(T);
-        const int key0 = j * BN;
+        const int key0 = j * BN + grp.row0();
         i64 kb = 0, vb = 0;
         const bool base_ok = col_ok && decode_row(p, b, hk, key0, kb, vb);
-        const T* kp = kg + kb + (i64)my_row * p.k_ss + my_col;
-        const T* vp = vg + vb + (i64)my_row * p.v_ss + my_col;
+        const int r0 = my_row - grp.row0();
+        const T* kp = kg + kb + (i64)r0 * p.k_ss + my_col;
+        const T* vp = vg + vb + (i64)r0 * p.v_ss + my_col;
         const i64 kstep = (i64)RSTEP * p.k_ss, vstep = (i64)RSTEP * p.v_ss;
-        const bool full = key0 >= k_begin && key0 + BN <= k_end;
+        const bool full = key0 >= k_begin && key0 + KG::KT <= k_end;
 #pragma unroll
         for (int i = 0; i < PASSES; ++i) {
-            const int key = key0 + my_row + RSTEP * i;
+            const int key = key0 + r0 + RSTEP * i;
             const bool ok = base_ok && (full || (key >= k_begin && key < k_end));
             // With ok false nothing is read (src-size 0) and the slot is zero-filled.
             cp_async_16(sk + i * RSTEP * SROW * (u32)sizeof(T), ok ? kp : kg, ok);
@@ -166,6 +196,7 @@ struct CacheTiles {
         else load_rows_looked_up(j, stage);
     }
 
+    __device__ void sync() const { grp.sync(); }
     __device__ const T* ready(int, int stage) const { return sKV + stage * L::STAGE_ELEMS; }
     template <int N>
     __device__ __forceinline__ void scale_scores(float (&)[N / 8][4], int, int, int) const {}
@@ -361,7 +392,10 @@ __device__ __forceinline__ void decode_attend(const DecodeParams& p, unsigned ch
     for (int j = j_begin; j < j_end; ++j) {
         const int stage = (j - j_begin) % STAGES;
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // tile j landed for all; every warp is done with the stage refilled next
+        // Tile j's rows landed for the key group, which is done with the stage refilled next; the
+        // first time, every thread's Q rows (older copies, or plain stores) for the whole CTA.
+        if (j == j_begin) __syncthreads();
+        else tiles.sync();
         if (j + STAGES - 1 < j_end) tiles.load(j + STAGES - 1, (j - j_begin + STAGES - 1) % STAGES);
         cp_async_commit();
 
@@ -427,7 +461,7 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
     constexpr int ROWS = 16 * WR;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const DecodeWork w = decode_work<ROWS>(p, p.capacity);
-    CacheTiles<T, D, STAGES_> tiles(p, smem_raw + ROWS * (D + 8) * sizeof(T), w.b, w.hk, w.k_begin, w.k_end);
+    CacheTiles<T, D, STAGES_, WR> tiles(p, smem_raw + ROWS * (D + 8) * sizeof(T), w.b, w.hk, w.k_begin, w.k_end);
     decode_attend<T, D, WR>(p, smem_raw, tiles, w);
 }
 

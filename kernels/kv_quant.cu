@@ -101,32 +101,40 @@ __device__ __forceinline__ u32 chunk_word(const unsigned char* p) {
     }
 }
 
-// 16-byte chunk loads of `bytes` bytes (a multiple of 16) from `src` into shared `dst`; chunks
-// at or past `valid` bytes are zero-filled without reading.
-__device__ __forceinline__ void copy_chunks(unsigned char* dst, const unsigned char* src, int bytes, int valid) {
-    for (int c = threadIdx.x * 16; c < bytes; c += 128 * 16) {
+// 16-byte chunk loads of `bytes` bytes (a multiple of 16) from `src` into shared `dst` by the
+// `threads` threads of a key group (this one is `tid`); chunks at or past `valid` bytes are
+// zero-filled without reading.
+__device__ __forceinline__ void copy_chunks(unsigned char* dst, const unsigned char* src, int bytes, int valid, int tid,
+                                            int threads) {
+    for (int c = tid * 16; c < bytes; c += threads * 16) {
         const bool ok = c < valid;
         cp_async_16(smem_addr(dst + c), ok ? src + c : src, ok);
     }
 }
 
-template <typename T, int D, int STAGES_, int FMT>
+template <typename T, int D, int STAGES_, int FMT, int WR>
 struct QuantTiles {
     using MT = __half;
-    static constexpr int BN = 64, STAGES = STAGES_, SROW = D + 8, CH = D / 8;
+    using KG = KeyGroup<WR>;
+    static constexpr int BN = 64, STAGES = STAGES_, SROW = D + 8, CH = D / 8, KT = KG::KT;
     static constexpr int BITS = KvBits<FMT>::value;
     static constexpr int CB = D * BITS / 8;                          // code bytes per key
     static constexpr int CODE_BYTES = BN * CB;
-    static constexpr int META_BYTES = FMT < KV_INT4 ? BN * 4 : 8 * D;  // per K and per V
-    static constexpr int STAGE_BYTES = 2 * CODE_BYTES + 2 * META_BYTES;
+    // int4 / int2 K: each key group keeps the token groups (G >= 32) its KT keys touch.
+    static constexpr int K_META_SLOT = (KT > 32 ? KT / 32 : 1) * 4 * D;
+    static constexpr int K_META_BYTES = FMT < KV_INT4 ? BN * 4 : KG::WK * K_META_SLOT;
+    static constexpr int V_META_BYTES = FMT < KV_INT4 ? BN * 4 : 8 * D;
+    static constexpr int STAGE_BYTES = 2 * CODE_BYTES + K_META_BYTES + V_META_BYTES;
     static constexpr int DEQ_BYTES = 2 * BN * SROW * 2;
-    static constexpr int RSTEP = 128 / CH;
+    static constexpr int RSTEP = KG::THREADS / CH;
+    static_assert(KT % RSTEP == 0, "a group's rows split evenly into passes");
     static constexpr int D_LOG2 = D == 64 ? 6 : D == 128 ? 7 : 8;
 
     const DecodeParams& p;
     const KvQuantParams& q;
     __half* sKV;             // the dequantized tile, K then V
     unsigned char* raw;      // STAGES stages of STAGE_BYTES
+    KG grp;
     i64 head;                // (b * heads_kv + hk)
     int qlen, len;
 
@@ -136,37 +144,48 @@ struct QuantTiles {
         qlen = min(q.quant_lens[b], len);
     }
 
+    // The first token group of the K meta slot of the group's rows of tile j.
+    __device__ __forceinline__ int k_group0(int j) const { return (j * BN + grp.row0()) >> q.group_shift; }
+
     __device__ void load(int j, int stage) {
-        const int rows = min(BN, qlen - j * BN);  // quantized keys in this tile
+        const int r0 = grp.row0();
+        const int rows = min(KT, qlen - j * BN - r0);  // quantized keys among the group's rows
         if (rows <= 0) return;
         unsigned char* st = raw + stage * STAGE_BYTES;
-        const i64 row0 = head * p.capacity + (i64)j * BN;
-        copy_chunks(st, q.k_codes + row0 * CB, CODE_BYTES, rows * CB);
-        copy_chunks(st + CODE_BYTES, q.v_codes + row0 * CB, CODE_BYTES, rows * CB);
-        unsigned char* meta = st + 2 * CODE_BYTES;
+        const i64 row0 = head * p.capacity + (i64)j * BN + r0;
+        const int t = grp.tid, n = KG::THREADS;
+        copy_chunks(st + r0 * CB, q.k_codes + row0 * CB, KT * CB, rows * CB, t, n);
+        copy_chunks(st + CODE_BYTES + r0 * CB, q.v_codes + row0 * CB, KT * CB, rows * CB, t, n);
+        unsigned char* kmeta = st + 2 * CODE_BYTES;
+        unsigned char* vmeta = kmeta + K_META_BYTES;
         if constexpr (FMT < KV_INT4) {
-            copy_chunks(meta, reinterpret_cast<const unsigned char*>(static_cast<const float*>(q.k_meta) + row0), BN * 4, rows * 4);
-            copy_chunks(meta + META_BYTES, reinterpret_cast<const unsigned char*>(static_cast<const float*>(q.v_meta) + row0), BN * 4, rows * 4);
+            // KT * 4 bytes of scales per group: 64 at KT = 16, four 16-byte chunks.
+            copy_chunks(kmeta + r0 * 4, reinterpret_cast<const unsigned char*>(static_cast<const float*>(q.k_meta) + row0),
+                        KT * 4, rows * 4, t, n);
+            copy_chunks(vmeta + r0 * 4, reinterpret_cast<const unsigned char*>(static_cast<const float*>(q.v_meta) + row0),
+                        KT * 4, rows * 4, t, n);
         } else {
-            // K: the groups this tile touches (BN / G of them, or the one holding it).
-            const int G = q.group;
-            const int groups = G <= BN ? BN / G : 1;
-            const i64 g0 = head * (p.capacity / G) + (i64)j * BN / G;
-            const int per_group = 4 * D;  // D scales and D mins, float16
-            copy_chunks(meta, reinterpret_cast<const unsigned char*>(static_cast<const __half*>(q.k_meta) + g0 * 2 * D),
-                        groups * per_group, ((rows + G - 1) / G) * per_group);
+            // K: the token groups holding the group's rows, D scales then D mins each.
+            const int gs = q.group_shift, g0 = k_group0(j);
+            const int groups = ((j * BN + r0 + KT - 1) >> gs) - g0 + 1;
+            const int valid = ((j * BN + r0 + rows - 1) >> gs) - g0 + 1;
+            const i64 gbase = head * (p.capacity >> gs) + g0;
+            copy_chunks(kmeta + grp.wk * K_META_SLOT,
+                        reinterpret_cast<const unsigned char*>(static_cast<const __half*>(q.k_meta) + gbase * 2 * D),
+                        groups * 4 * D, valid * 4 * D, t, n);
             // V: (scale, min) per token and channel group.
-            const int per_row = (D / G) * 4;
-            copy_chunks(meta + META_BYTES, reinterpret_cast<const unsigned char*>(static_cast<const __half*>(q.v_meta) + row0 * (D / G) * 2),
-                        BN * per_row, rows * per_row);
+            const int per_row = (D >> gs) * 4;
+            copy_chunks(vmeta + r0 * per_row,
+                        reinterpret_cast<const unsigned char*>(static_cast<const __half*>(q.v_meta) + row0 * (D >> gs) * 2),
+                        KT * per_row, rows * per_row, t, n);
         }
     }
 
-    // Row r's 8 channels at chunk c8 of K (V: IS_V) from stage `st`, dequantized.
+    // Row r's 8 channels at chunk c8 of K (V: IS_V) of tile j from stage `st`, dequantized.
     template <bool IS_V>
-    __device__ __forceinline__ uint4 dequant(const unsigned char* st, int r, int c8) const {
+    __device__ __forceinline__ uint4 dequant(const unsigned char* st, int j, int r, int c8) const {
         const unsigned char* codes = st + (IS_V ? CODE_BYTES : 0) + r * CB + c8 * BITS;
-        const unsigned char* meta = st + 2 * CODE_BYTES + (IS_V ? META_BYTES : 0);
+        const unsigned char* meta = st + 2 * CODE_BYTES + (IS_V ? K_META_BYTES : 0);
         if constexpr (FMT < KV_INT4) {
             // K's codes stay exact (its scale multiplies the scores: scale_scores), V's are scaled.
             const __half2 s = __float2half2_rn(IS_V ? reinterpret_cast<const float*>(meta)[r] : 1.f);
@@ -181,7 +200,8 @@ struct QuantTiles {
 #pragma unroll
                 for (int k = 0; k < 4; ++k) s[k] = __low2half2(pair), m[k] = __high2half2(pair);
             } else {
-                const __half* gm = reinterpret_cast<const __half*>(meta) + (r >> gs) * 2 * D + c8 * 8;
+                const int g = ((j * BN + r) >> gs) - k_group0(j);
+                const __half* gm = reinterpret_cast<const __half*>(meta + grp.wk * K_META_SLOT) + g * 2 * D + c8 * 8;
                 const uint4 sv = *reinterpret_cast<const uint4*>(gm), mv = *reinterpret_cast<const uint4*>(gm + D);
                 const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, mw[4] = {mv.x, mv.y, mv.z, mv.w};
 #pragma unroll
@@ -197,18 +217,21 @@ struct QuantTiles {
         return convert8<T, __half>(*reinterpret_cast<const uint4*>(src));
     }
 
-    // Every thread dequantizes rows r0 + RSTEP * i of its fixed chunk column, then a barrier.
-    // Keys past the sequence are zeros (masked, but their P * V must stay finite).
+    // The group's threads dequantize its rows (thread t: chunk column t % CH of rows
+    // t / CH + RSTEP * i), then the group's barrier. Keys past the sequence are zeros (masked,
+    // but their P * V must stay finite). (K and V taking turns in one tile, V after the
+    // softmax, halved this shared memory and ran 10-20% slower: one more step in every tile's
+    // chain; NOTES kv_quant v3.)
     __device__ const __half* ready(int j, int stage) {
         const unsigned char* st = raw + stage * STAGE_BYTES;
-        const int c8 = threadIdx.x % CH, r0 = threadIdx.x / CH;
+        const int c8 = grp.tid % CH, r0 = grp.row0() + grp.tid / CH;
 #pragma unroll 1  // unrolled twice, the f16 d128 r2 int8 variant spilled 4 bytes
-        for (int i = 0; i < BN / RSTEP; ++i) {
+        for (int i = 0; i < KT / RSTEP; ++i) {
             const int r = r0 + RSTEP * i, key = j * BN + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
             if (key < qlen) {
-                kv = dequant<false>(st, r, c8);
-                vv = dequant<true>(st, r, c8);
+                kv = dequant<false>(st, j, r, c8);
+                vv = dequant<true>(st, j, r, c8);
             } else if (key < len && q.res_cap > 0) {
                 kv = residual(q.k_res, key, c8);
                 vv = residual(q.v_res, key, c8);
@@ -216,9 +239,11 @@ struct QuantTiles {
             *reinterpret_cast<uint4*>(sKV + r * SROW + c8 * 8) = kv;
             *reinterpret_cast<uint4*>(sKV + (BN + r) * SROW + c8 * 8) = vv;
         }
-        __syncthreads();
+        grp.sync();
         return sKV;
     }
+
+    __device__ void sync() const { grp.sync(); }
 
     // 8-bit K: the scores of keys k0.. (this warp's columns of the tile in `stage`) times each
     // key's scale, in float32, so a key's dot product is exact before its scale.
@@ -242,6 +267,6 @@ __device__ __forceinline__ void kv_quant_decode(const DecodeParams& p, const KvQ
     constexpr int ROWS = 16 * WR;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const DecodeWork w = decode_work<ROWS>(p, p.capacity);
-    QuantTiles<T, D, STAGES, FMT> tiles(p, q, smem_raw + ROWS * (D + 8) * 2, w.b, w.hk, w.len);
+    QuantTiles<T, D, STAGES, FMT, WR> tiles(p, q, smem_raw + ROWS * (D + 8) * 2, w.b, w.hk, w.len);
     decode_attend<T, D, WR>(p, smem_raw, tiles, w);
 }

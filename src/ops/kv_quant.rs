@@ -242,8 +242,13 @@ impl KvQuantSpec {
         let d = self.head_dim;
         let srow = d + 8;
         let code = TILE * d * self.format.bits() / 8;
-        let meta = if self.format.grouped() { 8 * d } else { TILE * 4 };
-        (16 * self.warps_on_rows * srow * 2 + 2 * TILE * srow * 2 + self.stages * (2 * code + 2 * meta)) as u32
+        // int4 / int2 K: every key group (4 / warps_on_rows of them, TILE / that many keys) keeps
+        // the token groups (of >= 32) its keys touch.
+        let key_groups = 4 / self.warps_on_rows;
+        let keys = TILE / key_groups;
+        let (k_meta, v_meta) =
+            if self.format.grouped() { (key_groups * keys.div_ceil(32) * 4 * d, 8 * d) } else { (TILE * 4, TILE * 4) };
+        (16 * self.warps_on_rows * srow * 2 + 2 * TILE * srow * 2 + self.stages * (2 * code + k_meta + v_meta)) as u32
     }
 
     pub fn name(&self) -> String {
@@ -361,7 +366,9 @@ mod tests {
         for s in KvQuantSpec::all() {
             assert!(s.smem_bytes() <= 227 * 1024, "{}", s.name());
             let d = s.head_dim;
-            assert!((4 * 16 * d + 2 * 4 * 16) * 4 <= 2 * TILE * (d + 8) * 2, "{}", s.name());
+            // The merge's scratch starts at the dequantized tile and runs into the stages.
+            let q_rows = 16 * s.warps_on_rows * (d + 8) * 2;
+            assert!((4 * 16 * d + 2 * 4 * 16) * 4 <= s.smem_bytes() as usize - q_rows, "{}", s.name());
         }
     }
 
