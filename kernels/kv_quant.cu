@@ -112,6 +112,10 @@ __device__ __forceinline__ void copy_chunks(unsigned char* dst, const unsigned c
     }
 }
 
+#ifndef DEQ_UNROLL
+#define DEQ_UNROLL 8
+#endif
+
 template <typename T, int D, int STAGES_, int FMT, int WR>
 struct QuantTiles {
     using MT = __half;
@@ -182,8 +186,25 @@ struct QuantTiles {
     }
 
     // Row r's 8 channels at chunk c8 of K (V: IS_V) of tile j from stage `st`, dequantized.
+    // int4 / int2 K: the scales and mins of a thread's 8 channels in the token group of row r.
+    struct KMeta {
+        __half2 s[4], m[4];
+    };
+    __device__ __forceinline__ void k_meta(const unsigned char* st, int j, int r, int c8, KMeta& km) const {
+        if constexpr (FMT >= KV_INT4) {
+            const int g = ((j * BN + r) >> q.group_shift) - k_group0(j);
+            const __half* gm = reinterpret_cast<const __half*>(st + 2 * CODE_BYTES + grp.wk * K_META_SLOT) + g * 2 * D + c8 * 8;
+            const uint4 sv = *reinterpret_cast<const uint4*>(gm), mv = *reinterpret_cast<const uint4*>(gm + D);
+            const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, mw[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) km.s[k] = u32_half2(sw[k]), km.m[k] = u32_half2(mw[k]);
+        }
+    }
+
+    // Row r's 8 channels at chunk c8 of K (V: IS_V) from stage `st`, dequantized; int4 / int2 K
+    // with the row's `km`.
     template <bool IS_V>
-    __device__ __forceinline__ uint4 dequant(const unsigned char* st, int j, int r, int c8) const {
+    __device__ __forceinline__ uint4 dequant(const unsigned char* st, int r, int c8, const KMeta& km) const {
         const unsigned char* codes = st + (IS_V ? CODE_BYTES : 0) + r * CB + c8 * BITS;
         const unsigned char* meta = st + 2 * CODE_BYTES + (IS_V ? K_META_BYTES : 0);
         if constexpr (FMT < KV_INT4) {
@@ -191,23 +212,16 @@ struct QuantTiles {
             const __half2 s = __float2half2_rn(IS_V ? reinterpret_cast<const float*>(meta)[r] : 1.f);
             const uint2 c = *reinterpret_cast<const uint2*>(codes);
             return FMT == KV_INT8 ? deq_int8(c, s) : deq_fp8(c, s);
-        } else {
-            __half2 s[4], m[4];
+        } else if constexpr (IS_V) {
             const int gs = q.group_shift;
-            if constexpr (IS_V) {
-                const u32 sm = reinterpret_cast<const u32*>(meta)[(r << (D_LOG2 - gs)) + ((c8 * 8) >> gs)];
-                const __half2 pair = u32_half2(sm);
+            const u32 sm = reinterpret_cast<const u32*>(meta)[(r << (D_LOG2 - gs)) + ((c8 * 8) >> gs)];
+            const __half2 pair = u32_half2(sm);
+            __half2 s[4], m[4];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) s[k] = __low2half2(pair), m[k] = __high2half2(pair);
-            } else {
-                const int g = ((j * BN + r) >> gs) - k_group0(j);
-                const __half* gm = reinterpret_cast<const __half*>(meta + grp.wk * K_META_SLOT) + g * 2 * D + c8 * 8;
-                const uint4 sv = *reinterpret_cast<const uint4*>(gm), mv = *reinterpret_cast<const uint4*>(gm + D);
-                const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, mw[4] = {mv.x, mv.y, mv.z, mv.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) s[k] = u32_half2(sw[k]), m[k] = u32_half2(mw[k]);
-            }
+            for (int k = 0; k < 4; ++k) s[k] = __low2half2(pair), m[k] = __high2half2(pair);
             return deq_low<BITS>(chunk_word<BITS>(codes), s, m);
+        } else {
+            return deq_low<BITS>(chunk_word<BITS>(codes), km.s, km.m);
         }
     }
 
@@ -225,13 +239,20 @@ struct QuantTiles {
     __device__ const __half* ready(int j, int stage) {
         const unsigned char* st = raw + stage * STAGE_BYTES;
         const int c8 = grp.tid % CH, r0 = grp.row0() + grp.tid / CH;
-#pragma unroll 1  // unrolled twice, the f16 d128 r2 int8 variant spilled 4 bytes
+        // KT <= 32 <= G aligned rows lie in one token group: K's meta is loaded once, not per row.
+        constexpr bool ONE_K_GROUP = KT <= 32;
+        KMeta km;
+        if constexpr (ONE_K_GROUP) k_meta(st, j, r0, c8, km);
+        // Unrolled, the rows are independent chains (load, convert, store); with two or four
+        // row groups the registers are short (twice unrolled, f16 d128 r2 int8 spilled).
+#pragma unroll(WR == 1 ? DEQ_UNROLL : 1)
         for (int i = 0; i < KT / RSTEP; ++i) {
             const int r = r0 + RSTEP * i, key = j * BN + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
             if (key < qlen) {
-                kv = dequant<false>(st, j, r, c8);
-                vv = dequant<true>(st, j, r, c8);
+                if constexpr (!ONE_K_GROUP) k_meta(st, j, r, c8, km);
+                kv = dequant<false>(st, r, c8, km);
+                vv = dequant<true>(st, r, c8, km);
             } else if (key < len && q.res_cap > 0) {
                 kv = residual(q.k_res, key, c8);
                 vv = residual(q.v_res, key, c8);
