@@ -9,6 +9,15 @@
 // all its keys given (the prefill's, or one attention pass). kv.py's torch formula is the
 // reference.
 //
+// With `diag` (DIAG kernels, one q head per kv head, w <= WS_DIAG_MAX_W) the same
+// probabilities are also summed per diagonal d = pos_i - j (MInference's slash lines,
+// sparse.py's vertical_slash calls it once per q head of a group):
+//
+//   diag[b, h, d] += sum over window queries i with pos_i - j = d,
+//
+// in shared memory per CTA (its keys and the window span w + KEYS - 1 diagonals), then added to
+// `diag`, which starts at zero (neighbouring CTAs share diagonals).
+//
 // Orientation: keys are the MMA's M side. A warp holds WS_MT 16-key tiles as A fragments for
 // the CTA's whole life and streams the group's query rows past them in chunks of 64 (B
 // fragments, the rows r = h * w + i over q heads h of the group); each B fragment feeds every
@@ -27,6 +36,7 @@ struct WindowScoresParams {
     const void* k;        // (batch, n, heads_kv, D)
     const float* lse;     // (batch, heads_q, w) natural log, contiguous
     float* out;           // (batch, heads_kv, n), contiguous
+    float* diag;          // DIAG: (batch, heads_kv, n), contiguous, zeroed by the caller
     i64 q_sb, q_ss, q_sh;
     i64 k_sb, k_ss, k_sh;
     i32 batch, n, w, heads_kv, group, pad_;
@@ -37,6 +47,7 @@ struct WindowScoresParams {
 constexpr int WS_WARPS = 4;
 constexpr int WS_ROWS = 64;  // query rows per chunk
 constexpr int WS_COLS = 32;  // query rows per MMA pass (the score registers of one pass)
+constexpr int WS_DIAG_MAX_W = 256;  // DIAG: the most window queries (sizes the diagonal sums)
 
 template <int D>
 struct WindowScoresSmem {
@@ -45,8 +56,10 @@ struct WindowScoresSmem {
     static constexpr int SROW = D + 8;  // padded rows: ldmatrix rows hit distinct banks
     static constexpr int K_ELEMS = KEYS * SROW;
     static constexpr int Q_ELEMS = WS_ROWS * SROW;
+    static constexpr int DIAGS = WS_DIAG_MAX_W + KEYS;  // DIAG: the CTA's diagonal sums
     // Layout: the K tile, two query stages, then per stage the rows' LSE (natural log) and
-    // positions; WindowScoresSpec::smem_bytes in src/ops/window_scores.rs sums it.
+    // positions, then (DIAG) the diagonal sums; WindowScoresSpec::smem_bytes in
+    // src/ops/window_scores.rs sums it.
 };
 
 // The first and last query positions among chunk c's rows [64 c, 64 c + 64): a chunk
@@ -94,7 +107,34 @@ __device__ __forceinline__ void ws_load_chunk(const WindowScoresParams& p, T* sQ
     }
 }
 
-template <typename T, int D>
+// DIAG: a thread's probabilities of one 32-row pass (rows row0.., of the one q head: group 1)
+// added to the CTA's diagonal sums sD (entry x is diagonal d_base + x); masked cells are 0. The
+// rows are consecutive positions, so a thread's 4 x 4 x MT cells fall on 2 * U diagonals,
+// summed in registers first (14 shared atomics instead of 32 at MT = 2; one per cell made the
+// kernel 4.7x slower than without diagonals).
+template <int MT>
+__device__ __forceinline__ void ws_add_diagonals(const WindowScoresParams& p, const float (&s)[MT][WS_COLS / 8][4],
+                                                 float* sD, int key_a, int d_base, int t, int row0) {
+    // d = d0 + 8 u + (e & 1) with u = i - 2 m - (e >> 1) in [-(2 MT - 1), WS_COLS / 8 - 1].
+    constexpr int U = WS_COLS / 8 + 2 * MT - 1, U0 = 2 * MT - 1;
+    float acc[U][2] = {};
+#pragma unroll
+    for (int i = 0; i < WS_COLS / 8; ++i)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i - 2 * m - (e >> 1) + U0][e & 1] += s[m][i][e];
+    const int d0 = p.n - p.w + row0 + 2 * t - key_a;
+    // A sum that is not 0 holds a cell of a real row (padding rows are masked), so its diagonal
+    // lies inside sD.
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            if (acc[u][h] != 0.f) atomicAdd(sD + d0 + 8 * (u - U0) + h - d_base, acc[u][h]);
+}
+
+template <typename T, int D, bool DIAG>
 __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsigned char* smem_raw) {
     using L = WindowScoresSmem<D>;
     constexpr int SROW = L::SROW, CH = D / 8, MT = L::MT, KEYS = L::KEYS;
@@ -102,6 +142,7 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
     T* sQ = sK + L::K_ELEMS;
     float* sL = reinterpret_cast<float*>(sQ + 2 * L::Q_ELEMS);
     int* sP = reinterpret_cast<int*>(sL + 2 * WS_ROWS);
+    float* sD = reinterpret_cast<float*>(sP + 2 * WS_ROWS);  // DIAG: entry x is diagonal d_base + x
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -114,6 +155,11 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
     for (int x = threadIdx.x; x < KEYS * CH; x += 32 * WS_WARPS) {
         const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
         cp_async_16(smem_addr(sK + r * SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
+    }
+    // The CTA's diagonals: pos in [n - w, n - 1], keys in [j0, j0 + KEYS - 1].
+    const int d_base = p.n - p.w - (j0 + KEYS - 1);
+    if constexpr (DIAG) {
+        for (int x = threadIdx.x; x < p.w + KEYS - 1; x += 32 * WS_WARPS) sD[x] = 0.f;  // seen after the loop's barrier
     }
     int c = ws_next_chunk(p, 0, chunks, j0);
     if (c < chunks) ws_load_chunk<T, D>(p, sQ, sL, sP, b, hk, c);
@@ -185,6 +231,7 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
                         for (int e = 0; e < 4; ++e)
                             if (key_a + 16 * m + 8 * (e >> 1) > pos[c0 + 8 * i + 2 * t + (e & 1)]) s[m][i][e] = 0.f;
             }
+            if constexpr (DIAG) ws_add_diagonals<MT>(p, s, sD, key_a, d_base, t, c * WS_ROWS + c0);
 #pragma unroll
             for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -205,4 +252,12 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
             const int key = key_a + 16 * m + 8 * r;
             if (t == 0 && key < p.n) p.out[(i64)bh * p.n + key] = sums[m][2 * r];
         }
+    if constexpr (DIAG) {
+        __syncthreads();
+        // Diagonals below 0 hold only keys past the last query (and past n): never written.
+        for (int x = threadIdx.x; x < p.w + KEYS - 1; x += 32 * WS_WARPS) {
+            const int d = d_base + x;
+            if (d >= 0 && d < p.n && sD[x] != 0.f) atomicAdd(p.diag + (i64)bh * p.n + d, sD[x]);
+        }
+    }
 }

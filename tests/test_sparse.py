@@ -450,6 +450,52 @@ def test_vertical_slash_attends(device, shape, sizes):
         run(q, k, v, bm)
 
 
+def vertical_slash_scores_definition(q, k, last_q, scale):
+    """float64: the last queries' causal softmax (bottom-right), summed per column and diagonal."""
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    L = min(last_q, nq)
+    kd = k.double().cpu().repeat_interleave(hq // hk, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double().cpu()[:, nq - L:], kd) * scale
+    pos = nk - L + torch.arange(L)
+    s = s.masked_fill(torch.arange(nk)[None, :] > pos[:, None], float("-inf"))
+    a = torch.softmax(s, -1)
+    return a.sum(2), sp._diagonal_sums(a)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,last_q", [((2, 300, 700, 4, 2, 64), 64), ((1, 1000, 1000, 8, 2, 128), 100),
+                                          ((1, 90, 333, 2, 2, 256), 17), ((1, 40, 40, 3, 1, 128), 64)])
+def test_vertical_slash_scores_match_definition(device, shape, last_q):
+    """Column and diagonal sums of the last queries' attention (the CUDA kernel: GQA, a window
+    shorter than 64 and one of 100 rows, ragged key tiles, every head dim) against float64."""
+    for i, dtype in enumerate(dtypes_for(device)):
+        q, k, _ = make(shape, dtype, device, seed=300 + i)
+        scale = shape[-1] ** -0.5
+        vert, slash = sp.vertical_slash_scores(q, k, last_q=last_q, scale=scale)
+        want_v, want_s = vertical_slash_scores_definition(q, k, last_q, scale)
+        # The torch path rounds scores to the inputs' precision; the kernel keeps them in float32
+        # (its column sums add float16 probabilities on the tensor cores).
+        tol = 2e-2 if device == "cpu" and dtype != torch.float32 else 4e-3
+        for got, want in ((vert, want_v), (slash, want_s)):
+            assert got.shape == want.shape and got.dtype == torch.float32
+            err = (got.double().cpu() - want).abs().max().item()
+            assert err <= tol * want.abs().max().item(), f"{dtype}: max err {err:.2e}"
+        # Each query row's probabilities sum to 1, every one on some diagonal >= 0.
+        assert torch.allclose(slash.sum(-1).double().cpu(), torch.full(want_s.shape[:2], float(min(last_q, shape[1])),
+                                                                      dtype=torch.float64), rtol=1e-2)
+
+
+def test_window_scores_diagonals_need_one_q_head_per_kv_head():
+    q, k = torch.randn(1, 64, 4, 64, dtype=torch.float16), torch.randn(1, 300, 2, 64, dtype=torch.float16)
+    lse, out = torch.zeros(1, 4, 64), torch.zeros(1, 2, 300)
+    with pytest.raises(NotImplementedError, match="one q head per kv head"):
+        fk._native.window_scores(q, k, lse, out, diag=out.clone(), scale=0.125)
+    with pytest.raises(NotImplementedError, match="at most 256 queries"):
+        fk._native.window_scores(torch.randn(1, 257, 2, 64, dtype=torch.float16), k, torch.zeros(1, 2, 257), out,
+                                 diag=out.clone(), scale=0.125)
+
+
 def test_vertical_slash_bad_input():
     q, k, _ = make((1, 256, 256, 2, 1, 64), torch.float32, "cpu", seed=1)
     with pytest.raises(ValueError, match="vertical_size"):

@@ -30,6 +30,7 @@ from .attention import LAYOUT, _dense
 
 TILE = 128        # the kernel's query block and key tile (src/ops/sparse.rs: TILE)
 _CHUNK = 1 << 24  # mask elements evaluated at once
+_DIAG_MAX_W = 256  # src/ops/window_scores.rs: DIAG_MAX_W
 
 
 def _check_int32(x, name, rank):
@@ -886,6 +887,45 @@ def _diagonal_sums(a):
     return shifted.sum(1).flip(-1).view(lead + (n,))
 
 
+def vertical_slash_scores(q, k, *, last_q: int = 64, scale: Optional[float] = None):
+    """The scores ``vertical_slash`` ranks by, float32 ``(batch, heads_q, kv_len)`` each: the
+    last ``last_q`` queries' causal softmax attention (bottom-right) summed per key column, and
+    per diagonal (entry d sums the cells with position - key = d). On CUDA (16-bit, head_dim 64 /
+    128 / 256, last_q <= 256) one LSE pass of our attention kernel, then the window_scores kernel
+    with diagonal sums, once per q head of a kv head: the (heads, last_q, kv_len) probabilities
+    never exist. Elsewhere torch, in chunks of kv heads (scores in the inputs' precision, as
+    MInference; softmax in float32)."""
+    b, nq, hq, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    L, g = min(last_q, nq), hq // hk
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d in (64, 128, 256)
+            and L <= _DIAG_MAX_W and L <= nk):
+        from .attention import attention
+        ql = q[:, nq - L:]
+        # A narrow V: only the LSE is read.
+        lse = attention(ql, k, k[..., :8], causal=True, scale=scale, return_lse=True)[1].float()
+        vert = torch.empty(g, b, hk, nk, dtype=torch.float32, device=q.device)
+        slash = torch.zeros(g, b, hk, nk, dtype=torch.float32, device=q.device)
+        for gi in range(g):  # q heads gi, g + gi, ...: one of each kv head's group
+            _native.window_scores(ql[:, :, gi::g], k, lse[:, gi::g].contiguous(), vert[gi], diag=slash[gi], scale=scale,
+                                  stream=stream_of(q))
+        return tuple(x.permute(1, 2, 0, 3).reshape(b, hq, nk) for x in (vert, slash))
+    vert, slash = [], []
+    # kv heads in chunks: a chunk's (g L, nk) float32 scores stay within _CHUNK elements.
+    step = max(1, _CHUNK // max(1, b * g * L * nk))
+    for h0 in range(0, hk, step):
+        h1 = min(hk, h0 + step)
+        # Scores in the inputs' precision (as MInference), softmax in float32.
+        qh = q[:, nq - L:, h0 * g:h1 * g].reshape(b, L, h1 - h0, g, d)
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qh, k[:, :, h0:h1]).float()
+        s[..., nk - L:].masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        a = torch.softmax(s.mul_(scale), -1).view(b, (h1 - h0) * g, L, nk)
+        vert.append(a.sum(2))
+        slash.append(_diagonal_sums(a))
+    return torch.cat(vert, 1), torch.cat(slash, 1)
+
+
 def vertical_slash(q, k, *, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64,
                    sink: int = 30, local: int = 100, scale: Optional[float] = None) -> VerticalSlashMask:
     """MInference's online estimate: the last ``last_q`` queries' causal attention over all
@@ -902,25 +942,14 @@ def vertical_slash(q, k, *, vertical_size: int = 1000, slash_size: int = 6096, l
     for name, val in (("vertical_size", vertical_size), ("slash_size", slash_size), ("last_q", last_q)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    L, g = min(last_q, nq), hq // hk
-    vert, slash = [], []
-    # kv heads in chunks: a chunk's (g L, nk) float32 scores stay within _CHUNK elements.
-    step = max(1, _CHUNK // max(1, b * g * L * nk))
-    for h0 in range(0, hk, step):
-        h1 = min(hk, h0 + step)
-        # Scores in the inputs' precision (as MInference), softmax in float32.
-        qh = q[:, nq - L:, h0 * g:h1 * g].reshape(b, L, h1 - h0, g, d)
-        s = torch.einsum("bqhgd,bkhd->bhgqk", qh, k[:, :, h0:h1]).float()
-        s[..., nk - L:].masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        a = torch.softmax(s.mul_(scale), -1).view(b, (h1 - h0) * g, L, nk)
-        vert.append(a.sum(2))
-        slash.append(_diagonal_sums(a))
-    vert, slash = torch.cat(vert, 1), torch.cat(slash, 1)                     # (b, hq, nk)
+    vert, slash = vertical_slash_scores(q, k, last_q=last_q, scale=scale)  # (b, hq, nk) each
     vert[..., :sink] = float("inf")
     slash[..., :local] = float("inf")
-    columns = vert.topk(min(vertical_size, nk), -1).indices
-    diagonals = slash.topk(min(slash_size, nk), -1).indices
+    # The best positions per row in ascending order (one radix-select launch each on CUDA,
+    # kernels/kv_select.cu; torch's topk of 6096 of 32K cost more than the scores).
+    from .kv import _top
+    columns = _top(vert, min(vertical_size, nk))
+    diagonals = _top(slash, min(slash_size, nk))
     return VerticalSlashMask(columns, diagonals, seq_lengths=(nq, nk))
 
 

@@ -13,6 +13,8 @@ use std::ffi::c_void;
 /// Query rows per chunk (kernels/window_scores.cu: WS_ROWS).
 const ROWS: usize = 64;
 
+/// Most window queries with diagonal sums (kernels/window_scores.cu: WS_DIAG_MAX_W).
+pub const DIAG_MAX_W: usize = 256;
 /// Head dims with a kernel.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
@@ -26,6 +28,9 @@ pub struct WindowScoresArgs<'a> {
     pub lse: &'a TensorView,
     /// float32 (batch, heads_kv, n), contiguous: the output.
     pub out: &'a TensorView,
+    /// float32 (batch, heads_kv, n), contiguous, zeroed: the sums per diagonal pos - key are
+    /// added to it (heads_q == heads_kv, w <= DIAG_MAX_W).
+    pub diag: Option<&'a TensorView>,
     pub scale: f64,
 }
 
@@ -36,6 +41,7 @@ struct Params {
     k: u64,
     lse: u64,
     out: u64,
+    diag: u64,
     q_s: [i64; 3],
     k_s: [i64; 3],
     batch: i32,
@@ -52,6 +58,8 @@ struct Params {
 pub struct WindowScoresSpec {
     pub dtype: DType,
     pub head_dim: usize,
+    /// Also sums per diagonal.
+    pub diag: bool,
 }
 
 impl WindowScoresSpec {
@@ -59,7 +67,9 @@ impl WindowScoresSpec {
         let mut v = Vec::new();
         for dtype in [DType::F16, DType::BF16] {
             for head_dim in HEAD_DIMS {
-                v.push(WindowScoresSpec { dtype, head_dim });
+                for diag in [false, true] {
+                    v.push(WindowScoresSpec { dtype, head_dim, diag });
+                }
             }
         }
         v
@@ -67,7 +77,7 @@ impl WindowScoresSpec {
 
     pub fn name(&self) -> String {
         let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
-        format!("window_scores_{t}_d{}", self.head_dim)
+        format!("window_scores_{t}_d{}{}", self.head_dim, if self.diag { "_diag" } else { "" })
     }
 
     /// Keys per CTA (WindowScoresSmem::KEYS): four warps of two 16-key tiles, one past D = 128.
@@ -76,21 +86,25 @@ impl WindowScoresSpec {
     }
 
     /// Mirrors WindowScoresSmem: the key tile and two query chunks of padded rows, then the
-    /// chunks' LSE and positions.
+    /// chunks' LSE and positions, then the diagonal sums.
     pub fn smem_bytes(&self) -> u32 {
         let srow = self.head_dim + 8;
-        ((self.keys_per_cta() + 2 * ROWS) * srow * 2 + 2 * ROWS * 8) as u32
+        let diags = if self.diag { (DIAG_MAX_W + self.keys_per_cta()) * 4 } else { 0 };
+        ((self.keys_per_cta() + 2 * ROWS) * srow * 2 + 2 * ROWS * 8 + diags) as u32
     }
 
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"window_scores.cu\"\n\
-             extern \"C\" __global__ void __launch_bounds__(32 * WS_WARPS) {name}(const __grid_constant__ WindowScoresParams p) {{\n\
+             extern \"C\" __global__ void __launch_bounds__(32 * WS_WARPS{min_blocks}) {name}(const __grid_constant__ WindowScoresParams p) {{\n\
              \x20   extern __shared__ __align__(16) unsigned char smem_raw[];\n\
-             \x20   window_scores<{t}, {d}>(p, smem_raw);\n}}\n",
+             \x20   window_scores<{t}, {d}, {diag}>(p, smem_raw);\n}}\n",
             name = self.name(),
             t = ctype(self.dtype),
             d = self.head_dim,
+            diag = self.diag,
+            // The diagonal sums' registers: left to itself ptxas held d64 at 128 and spilled.
+            min_blocks = if self.diag { ", 1" } else { "" },
         );
         KernelSource::portable(self.name(), source)
     }
@@ -117,7 +131,13 @@ fn check(a: &WindowScoresArgs) -> Result<(usize, usize, usize, usize, usize)> {
     if !HEAD_DIMS.contains(&d) {
         return Err(Error::NotImplemented(format!("window_scores has kernels for head_dim {HEAD_DIMS:?}, got {d}")));
     }
-    for (t, shape) in [(a.lse, [b, hq, w]), (a.out, [b, hk, n])] {
+    if a.diag.is_some() && (w > DIAG_MAX_W || hq != hk) {
+        return Err(Error::NotImplemented(format!(
+            "window_scores sums diagonals for one q head per kv head and at most {DIAG_MAX_W} queries, got {hq} q heads \
+             for {hk} kv heads and {w} queries"
+        )));
+    }
+    for (t, shape) in [(a.lse, [b, hq, w]), (a.out, [b, hk, n])].into_iter().chain(a.diag.map(|t| (t, [b, hk, n]))) {
         t.expect_same_device(q)?;
         t.expect_dtype(&[DType::F32])?;
         t.expect_shape(&shape.map(|x| x as i64))?;
@@ -145,7 +165,7 @@ pub fn forward(a: &WindowScoresArgs, stream: usize) -> Result<()> {
     }
     // No CPU path here: kv.py scores on the CPU in torch.
     let dev = driver::device_of(a.q, "the window_scores kernel")?;
-    let spec = WindowScoresSpec { dtype: a.q.dtype, head_dim: a.q.dim(3) };
+    let spec = WindowScoresSpec { dtype: a.q.dtype, head_dim: a.q.dim(3), diag: a.diag.is_some() };
     let smem = spec.smem_bytes();
     let f = dev.function(&spec.kernel(), smem)?;
     let mut p = Params {
@@ -153,6 +173,7 @@ pub fn forward(a: &WindowScoresArgs, stream: usize) -> Result<()> {
         k: a.k.ptr as u64,
         lse: a.lse.ptr as u64,
         out: a.out.ptr as u64,
+        diag: a.diag.map_or(0, |t| t.ptr as u64),
         q_s: [a.q.stride(0), a.q.stride(1), a.q.stride(2)],
         k_s: [a.k.stride(0), a.k.stride(1), a.k.stride(2)],
         batch: b as i32,

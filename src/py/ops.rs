@@ -168,23 +168,27 @@ fn sparse_select_blocks(
     py.detach(|| sparse::select(&args, stream)).map_err(to_py)
 }
 
-/// window_scores(q, k, lse, out, *, scale, stream): the window's attention summed per key and
-/// kv head (ops::window_scores).
+/// window_scores(q, k, lse, out, *, diag, scale, stream): the window's attention summed per key
+/// and kv head, and optionally per diagonal (ops::window_scores).
 #[pyfunction]
-#[pyo3(signature = (q, k, lse, out, *, scale, stream=0))]
+#[pyo3(signature = (q, k, lse, out, *, diag=None, scale, stream=0))]
+#[allow(clippy::too_many_arguments)]
 fn window_scores(
     py: Python<'_>,
     q: &Bound<'_, PyAny>,
     k: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    diag: Option<&Bound<'_, PyAny>>,
     scale: f64,
     stream: usize,
 ) -> PyResult<()> {
     let (q, k) = (import(q, "queries", stream, false)?, import(k, "keys", stream, false)?);
     let lse = import(lse, "lse", stream, false)?;
     let out = import(out, "out", stream, true)?;
-    let args = WindowScoresArgs { q: &q.view, k: &k.view, lse: &lse.view, out: &out.view, scale };
+    let diag = diag.map(|t| import(t, "diag", stream, true)).transpose()?;
+    let args =
+        WindowScoresArgs { q: &q.view, k: &k.view, lse: &lse.view, out: &out.view, diag: diag.as_ref().map(|t| &t.view), scale };
     py.detach(|| crate::ops::window_scores::forward(&args, stream)).map_err(to_py)
 }
 
