@@ -34,7 +34,7 @@
 struct WindowScoresParams {
     const void* q;        // (batch, w, heads_q, D)
     const void* k;        // (batch, n, heads_kv, D)
-    const float* lse;     // (batch, heads_q, w) natural log, contiguous
+    const float* lse;     // (batch, heads_q, w) natural log, contiguous (window_lse: null)
     float* out;           // (batch, heads_kv, n), contiguous
     float* diag;          // DIAG: (batch, heads_kv, n), contiguous, zeroed by the caller
     i64 q_sb, q_ss, q_sh;
@@ -102,7 +102,7 @@ __device__ __forceinline__ void ws_load_chunk(const WindowScoresParams& p, T* sQ
         const bool ok = row < rows;
         const int h = ok ? row / p.w : 0, i = ok ? row - h * p.w : 0;
         const float* src = p.lse + ((i64)b * p.heads_kv * p.group + hk * p.group + h) * p.w + i;
-        cp_async_4(smem_addr(sL + threadIdx.x), ok ? src : p.lse, ok);
+        if (p.lse != nullptr) cp_async_4(smem_addr(sL + threadIdx.x), ok ? src : p.lse, ok);  // null: window_lse
         sP[threadIdx.x] = ok ? p.n - p.w + i : -1;
     }
 }
@@ -260,4 +260,149 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
             if (d >= 0 && d < p.n && sD[x] != 0.f) atomicAdd(p.diag + (i64)bh * p.n + d, sD[x]);
         }
     }
+}
+
+// The window queries' LSE over their keys, for when no prefill kept it: the same tiles as
+// window_scores (keys as the MMA's M side, the group's rows streaming past), each CTA reducing
+// its keys to a running (max, sum) per row -- over its lanes' keys, the 8 lanes of a column
+// (shuffles), then its 4 warps (shared memory) -- written to `part` as (row, CTA) pairs in log2
+// units; window_lse_merge combines a row's CTAs. (Our attention kernel gave the LSE too, but with
+// one CTA per 128 window rows per head it ran 32 CTAs at (1, 32K): 0.33 ms against ~0.1.)
+// part: float2 (batch * heads_kv, rows = group * w, ctas); a row's CTAs past its position (keys
+// it does not see) are never written and never read.
+template <typename T, int D>
+__device__ __forceinline__ void window_lse(const WindowScoresParams& p, float2* part, unsigned char* smem_raw) {
+    using L = WindowScoresSmem<D>;
+    constexpr int SROW = L::SROW, CH = D / 8, MT = L::MT, KEYS = L::KEYS;
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sQ = sK + L::K_ELEMS;
+    float* sL = reinterpret_cast<float*>(sQ + 2 * L::Q_ELEMS);
+    int* sP = reinterpret_cast<int*>(sL + 2 * WS_ROWS);
+    float2* sR = reinterpret_cast<float2*>(sP + 2 * WS_ROWS);  // (warp, row) partials of a chunk
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / p.heads_kv, hk = bh - b * p.heads_kv;
+    const int j0 = blockIdx.x * KEYS, ctas = gridDim.x;
+    const int rows = p.group * p.w, chunks = (rows + WS_ROWS - 1) / WS_ROWS;
+
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    for (int x = threadIdx.x; x < KEYS * CH; x += 32 * WS_WARPS) {
+        const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
+        cp_async_16(smem_addr(sK + r * SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
+    }
+    int c = ws_next_chunk(p, 0, chunks, j0);
+    if (c < chunks) ws_load_chunk<T, D>(p, sQ, sL, sP, b, hk, c);
+    cp_async_commit();
+
+    const int key_a = j0 + 16 * MT * warp + g;
+    u32 kf[MT][D / 16][4];
+    bool k_loaded = false;
+    for (int stage = 0; c < chunks; stage ^= 1) {
+        const int next = ws_next_chunk(p, c + 1, chunks, j0);
+        cp_async_wait<0>();
+        __syncthreads();  // chunk c (and K) landed; the other stage and sR are free
+        if (next < chunks)
+            ws_load_chunk<T, D>(p, sQ + (stage ^ 1) * L::Q_ELEMS, sL + (stage ^ 1) * WS_ROWS, sP + (stage ^ 1) * WS_ROWS,
+                                b, hk, next);
+        cp_async_commit();
+        if (!k_loaded) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+                q_fragments<T, D>(kf[m], sK + (16 * (MT * warp + m) + (lane & 15)) * SROW + (lane >> 4) * 8);
+            k_loaded = true;
+        }
+        const T* sQc = sQ + stage * L::Q_ELEMS;
+        const int* pos = sP + stage * WS_ROWS;
+#pragma unroll
+        for (int c0 = 0; c0 < WS_ROWS; c0 += WS_COLS) {
+            float s[MT][WS_COLS / 8][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int np = 0; np < WS_COLS / 16; ++np) {
+                    u32 bq[4];
+                    ldmatrix_x4(bq, smem_addr(sQc + (c0 + np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
+                                              ((lane >> 3) & 1) * 8));
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        mma_16816<T>(s[m][2 * np], kf[m][kk], bq[0], bq[1]);
+                        mma_16816<T>(s[m][2 * np + 1], kf[m][kk], bq[2], bq[3]);
+                    }
+                }
+            // Per column (query row) of this thread: the max and sum over its keys, then over
+            // the 8 lanes g sharing the column. Keys past a row's position (or past n) are -inf.
+#pragma unroll
+            for (int i = 0; i < WS_COLS / 8; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int pr = pos[c0 + 8 * i + 2 * t + h];
+                    float x[2 * MT];
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
+#pragma unroll
+                        for (int eh = 0; eh < 2; ++eh) {
+                            const int key = key_a + 16 * m + 8 * eh;
+                            x[2 * m + eh] = key <= pr && key < p.n ? s[m][i][2 * eh + h] * p.scale_log2 : neg_inf();
+                        }
+                    float mx = x[0];
+#pragma unroll
+                    for (int e = 1; e < 2 * MT; ++e) mx = fmaxf(mx, x[e]);
+#pragma unroll
+                    for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                    float l = 0.f;
+                    if (mx != neg_inf()) {
+#pragma unroll
+                        for (int e = 0; e < 2 * MT; ++e) l += fast_exp2(x[e] - mx);
+                    }
+#pragma unroll
+                    for (int o = 4; o < 32; o <<= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+                    if (g == 0) sR[warp * WS_ROWS + c0 + 8 * i + 2 * t + h] = make_float2(mx, l);
+                }
+        }
+        __syncthreads();
+        // The 4 warps' keys of each row, one thread per row.
+        if (threadIdx.x < WS_ROWS) {
+            const int row = c * WS_ROWS + threadIdx.x;
+            float mx = neg_inf();
+#pragma unroll
+            for (int w = 0; w < WS_WARPS; ++w) mx = fmaxf(mx, sR[w * WS_ROWS + threadIdx.x].x);
+            float l = 0.f;
+            if (mx != neg_inf()) {
+#pragma unroll
+                for (int w = 0; w < WS_WARPS; ++w) {
+                    const float2 v = sR[w * WS_ROWS + threadIdx.x];
+                    l += v.y * fast_exp2(v.x - mx);
+                }
+            }
+            if (row < rows && j0 <= pos[threadIdx.x]) part[((i64)bh * rows + row) * ctas + blockIdx.x] = make_float2(mx, l);
+        }
+        c = next;
+    }
+}
+
+// lse[bh * rows + row] (natural log), i.e. (batch, heads_q, w), from the row's CTAs
+// 0 .. pos / keys_per_cta: a warp per row, lanes over CTAs.
+__device__ __forceinline__ void window_lse_merge(const WindowScoresParams& p, const float2* part, float* lse, int ctas,
+                                                 int keys_per_cta) {
+    const int lane = threadIdx.x & 31;
+    const i64 rows = (i64)p.group * p.w, row_all = (i64)blockIdx.x * WS_WARPS + (threadIdx.x >> 5);
+    if (row_all >= (i64)p.batch * p.heads_kv * rows) return;
+    const int i = (int)(row_all % rows) % p.w, last = min((p.n - p.w + i) / keys_per_cta, ctas - 1);
+    const float2* src = part + row_all * ctas;
+    float mx = neg_inf(), l = 0.f;
+    for (int c = lane; c <= last; c += 32) {
+        const float2 v = src[c];
+        const float m2 = fmaxf(mx, v.x);
+        if (m2 != neg_inf()) l = l * fast_exp2(mx - m2) + v.y * fast_exp2(v.x - m2);
+        mx = m2;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, mx, o), ol = __shfl_xor_sync(0xffffffffu, l, o);
+        const float m2 = fmaxf(mx, om);
+        l = m2 == neg_inf() ? 0.f : l * fast_exp2(mx - m2) + ol * fast_exp2(om - m2);
+        mx = m2;
+    }
+    if (lane == 0) lse[row_all] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : neg_inf();
 }

@@ -23,6 +23,7 @@ for b, n in [(1, 8192), (1, 32768), (4, 8192)]:
     t = {
         "prefill": time_ms(lambda i: fk.attention(q, k, v, causal=True), reps=10),
         "lse pass (window attention)": time_ms(lambda i: fk.attention(win, k, k[..., :8], causal=True, return_lse=True)),
+        "lse pass (window_lse kernel)": time_ms(lambda i: kv._window_lse(win, k, D ** -0.5)),
         "window_scores kernel": time_ms(lambda i: kv.window_scores(k, win, lse)),
     }
     s = kv.window_scores(k, win, lse)[..., : n - W]
@@ -40,6 +41,8 @@ for b, n in [(1, 8192), (1, 32768), (4, 8192)]:
         "topk + sort": lambda: kv._top(sc, kept),
         "gather": lambda: kv._gather(k, v, idx, lens),
         "whole press (lse given)": lambda: press(k, v, win, lse=lse),
+        "lse pass (window_lse kernel)": lambda: kv._window_lse(win, k, D ** -0.5),
+        "whole press (lse computed)": lambda: press(k, v, win),
     }
     g = {name: time_graph_ms(fn, calls=10, reps=10) for name, fn in fns.items()}
     print(f"(b={b}, n={n}):                    eager            GPU (graph)")

@@ -154,6 +154,23 @@ def ref_lse(keys, queries):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", SCORE_SHAPES)
+def test_window_lse_kernel_against_float64(shape):
+    """The window's LSE from the keys alone (CTAs over the keys, then the merge): every row
+    written (poisoned output), within float32 rounding of float64."""
+    b, n, hq, hk, d, w = shape
+    for dtype in (torch.float16, torch.bfloat16):
+        keys, _, window, _ = inputs(b, n, hq, hk, d, w, "cuda", dtype, seed=2 * n + w)
+        keys = keys * 2
+        lse = torch.full((b, hq, w), float("nan"), device="cuda")
+        ws = torch.full((fk._native.window_lse_workspace(b, n, w, hq, d),), float("nan"), device="cuda")
+        fk._native.window_lse(window, keys, lse, ws, scale=1 / math.sqrt(d))
+        want = ref_lse(keys, window).cpu()
+        assert not lse.isnan().any(), dtype
+        assert (lse.cpu() - want).abs().max().item() < 2e-3, dtype
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_presses_on_the_score_kernel_keep_what_torch_keeps(dtype, monkeypatch):
     """16-bit CUDA inputs take the kernel; the kept sets agree with the torch path's (which

@@ -118,15 +118,23 @@ def window_scores(keys, queries, lse=None, scale=None, out=None):
     if (_SCORE_KERNEL and keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) and queries.dtype == keys.dtype
             and d in _SCORE_HEAD_DIMS):
         if lse is None:
-            from .attention import attention
-            # Bottom-right causal: the window's rows see every key up to their own. A narrow V:
-            # only the LSE is read.
-            lse = attention(queries, keys, keys[..., :8], causal=True, scale=scale, return_lse=True)[1]
+            lse = _window_lse(queries, keys, scale)
         out = torch.empty(b, hk, n, dtype=torch.float32, device=keys.device) if out is None else out
         _native.window_scores(queries, keys, lse.float().contiguous(), out, scale=scale, stream=stream_of(keys))
         return out
     s = _window_scores_torch(keys, queries, lse, scale)
     return s if out is None else out.copy_(s)
+
+
+def _window_lse(queries, keys, scale):
+    """float32 ``(batch, heads_q, w)``: the window queries' LSE (natural log) over the keys up to
+    their own positions, the last w; the CUDA kernel of window_scores' tiles (16-bit, head_dim
+    64 / 128 / 256): CTAs over the keys, then a merge, so a 64-row window fills the GPU."""
+    b, w, hq, d = queries.shape
+    lse = torch.empty(b, hq, w, dtype=torch.float32, device=keys.device)
+    ws = torch.empty(_native.window_lse_workspace(b, keys.shape[1], w, hq, d), dtype=torch.float32, device=keys.device)
+    _native.window_lse(queries, keys, lse, ws, scale=scale, stream=stream_of(keys))
+    return lse
 
 
 def _window_scores_torch(keys, queries, lse, scale):

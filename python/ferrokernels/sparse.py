@@ -891,7 +891,7 @@ def vertical_slash_scores(q, k, *, last_q: int = 64, scale: Optional[float] = No
     """The scores ``vertical_slash`` ranks by, float32 ``(batch, heads_q, kv_len)`` each: the
     last ``last_q`` queries' causal softmax attention (bottom-right) summed per key column, and
     per diagonal (entry d sums the cells with position - key = d). On CUDA (16-bit, head_dim 64 /
-    128 / 256, last_q <= 256) one LSE pass of our attention kernel, then the window_scores kernel
+    128 / 256, last_q <= 256) the window's LSE (kv._window_lse), then the window_scores kernel
     with diagonal sums, once per q head of a kv head: the (heads, last_q, kv_len) probabilities
     never exist. Elsewhere torch, in chunks of kv heads (scores in the inputs' precision, as
     MInference; softmax in float32)."""
@@ -901,10 +901,9 @@ def vertical_slash_scores(q, k, *, last_q: int = 64, scale: Optional[float] = No
     L, g = min(last_q, nq), hq // hk
     if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d in (64, 128, 256)
             and L <= _DIAG_MAX_W and L <= nk):
-        from .attention import attention
+        from .kv import _window_lse
         ql = q[:, nq - L:]
-        # A narrow V: only the LSE is read.
-        lse = attention(ql, k, k[..., :8], causal=True, scale=scale, return_lse=True)[1].float()
+        lse = _window_lse(ql, k, scale)
         vert = torch.empty(g, b, hk, nk, dtype=torch.float32, device=q.device)
         slash = torch.zeros(g, b, hk, nk, dtype=torch.float32, device=q.device)
         for gi in range(g):  # q heads gi, g + gi, ...: one of each kv head's group

@@ -26,6 +26,8 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.push(sparse::select_kernel());
     v.push(sparse::vs_kernel());
     v.extend(window_scores::WindowScoresSpec::all().iter().map(|s| s.kernel()));
+    v.extend(window_scores::WindowScoresSpec::all().iter().filter(|s| !s.diag).map(|s| s.lse_kernel()));
+    v.push(window_scores::lse_merge_kernel());
     v.push(kv_select::topk_kernel());
     v.push(kv_select::gather_kernel());
     v

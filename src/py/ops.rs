@@ -192,6 +192,32 @@ fn window_scores(
     py.detach(|| crate::ops::window_scores::forward(&args, stream)).map_err(to_py)
 }
 
+/// window_lse(q, k, lse, workspace, *, scale, stream): the window queries' LSE over their keys
+/// (ops::window_scores::lse_forward).
+#[pyfunction]
+#[pyo3(signature = (q, k, lse, workspace, *, scale, stream=0))]
+fn window_lse(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    workspace: &Bound<'_, PyAny>,
+    scale: f64,
+    stream: usize,
+) -> PyResult<()> {
+    let (q, k) = (import(q, "queries", stream, false)?, import(k, "keys", stream, false)?);
+    let lse = import(lse, "lse", stream, true)?;
+    let ws = import(workspace, "workspace", stream, true)?;
+    let args = crate::ops::window_scores::WindowLseArgs { q: &q.view, k: &k.view, lse: &lse.view, workspace: &ws.view, scale };
+    py.detach(|| crate::ops::window_scores::lse_forward(&args, stream)).map_err(to_py)
+}
+
+/// window_lse_workspace(batch, n, w, heads_q, head_dim): float32 elements window_lse needs.
+#[pyfunction]
+fn window_lse_workspace(batch: usize, n: usize, w: usize, heads_q: usize, head_dim: usize) -> usize {
+    crate::ops::window_scores::lse_workspace_floats(batch, n, w, heads_q, head_dim)
+}
+
 /// kv_select_topk(scores, index, *, stream): the k best positions of each row, ascending
 /// (ops::kv_select).
 #[pyfunction]
@@ -874,6 +900,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_attention_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_select_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(window_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(window_lse, m)?)?;
+    m.add_function(wrap_pyfunction!(window_lse_workspace, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_topk, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_gather, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
