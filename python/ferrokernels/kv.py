@@ -91,6 +91,7 @@ def _ratio(ratio):
 
 _SCORE_KERNEL = True  # tests turn it off to compare the kernels with the torch path on one device
 _SCORE_HEAD_DIMS = (64, 128, 256)  # src/ops/window_scores.rs: HEAD_DIMS
+_WINDOW_LSE_MAX_W = 512  # longer windows take their LSE from the attention kernel
 
 
 def window_scores(keys, queries, lse=None, scale=None, out=None):
@@ -128,9 +129,15 @@ def window_scores(keys, queries, lse=None, scale=None, out=None):
 
 def _window_lse(queries, keys, scale):
     """float32 ``(batch, heads_q, w)``: the window queries' LSE (natural log) over the keys up to
-    their own positions, the last w; the CUDA kernel of window_scores' tiles (16-bit, head_dim
-    64 / 128 / 256): CTAs over the keys, then a merge, so a 64-row window fills the GPU."""
+    their own positions, the last w (CUDA, 16-bit, head_dim 64 / 128 / 256). A short window
+    takes the kernel on window_scores' tiles (CTAs over the keys, then a merge: a 64-row window
+    fills the GPU); a long one (H2O's, every query) our attention kernel, whose CTAs are its
+    128-row query tiles (the key-split kernel re-walks the rows per CTA: 2x slower at w = n)."""
     b, w, hq, d = queries.shape
+    if w > _WINDOW_LSE_MAX_W:
+        from .attention import attention
+        # Bottom-right causal: the rows see every key up to their own. A narrow V: only the LSE is read.
+        return attention(queries, keys, keys[..., :8], causal=True, scale=scale, return_lse=True)[1].float()
     lse = torch.empty(b, hq, w, dtype=torch.float32, device=keys.device)
     ws = torch.empty(_native.window_lse_workspace(b, keys.shape[1], w, hq, d), dtype=torch.float32, device=keys.device)
     _native.window_lse(queries, keys, lse, ws, scale=scale, stream=stream_of(keys))
