@@ -585,3 +585,117 @@ def test_per_head_press_on_a_padded_batch_equals_each_sequence_alone():
                 real = ids[i:i + 1, mask[i].bool()]
                 alone = model.generate(real, attention_mask=torch.ones_like(real), **kw)
                 assert torch.equal(got[i, -5:], alone[0, -5:]), i
+
+
+# --- sparse prefill --------------------------------------------------------------------------
+
+_PREFILL_MASK = {}
+
+
+def _prefill_masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention where a whole-sequence prefill sees only _PREFILL_MASK's cells (bool
+    (q_len, kv_len)) and later steps every key before them."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    s = (query @ k.transpose(-1, -2)) * scaling
+    if query.shape[2] == key.shape[2]:
+        s = s.masked_fill(~_PREFILL_MASK["mask"], float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("pattern,kw", [("sliding_window", dict(window=48)), ("streaming", dict(sink=16, recent=40)),
+                                        ("a_shape", dict(sink_blocks=1, local_blocks=2))])
+def test_sparse_prefill_equals_eager_under_the_mask(pattern, kw):
+    """Inside sparse.prefill the prompt's attention runs under the pattern's mask (logits of
+    every prompt position against eager attention with that mask), a prompt under min_len and
+    the decode steps stay dense, and the block restores the dense backend."""
+    model = make("llama")
+    n = 300
+    ids = torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(7))
+    build = getattr(fk.sparse, pattern)
+    _PREFILL_MASK["mask"] = build(n, n, **kw, block_size=64 if pattern == "a_shape" else 128).to_dense()[0, 0]
+    assert not _PREFILL_MASK["mask"].tril().all()  # the pattern drops keys a causal row would see
+    with torch.no_grad():
+        dense = model(ids).logits
+        transformers.AttentionInterface.register("prefill_masked_eager", _prefill_masked_eager)
+        model.config._attn_implementation = "prefill_masked_eager"
+        want = model(ids).logits
+        gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        want_gen = model.generate(ids, **gen)
+        model.config._attn_implementation = "eager"
+        fk.patch(model)
+        with fk.sparse.prefill(model, pattern, min_len=256, **kw):
+            got = model(ids).logits
+            short = model(ids[:, :200]).logits  # under min_len: dense
+            got_gen = model.generate(ids, **gen)  # through the paged cache's prefill
+        after = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (got - dense).abs().max().item() > 1e-2  # the mask mattered
+    assert (short - dense[:, :200]).abs().max().item() < 1e-4
+    assert torch.equal(got_gen.sequences, want_gen.sequences)
+    for a, b in zip(got_gen.logits, want_gen.logits):  # the prompt's last position, then decode steps
+        assert (a - b).abs().max().item() < 1e-4
+    assert (got_gen.logits[0] - dense[:, -1]).abs().max().item() > 1e-3
+    assert (after - dense).abs().max().item() < 1e-4
+
+
+def test_sparse_prefill_estimated_pattern_and_bad_use():
+    """vertical_slash estimated per layer runs and keeps the logits close (its columns and
+    diagonals cover most of the attention of a 300-token prompt); bad arguments fail at the
+    block, not inside the model."""
+    model = make("llama")
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="patch"):
+            with fk.sparse.prefill(model, "vertical_slash"):
+                pass
+        fk.patch(model)
+        dense = model(ids).logits
+        seen = []
+        with fk.sparse.prefill(model, lambda q, k, layer: seen.append(layer) or fk.sparse.vertical_slash(
+                q, k, vertical_size=64, slash_size=64), min_len=64):
+            got = model(ids).logits
+        assert seen == [0, 1]
+        assert torch.isfinite(got).all() and (got - dense).abs().max().item() < 1.0
+        # A pressed cache's prefill (its LSE feeds SnapKV) under a sparse pattern.
+        with fk.kv.press(model, "snapkv", ratio=0.5, window=16), fk.sparse.prefill(model, "streaming", sink=16,
+                                                                                     recent=64, min_len=64):
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert out.sequences.shape == (1, 303) and all(torch.isfinite(x).all() for x in out.logits)
+        with pytest.raises(ValueError, match="pattern must be one of"):
+            with fk.sparse.prefill(model, "nope"):
+                pass
+        with pytest.raises(TypeError):
+            with fk.sparse.prefill(model, "sliding_window", windo=3):
+                pass
+        with pytest.raises(ValueError, match="min_len"):
+            with fk.sparse.prefill(model, "streaming", min_len=0):
+                pass
+
+
+@pytest.mark.cuda
+def test_sparse_prefill_on_gpu_models():
+    """On the GPU (head_dim 64: the Hopper sparse kernel) the prompt under a sliding-window
+    pattern matches eager attention with that mask to bf16 rounding, and generate runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = make("llama", head_dim=64, dtype=torch.bfloat16, device="cuda")
+    n = 384
+    ids = torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(9)).cuda()
+    _PREFILL_MASK["mask"] = fk.sparse.sliding_window(n, n, 100).to_dense()[0, 0].cuda()
+    with torch.no_grad():
+        transformers.AttentionInterface.register("prefill_masked_eager", _prefill_masked_eager)
+        model.config._attn_implementation = "prefill_masked_eager"
+        want = model(ids).logits.float()
+        model.config._attn_implementation = "eager"
+        dense = model(ids).logits.float()
+        fk.patch(model)
+        with fk.sparse.prefill(model, "sliding_window", window=100, min_len=256):
+            got = model(ids).logits.float()
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    # The window changes the logits by ~0.26 (float32 CPU run); bf16 rounding is ~0.01.
+    assert (got - want).abs().max().item() < 0.05 and (dense - want).abs().max().item() > 0.1
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    assert cos > 0.999
+    assert out.shape == (2, n + 4)
+    fk.unpatch(model)

@@ -128,6 +128,25 @@ def _run_quantized(kind, q, k, v, scale):
     return fp8_attention(q, k, v, causal=True, scale=scale).to(q.dtype)
 
 
+# While a ``sparse.prefill`` block runs: (build(q, k, layer_idx) -> a sparse mask, min_len).
+_SPARSE_PREFILL = None
+
+
+def _sparse_prefill(layer, q, k, v, padded: bool, scale, window, softcap):
+    """A fresh causal prefill through ``sparse_attention`` under the ``sparse.prefill`` block's
+    pattern: q / k / v ``(b, n, heads, D)`` views of the whole sequences. None (run dense) without
+    a block, below its ``min_len`` tokens, with padding, a sliding window or a softcap (the
+    patterns are defined on unpadded causal attention)."""
+    if _SPARSE_PREFILL is None:
+        return None
+    build, min_len = _SPARSE_PREFILL
+    n = q.shape[1]
+    if padded or window != (-1, -1) or softcap or n != k.shape[1] or n < min_len:
+        return None
+    from .sparse import sparse_attention
+    return sparse_attention(q, k, v, build(q, k, layer), scale=scale)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """``AttentionInterface`` entry: query ``(b, heads_q, q_len, D)``, key/value ``(b, heads_kv,
@@ -148,6 +167,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     kind = _quantized(module, attention_mask, window, softcap) if causal else None
     if kind is not None:
         return _run_quantized(kind, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling), None
+    if causal and attention_mask is None:
+        out = _sparse_prefill(getattr(module, "layer_idx", 0), query.transpose(1, 2), key.transpose(1, 2),
+                              value.transpose(1, 2), False, scaling, window, softcap)
+        if out is not None:
+            return out, None
     if _is_complete(attention_mask, q_len):
         causal, window = False, (-1, -1)
     out, _ = _dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, causal=causal,
@@ -379,6 +403,10 @@ class PagedCache(_HandleCache):
             kind = _quantized(module, None if valid is None else mask, window, softcap)
             if kind is not None:
                 return _run_quantized(kind, q, step.k.transpose(1, 2), step.v.transpose(1, 2), scale)
+            out = _sparse_prefill(step.layer, q, step.k.transpose(1, 2), step.v.transpose(1, 2), valid is not None,
+                                  scale, window, softcap)
+            if out is not None:
+                return out
             out, _ = _dense(q, step.k.transpose(1, 2), step.v.transpose(1, 2), None, causal=True, scale=scale,
                             window=window, softcap=softcap, alibi=None, mask=None if valid is None else mask,
                             return_lse=False)
@@ -458,9 +486,15 @@ class _SelfAttendingCache(_HandleCache):
         q, k, v = query.transpose(1, 2), step.k.transpose(1, 2), step.v.transpose(1, 2)
         return self._attend_layer(step.layer, q, k, v, mask, self._valid, scale, window, softcap)
 
-    def _prefill(self, q, k, v, mask, valid, scale, window, softcap, return_lse=False):
-        """Full-precision causal attention over a fresh prefill's own tokens (padding masked):
-        (out, lse (b, heads_q, n) with `return_lse`, else None)."""
+    def _prefill(self, layer, q, k, v, mask, valid, scale, window, softcap, return_lse=False):
+        """Full-precision causal attention over a fresh prefill's own tokens (padding masked), or
+        sparse in a ``sparse.prefill`` block: (out, lse (b, heads_q, n) with `return_lse`, else
+        None)."""
+        out = _sparse_prefill(layer, q, k, v, valid is not None, scale, window, softcap)
+        if out is not None:
+            # No LSE: a sparse prefill's is over its mask's keys, and the presses score against
+            # every key (they compute their own).
+            return out, None
         return _dense(q, k, v, None, causal=True, scale=scale, window=window, softcap=softcap, alibi=None,
                       mask=None if valid is None else mask, return_lse=return_lse)
 
@@ -504,7 +538,7 @@ class QuantizedKVCache(_SelfAttendingCache):
         if valid is None and q_len <= MAX_DECODE_Q and not fresh:
             return cache.decode(q, scale=scale, softcap=softcap or None, window=window, validate=False)
         if fresh:
-            return self._prefill(q, k, v, mask, valid, scale, window, softcap)[0]
+            return self._prefill(layer, q, k, v, mask, valid, scale, window, softcap)[0]
         out = torch.zeros_like(q)  # a later chunk: each sequence's real queries over its dequantized keys
         for i in range(b):
             rows = (torch.arange(q_len - (counts[i] if counts else q_len), q_len, device=q.device) if valid is None
@@ -641,7 +675,7 @@ class CompressedCache(_SelfAttendingCache):
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]
         if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
-            out, lse = self._prefill(q, k, v, mask, valid, scale, window, softcap,
+            out, lse = self._prefill(layer, q, k, v, mask, valid, scale, window, softcap,
                                      return_lse=self._lse_reusable(q, scale, window, softcap))
             self._store(layer, self._press_each(layer, q, k, v, valid, lse))
             return out

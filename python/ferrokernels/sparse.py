@@ -21,6 +21,8 @@ vectorised torch function, not per element), so write it with tensor operations:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 from typing import Callable, Optional, Tuple
 
@@ -950,6 +952,59 @@ def vertical_slash(q, k, *, vertical_size: int = 1000, slash_size: int = 6096, l
     columns = _top(vert, min(vertical_size, nk))
     diagonals = _top(slash, min(slash_size, nk))
     return VerticalSlashMask(columns, diagonals, seq_lengths=(nq, nk))
+
+
+# --- transformers: sparse prefill ---------------------------------------------------------------
+
+# The patterns a ``prefill`` block takes by name: each builds a mask for a layer's q, k
+# ``(b, n, heads, D)`` with the block's keyword arguments.
+_PREFILL_PATTERNS = {
+    "vertical_slash": (vertical_slash, lambda q, k, kw: vertical_slash(q, k, **kw)),
+    "estimate": (estimate_blocks, lambda q, k, kw: estimate_blocks(q, k, **kw)),
+    "streaming": (streaming, lambda q, k, kw: streaming(q.shape[1], k.shape[1], device=q.device, **kw)),
+    "sliding_window": (sliding_window, lambda q, k, kw: sliding_window(q.shape[1], k.shape[1], device=q.device, **kw)),
+    "a_shape": (a_shape, lambda q, k, kw: a_shape(q.shape[1], k.shape[1], device=q.device, **kw)),
+    "strided": (strided, lambda q, k, kw: strided(q.shape[1], k.shape[1], q.shape[2], device=q.device, **kw)),
+    "power": (power, lambda q, k, kw: power(q.shape[1], k.shape[1], device=q.device, **kw)),
+}
+
+
+@contextlib.contextmanager
+def prefill(model, pattern="vertical_slash", *, min_len: int = 1024, **kwargs):
+    """``with ferrokernels.sparse.prefill(model, "vertical_slash"): model.generate(...)``: every
+    fresh prefill of at least ``min_len`` tokens in the block runs ``sparse_attention`` under a
+    mask built per layer from its q and k (MInference's use; decode steps stay dense). The model
+    must be on the ferrokernels attention backend (``ferrokernels.patch(model)``); with its paged
+    cache, ``hf.CompressedCache`` / ``QuantizedKVCache`` or none. ``pattern``: a name of
+    ``_PREFILL_PATTERNS`` ("vertical_slash", "estimate", "streaming", "sliding_window",
+    "a_shape", "strided", "power"; ``kwargs`` go to that builder, the lengths, heads and device
+    come from the layer) or a callable ``(q, k, layer_idx) -> BlockMask | VerticalSlashMask``.
+    Prefills with padding, a sliding window or a softcap run dense (the patterns are defined on
+    unpadded causal attention). The setting is process-wide while the block runs."""
+    from . import hf
+
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != hf.NAME:
+        raise ValueError("sparse.prefill needs the model on the ferrokernels attention backend: call "
+                         "ferrokernels.patch(model) first")
+    if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 1:
+        raise ValueError(f"min_len must be an int >= 1, got {min_len!r}")
+    if callable(pattern):
+        if kwargs:
+            raise TypeError(f"a callable pattern takes no keyword arguments here, got {sorted(kwargs)}")
+        build = pattern
+    elif pattern in _PREFILL_PATTERNS:
+        fn, make = _PREFILL_PATTERNS[pattern]
+        inspect.signature(fn).bind_partial(**kwargs)  # an unknown keyword fails here, not mid-model
+        build = lambda q, k, layer: make(q, k, kwargs)  # noqa: E731
+    else:
+        raise ValueError(f"pattern must be one of {sorted(_PREFILL_PATTERNS)} or a callable (q, k, layer_idx) -> "
+                         f"mask, got {pattern!r}")
+    saved = hf._SPARSE_PREFILL
+    hf._SPARSE_PREFILL = (build, min_len)
+    try:
+        yield
+    finally:
+        hf._SPARSE_PREFILL = saved
 
 
 # --- sparse decode -----------------------------------------------------------------------------
