@@ -22,6 +22,7 @@
 #include "common/mma.cuh"
 #include "common/softmax.cuh"
 #include "common/attention.cuh"
+#include "common/block.cuh"
 
 // Mirrors `DecodeParams` in src/ops/decode.rs field for field. Strides in elements.
 struct DecodeParams {
@@ -468,19 +469,6 @@ __device__ __forceinline__ void decode_fwd(const DecodeParams& p) {
 // Most splits a launch may have (MAX_SPLITS in src/ops/decode.rs): one per merge thread.
 constexpr int DECODE_MAX_SPLITS = 128;
 
-// The warp's value of op over its 32 lanes, then the block's over its 4 warps (every thread
-// gets it; `red` holds 4 floats and is free again when this returns).
-template <typename Op>
-__device__ __forceinline__ float block128_reduce(float x, float* red, Op op) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
-    __syncthreads();
-    x = op(op(red[0], red[1]), op(red[2], red[3]));
-    __syncthreads();
-    return x;
-}
-
 // Combines the splits of every (batch, q head, token) row, a CTA of 128 threads per row:
 // thread s weighs split s (out = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s),
 // then SL = 512 / D lanes of D / 4 threads (a float4 of columns each) take every SL-th split,
@@ -495,11 +483,11 @@ __device__ __forceinline__ void decode_merge(const DecodeParams& p) {
     const i64 row = blockIdx.x;
     const i64 rows = (i64)p.batch * p.heads_q * p.q_len;  // the stride between splits
     const float lse_s = tid < p.splits ? __ldcg(p.part_lse + tid * rows + row) : neg_inf();
-    const float m = block128_reduce(lse_s, red, [](float a, float b) { return fmaxf(a, b); });
+    const float m = block_reduce<128>(lse_s, red, [](float a, float b) { return fmaxf(a, b); });
     // Empty splits carry -inf and, for safety, unwritten outputs: weight 0, never read.
     const float w = fast_exp2(lse_s - (m == neg_inf() ? 0.f : m));
     s_w[tid] = w;
-    const float l = block128_reduce(w, red, [](float a, float b) { return a + b; });  // its barrier publishes s_w
+    const float l = block_reduce<128>(w, red, [](float a, float b) { return a + b; });  // its barrier publishes s_w
 
     const int lane = tid / CG, cg = tid % CG;
     const float* src = p.part_o + row * D + cg * 4;

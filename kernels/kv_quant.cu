@@ -112,10 +112,6 @@ __device__ __forceinline__ void copy_chunks(unsigned char* dst, const unsigned c
     }
 }
 
-#ifndef DEQ_UNROLL
-#define DEQ_UNROLL 8
-#endif
-
 template <typename T, int D, int STAGES_, int FMT, int WR>
 struct QuantTiles {
     using MT = __half;
@@ -245,7 +241,7 @@ struct QuantTiles {
         if constexpr (ONE_K_GROUP) k_meta(st, j, r0, c8, km);
         // Unrolled, the rows are independent chains (load, convert, store); with two or four
         // row groups the registers are short (twice unrolled, f16 d128 r2 int8 spilled).
-#pragma unroll(WR == 1 ? DEQ_UNROLL : 1)
+#pragma unroll(WR == 1 ? 8 : 1)
         for (int i = 0; i < KT / RSTEP; ++i) {
             const int r = r0 + RSTEP * i, key = j * BN + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;

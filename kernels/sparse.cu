@@ -45,20 +45,6 @@ __device__ __forceinline__ V block_scan(V (&v)[SEL_PER], V* warp_tot) {
     return total;
 }
 
-// op(v) over the block, returned to every thread. Two __syncthreads.
-template <class Op>
-__device__ __forceinline__ float block_reduce(float v, float* tmp, Op op) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float m = tmp[0];
-#pragma unroll
-    for (int w = 1; w < SEL_THREADS / 32; ++w) m = op(m, tmp[w]);
-    __syncthreads();
-    return m;
-}
-
 // The flagged tiles of the row (thread tid holds tiles tid * SEL_PER + k) written ascending to
 // `index`, `bitmap_of(tile)` beside each in `bitmap`; returns how many there are. The lists'
 // compaction, shared by both list kernels. Two __syncthreads.
@@ -97,7 +83,7 @@ __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
     if (p.softmax && p.top_k <= 0) {
         float m = neg_inf();
         for (int c = tid; c < n; c += SEL_THREADS) m = fmaxf(m, key[c]);
-        m = block_reduce(m, ftmp, [](float a, float b) { return fmaxf(a, b); });
+        m = block_reduce<SEL_THREADS>(m, ftmp, [](float a, float b) { return fmaxf(a, b); });
         float e[SEL_PER], part = 0.f;
 #pragma unroll
         for (int i = 0; i < SEL_PER; ++i) {
@@ -105,7 +91,7 @@ __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
             e[i] = c < n && key[c] != neg_inf() ? __expf(key[c] - m) : 0.f;
             part += e[i];
         }
-        const float sum = block_reduce(part, ftmp, [](float a, float b) { return a + b; });
+        const float sum = block_reduce<SEL_THREADS>(part, ftmp, [](float a, float b) { return a + b; });
 #pragma unroll
         for (int i = 0; i < SEL_PER; ++i) {
             const int c = tid * SEL_PER + i;

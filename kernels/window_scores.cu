@@ -107,6 +107,69 @@ __device__ __forceinline__ void ws_load_chunk(const WindowScoresParams& p, T* sQ
     }
 }
 
+// The top of a chunk step: waits for chunk c in `stage` (and, the first time, the keys) to land,
+// then -- every warp past the barrier, so done with the other stage (and window_lse's sR) --
+// starts chunk `next` there.
+template <typename T, int D>
+__device__ __forceinline__ void ws_advance(const WindowScoresParams& p, T* sQ, float* sL, int* sP, int b, int hk,
+                                           int stage, int next, int chunks) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (next < chunks) {
+        const int o = stage ^ 1;
+        ws_load_chunk<T, D>(p, sQ + o * WindowScoresSmem<D>::Q_ELEMS, sL + o * WS_ROWS, sP + o * WS_ROWS, b, hk, next);
+    }
+    cp_async_commit();
+}
+
+// The CTA's KEYS keys from j0 into sK by cp.async (zeros past n), one 16-byte chunk per copy.
+template <typename T, int D>
+__device__ __forceinline__ void ws_load_keys(const WindowScoresParams& p, T* sK, int b, int hk, int j0) {
+    using L = WindowScoresSmem<D>;
+    constexpr int CH = D / 8;
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    for (int x = threadIdx.x; x < L::KEYS * CH; x += 32 * WS_WARPS) {
+        const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
+        cp_async_16(smem_addr(sK + r * L::SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
+    }
+}
+
+// The warp's MT 16-key tiles of sK as A fragments, held for the CTA's life.
+template <typename T, int D>
+__device__ __forceinline__ void ws_key_fragments(u32 (&kf)[WindowScoresSmem<D>::MT][D / 16][4], const T* sK) {
+    using L = WindowScoresSmem<D>;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int m = 0; m < L::MT; ++m)
+        q_fragments<T, D>(kf[m], sK + (16 * (L::MT * warp + m) + (lane & 15)) * L::SROW + (lane >> 4) * 8);
+}
+
+// Raw scores of the warp's keys (M side) against the chunk's query rows c0 .. c0 + WS_COLS - 1
+// (N side): s[m][i] is key tile m by the 8 rows c0 + 8 i.
+template <typename T, int D>
+__device__ __forceinline__ void ws_pass_scores(float (&s)[WindowScoresSmem<D>::MT][WS_COLS / 8][4],
+                                               const u32 (&kf)[WindowScoresSmem<D>::MT][D / 16][4], const T* sQc, int c0) {
+    using L = WindowScoresSmem<D>;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < L::MT; ++m)
+#pragma unroll
+        for (int i = 0; i < WS_COLS / 8; ++i) s[m][i][0] = s[m][i][1] = s[m][i][2] = s[m][i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < WS_COLS / 16; ++np) {
+            u32 bq[4];
+            ldmatrix_x4(bq, smem_addr(sQc + (c0 + np * 16 + (lane & 7) + (lane >> 4) * 8) * L::SROW + kk * 16 +
+                                      ((lane >> 3) & 1) * 8));
+#pragma unroll
+            for (int m = 0; m < L::MT; ++m) {
+                mma_16816<T>(s[m][2 * np], kf[m][kk], bq[0], bq[1]);
+                mma_16816<T>(s[m][2 * np + 1], kf[m][kk], bq[2], bq[3]);
+            }
+        }
+}
+
 // DIAG: a thread's probabilities of one 32-row pass (rows row0.., of the one q head: group 1)
 // added to the CTA's diagonal sums sD (entry x is diagonal d_base + x); masked cells are 0. The
 // rows are consecutive positions, so a thread's 4 x 4 x MT cells fall on 2 * U diagonals,
@@ -137,7 +200,7 @@ __device__ __forceinline__ void ws_add_diagonals(const WindowScoresParams& p, co
 template <typename T, int D, bool DIAG>
 __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsigned char* smem_raw) {
     using L = WindowScoresSmem<D>;
-    constexpr int SROW = L::SROW, CH = D / 8, MT = L::MT, KEYS = L::KEYS;
+    constexpr int MT = L::MT, KEYS = L::KEYS;
     T* sK = reinterpret_cast<T*>(smem_raw);
     T* sQ = sK + L::K_ELEMS;
     float* sL = reinterpret_cast<float*>(sQ + 2 * L::Q_ELEMS);
@@ -151,11 +214,7 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
     const int chunks = (p.group * p.w + WS_ROWS - 1) / WS_ROWS;
 
     // The CTA's keys (zeros past n: their sums are never written), with the first chunk.
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-    for (int x = threadIdx.x; x < KEYS * CH; x += 32 * WS_WARPS) {
-        const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
-        cp_async_16(smem_addr(sK + r * SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
-    }
+    ws_load_keys<T, D>(p, sK, b, hk, j0);
     // The CTA's diagonals: pos in [n - w, n - 1], keys in [j0, j0 + KEYS - 1].
     const int d_base = p.n - p.w - (j0 + KEYS - 1);
     if constexpr (DIAG) {
@@ -178,17 +237,9 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
     bool k_loaded = false;
     for (int stage = 0; c < chunks; stage ^= 1) {
         const int next = ws_next_chunk(p, c + 1, chunks, j0);
-        cp_async_wait<0>();
-        __syncthreads();  // chunk c (and K) landed; every warp is done with the other stage
-        if (next < chunks) {
-            ws_load_chunk<T, D>(p, sQ + (stage ^ 1) * L::Q_ELEMS, sL + (stage ^ 1) * WS_ROWS, sP + (stage ^ 1) * WS_ROWS,
-                                b, hk, next);
-        }
-        cp_async_commit();
+        ws_advance<T, D>(p, sQ, sL, sP, b, hk, stage, next, chunks);
         if (!k_loaded) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-                q_fragments<T, D>(kf[m], sK + (16 * (MT * warp + m) + (lane & 15)) * SROW + (lane >> 4) * 8);
+            ws_key_fragments<T, D>(kf, sK);
             k_loaded = true;
         }
         const T* sQc = sQ + stage * L::Q_ELEMS;
@@ -199,20 +250,8 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
         const bool edge = ws_chunk_positions(p, c).x < key_last;
 #pragma unroll
         for (int c0 = 0; c0 < WS_ROWS; c0 += WS_COLS) {
-            float s[MT][WS_COLS / 8][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-                for (int np = 0; np < WS_COLS / 16; ++np) {
-                    u32 bq[4];
-                    ldmatrix_x4(bq, smem_addr(sQc + (c0 + np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
-                                              ((lane >> 3) & 1) * 8));
-#pragma unroll
-                    for (int m = 0; m < MT; ++m) {
-                        mma_16816<T>(s[m][2 * np], kf[m][kk], bq[0], bq[1]);
-                        mma_16816<T>(s[m][2 * np + 1], kf[m][kk], bq[2], bq[3]);
-                    }
-                }
+            float s[MT][WS_COLS / 8][4];
+            ws_pass_scores<T, D>(s, kf, sQc, c0);
 #pragma unroll
             for (int i = 0; i < WS_COLS / 8; ++i) {
                 const float2 l2 = *reinterpret_cast<const float2*>(lse + c0 + 8 * i + 2 * t);
@@ -273,7 +312,7 @@ __device__ __forceinline__ void window_scores(const WindowScoresParams& p, unsig
 template <typename T, int D>
 __device__ __forceinline__ void window_lse(const WindowScoresParams& p, float2* part, unsigned char* smem_raw) {
     using L = WindowScoresSmem<D>;
-    constexpr int SROW = L::SROW, CH = D / 8, MT = L::MT, KEYS = L::KEYS;
+    constexpr int MT = L::MT, KEYS = L::KEYS;
     T* sK = reinterpret_cast<T*>(smem_raw);
     T* sQ = sK + L::K_ELEMS;
     float* sL = reinterpret_cast<float*>(sQ + 2 * L::Q_ELEMS);
@@ -286,11 +325,7 @@ __device__ __forceinline__ void window_lse(const WindowScoresParams& p, float2* 
     const int j0 = blockIdx.x * KEYS, ctas = gridDim.x;
     const int rows = p.group * p.w, chunks = (rows + WS_ROWS - 1) / WS_ROWS;
 
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-    for (int x = threadIdx.x; x < KEYS * CH; x += 32 * WS_WARPS) {
-        const int r = x / CH, col = (x % CH) * 8, key = j0 + r;
-        cp_async_16(smem_addr(sK + r * SROW + col), key < p.n ? kg + (i64)key * p.k_ss + col : kg, key < p.n);
-    }
+    ws_load_keys<T, D>(p, sK, b, hk, j0);
     int c = ws_next_chunk(p, 0, chunks, j0);
     if (c < chunks) ws_load_chunk<T, D>(p, sQ, sL, sP, b, hk, c);
     cp_async_commit();
@@ -300,36 +335,17 @@ __device__ __forceinline__ void window_lse(const WindowScoresParams& p, float2* 
     bool k_loaded = false;
     for (int stage = 0; c < chunks; stage ^= 1) {
         const int next = ws_next_chunk(p, c + 1, chunks, j0);
-        cp_async_wait<0>();
-        __syncthreads();  // chunk c (and K) landed; the other stage and sR are free
-        if (next < chunks)
-            ws_load_chunk<T, D>(p, sQ + (stage ^ 1) * L::Q_ELEMS, sL + (stage ^ 1) * WS_ROWS, sP + (stage ^ 1) * WS_ROWS,
-                                b, hk, next);
-        cp_async_commit();
+        ws_advance<T, D>(p, sQ, sL, sP, b, hk, stage, next, chunks);
         if (!k_loaded) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-                q_fragments<T, D>(kf[m], sK + (16 * (MT * warp + m) + (lane & 15)) * SROW + (lane >> 4) * 8);
+            ws_key_fragments<T, D>(kf, sK);
             k_loaded = true;
         }
         const T* sQc = sQ + stage * L::Q_ELEMS;
         const int* pos = sP + stage * WS_ROWS;
 #pragma unroll
         for (int c0 = 0; c0 < WS_ROWS; c0 += WS_COLS) {
-            float s[MT][WS_COLS / 8][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-                for (int np = 0; np < WS_COLS / 16; ++np) {
-                    u32 bq[4];
-                    ldmatrix_x4(bq, smem_addr(sQc + (c0 + np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
-                                              ((lane >> 3) & 1) * 8));
-#pragma unroll
-                    for (int m = 0; m < MT; ++m) {
-                        mma_16816<T>(s[m][2 * np], kf[m][kk], bq[0], bq[1]);
-                        mma_16816<T>(s[m][2 * np + 1], kf[m][kk], bq[2], bq[3]);
-                    }
-                }
+            float s[MT][WS_COLS / 8][4];
+            ws_pass_scores<T, D>(s, kf, sQc, c0);
             // Per column (query row) of this thread: the max and sum over its keys, then over
             // the 8 lanes g sharing the column. Keys past a row's position (or past n) are -inf.
 #pragma unroll

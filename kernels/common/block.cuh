@@ -1,4 +1,4 @@
-// Block-wide collectives shared by the list kernels (sparse.cu, kv_select.cu).
+// Block-wide collectives shared by the list kernels (sparse.cu, kv_select.cu) and decode's merge.
 #pragma once
 #include "common/types.cuh"
 
@@ -25,4 +25,19 @@ __device__ __forceinline__ V block_inclusive_scan(V v, V* warp_tot, V* total) {
     __syncthreads();
     *total = sum;
     return before + v;
+}
+
+// op(v) over a block of THREADS threads (a multiple of 32), returned to every thread; `tmp`
+// holds THREADS / 32 floats and is free again on return. Two __syncthreads.
+template <int THREADS, class Op>
+__device__ __forceinline__ float block_reduce(float v, float* tmp, Op op) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = tmp[0];
+#pragma unroll
+    for (int w = 1; w < THREADS / 32; ++w) m = op(m, tmp[w]);
+    __syncthreads();
+    return m;
 }

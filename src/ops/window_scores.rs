@@ -199,15 +199,6 @@ pub struct WindowLseArgs<'a> {
     pub scale: f64,
 }
 
-/// Mirrors the tail of `window_lse_merge`'s parameters in kernels/window_scores.cu.
-#[repr(C)]
-struct LseMergeTail {
-    part: u64,
-    lse: u64,
-    ctas: i32,
-    keys_per_cta: i32,
-}
-
 impl WindowScoresSpec {
     pub fn lse_name(&self) -> String {
         let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
@@ -276,7 +267,8 @@ pub fn lse_forward(a: &WindowLseArgs, stream: usize) -> Result<()> {
     let cfg = LaunchConfig { grid: (ctas as u32, (b * hk) as u32, 1), block: (128, 1, 1), smem_bytes: smem };
     dev.launch(f, cfg, stream, &mut [&mut p as *mut Params as *mut c_void, &mut part as *mut u64 as *mut c_void])?;
     let merge = dev.function(&lse_merge_kernel(), 0)?;
-    let mut tail = LseMergeTail { part: a.workspace.ptr as u64, lse: a.lse.ptr as u64, ctas: ctas as i32, keys_per_cta: spec.keys_per_cta() as i32 };
+    // window_lse_merge_f32(p, part, lse, ctas, keys_per_cta)
+    let (mut lse, mut n_ctas, mut keys) = (a.lse.ptr as u64, ctas as i32, spec.keys_per_cta() as i32);
     let rows = b * hq * w;
     let cfg = LaunchConfig { grid: (rows.div_ceil(4) as u32, 1, 1), block: (128, 1, 1), smem_bytes: 0 };
     dev.launch(
@@ -285,10 +277,10 @@ pub fn lse_forward(a: &WindowLseArgs, stream: usize) -> Result<()> {
         stream,
         &mut [
             &mut p as *mut Params as *mut c_void,
-            &mut tail.part as *mut u64 as *mut c_void,
-            &mut tail.lse as *mut u64 as *mut c_void,
-            &mut tail.ctas as *mut i32 as *mut c_void,
-            &mut tail.keys_per_cta as *mut i32 as *mut c_void,
+            &mut part as *mut u64 as *mut c_void,
+            &mut lse as *mut u64 as *mut c_void,
+            &mut n_ctas as *mut i32 as *mut c_void,
+            &mut keys as *mut i32 as *mut c_void,
         ],
     )
 }
