@@ -28,33 +28,18 @@ def caches(fmt, b, n):
     return [first] + [one() for _ in range(graph_copies(first.nbytes()) - 1)]
 
 
-def call(fmt, q, cache, b, n, splits=None):
-    """One decode launch (auto splits, or `splits` forced with its own workspace)."""
-    if splits is None:
-        if fmt == "bf16":
-            lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-            return lambda: fk.decode_attention(q, cache[0], cache[1], lens, validate=False)
-        return lambda: cache.decode(q, validate=False)
-    parts = splits * b * hq
-    ws = torch.empty((-(-parts // 4)) * 4 + parts * d, dtype=torch.float32, device="cuda") if splits > 1 else None
-    out = torch.empty_like(q)
-    stream = torch.cuda.current_stream().cuda_stream
+def call(fmt, q, cache, b, n):
+    """One decode launch on the plan's splits (FERROKERNELS_DECODE_SPLITS overrides them)."""
     if fmt == "bf16":
         lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-        return lambda: _native.decode_fwd(q, cache[0], cache[1], lens, out, None, block_table=None, cache_leftpad=None,
-                                          causal_q=True, scale=None, softcap=0.0, window=(-1, -1), workspace=ws,
-                                          splits=splits, stream=stream)
-    return lambda: _native.kv_quant_decode_fwd(q, cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta,
-                                               cache.seqlens, cache.quant_lens, out, None, k_res=cache.k_res,
-                                               v_res=cache.v_res, format=cache.format, group=cache.group,
-                                               causal_q=True, scale=None, softcap=0.0, window=(-1, -1),
-                                               workspace=ws, splits=splits, stream=stream)
+        return lambda: fk.decode_attention(q, cache[0], cache[1], lens, validate=False)
+    return lambda: cache.decode(q, validate=False)
 
 
-def timed(fmt, b, n, splits=None):
+def timed(fmt, b, n):
     q = torch.randn(b, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     cs = caches(fmt, b, n)
-    return time_graph_ms(rotating(lambda i: call(fmt, q, cs[i], b, n, splits), len(cs))) * 1e3
+    return time_graph_ms(rotating(lambda i: call(fmt, q, cs[i], b, n), len(cs))) * 1e3
 
 
 def kernel_times(fmt, b, n):

@@ -482,17 +482,25 @@ def test_compressed_cache_refuses_think():
 _HEAD_KEPT = {}  # layer -> (kept per kv head, padded length): the per-head reference's mask
 
 
+def _eager_where(query, key, value, scaling, visible=None):
+    """Eager attention (transformers' layout, GQA) over the keys where `visible` (bool,
+    broadcast against (b, heads_q, q_len, kv_len)) is True; returns (b, q_len, heads_q, D)."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    s = (query @ k.transpose(-1, -2)) * scaling
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous()
+
+
 def _per_head_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention where kv head h of a pressed layer sees its first kept[h] tokens of the
     padded pressed K/V and every token appended after them."""
     g = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-    s = (query @ k.transpose(-1, -2)) * scaling
     kept, padded = _HEAD_KEPT[module.layer_idx]
-    j = torch.arange(k.shape[2])
+    j = torch.arange(key.shape[2])
     visible = (j < kept.repeat_interleave(g)[:, None]) | (j >= padded)           # (heads_q, kv)
-    s = s.masked_fill(~visible[None, :, None], float("-inf"))
-    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous(), None
+    return _eager_where(query, key, value, scaling, visible[None, :, None]), None
 
 
 @pytest.mark.parametrize("press", ["adakv", "duo_attention"])
@@ -595,12 +603,8 @@ _PREFILL_MASK = {}
 def _prefill_masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention where a whole-sequence prefill sees only _PREFILL_MASK's cells (bool
     (q_len, kv_len)) and later steps every key before them."""
-    g = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-    s = (query @ k.transpose(-1, -2)) * scaling
-    if query.shape[2] == key.shape[2]:
-        s = s.masked_fill(~_PREFILL_MASK["mask"], float("-inf"))
-    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous(), None
+    whole = query.shape[2] == key.shape[2]
+    return _eager_where(query, key, value, scaling, _PREFILL_MASK["mask"] if whole else None), None
 
 
 @pytest.mark.parametrize("pattern,kw", [("sliding_window", dict(window=48)), ("streaming", dict(sink=16, recent=40)),

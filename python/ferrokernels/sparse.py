@@ -901,9 +901,9 @@ def vertical_slash_scores(q, k, *, last_q: int = 64, scale: Optional[float] = No
     nk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     L, g = min(last_q, nq), hq // hk
-    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d in (64, 128, 256)
+    from .kv import _SCORE_HEAD_DIMS, _window_lse
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d in _SCORE_HEAD_DIMS
             and L <= _DIAG_MAX_W and L <= nk):
-        from .kv import _window_lse
         ql = q[:, nq - L:]
         lse = _window_lse(ql, k, scale)
         vert = torch.empty(g, b, hk, nk, dtype=torch.float32, device=q.device)
