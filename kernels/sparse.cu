@@ -144,6 +144,123 @@ __device__ __forceinline__ void sparse_select(const SparseSelectParams& p) {
     if (tid == 0) p.count[row] = total;
 }
 
+// Rows of at most SELW_MAX key blocks (up to 32K keys): a warp per row, the row's scores in
+// registers (SELW_PER per lane, block lane * SELW_PER + e), sorted by a bitonic network of
+// shuffles and register swaps: no block barrier, where the CTA version pays ~45 per row.
+// Same choice as sparse_select; ties of equal scores go to the lower block in both.
+constexpr int SELW_MAX = 256;
+constexpr int SELW_PER = SELW_MAX / 32;
+constexpr int SELW_ROWS = SEL_THREADS / 32;  // rows per CTA
+
+// (a, ca) before (b, cb) in the descending order: the larger score, on a tie the lower block.
+__device__ __forceinline__ bool sel_before(float a, int ca, float b, int cb) {
+    return a > b || (a == b && ca < cb);
+}
+
+__device__ __forceinline__ void sparse_select_warp(const SparseSelectParams& p) {
+    __shared__ unsigned char keep_all[SELW_ROWS][SELW_MAX];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = blockIdx.x * SELW_ROWS + warp;
+    if (row >= p.rows) return;  // warp-level work only below
+    unsigned char* keep = keep_all[warp];
+    const int qr = row % p.qb, diag = p.diag + qr;
+    auto visible = [&](int c) { return c < p.kb && (!p.causal || c <= diag); };
+    const float* s = p.scores + (i64)row * p.kb;
+    float key[SELW_PER];
+    int col[SELW_PER];
+#pragma unroll
+    for (int e = 0; e < SELW_PER; ++e) {
+        const int c = lane * SELW_PER + e;
+        key[e] = visible(c) ? s[c] : neg_inf();
+        col[e] = c;
+        keep[c] = 0;
+    }
+    __syncwarp();
+    if (p.softmax && p.top_k <= 0) {
+        float m = neg_inf();
+#pragma unroll
+        for (int e = 0; e < SELW_PER; ++e) m = fmaxf(m, key[e]);
+        m = warp_reduce(m, [](float a, float b) { return fmaxf(a, b); });
+        float part = 0.f;
+#pragma unroll
+        for (int e = 0; e < SELW_PER; ++e) {
+            key[e] = key[e] != neg_inf() ? __expf(key[e] - m) : neg_inf();
+            part += key[e] != neg_inf() ? key[e] : 0.f;
+        }
+        const float sum = warp_reduce(part, [](float a, float b) { return a + b; });
+#pragma unroll
+        for (int e = 0; e < SELW_PER; ++e)
+            if (key[e] != neg_inf()) key[e] /= sum;
+    }
+    // Bitonic sort, descending; runs of length k alternate direction until the last.
+#pragma unroll
+    for (int k = 2; k <= SELW_MAX; k <<= 1) {
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            if (j >= SELW_PER) {  // partners in lane ^ (j / SELW_PER), same register
+                const int m = j / SELW_PER;
+                const bool low = (lane & m) == 0;
+#pragma unroll
+                for (int e = 0; e < SELW_PER; ++e) {
+                    const float ok = __shfl_xor_sync(0xffffffffu, key[e], m);
+                    const int oc = __shfl_xor_sync(0xffffffffu, col[e], m);
+                    const bool desc = ((lane * SELW_PER + e) & k) == 0;
+                    // The lower position takes the element that comes first in its run's order.
+                    if (sel_before(ok, oc, key[e], col[e]) == (low == desc)) key[e] = ok, col[e] = oc;
+                }
+            } else {  // partners in the same lane
+#pragma unroll
+                for (int e = 0; e < SELW_PER; ++e) {
+                    if (e & j) continue;
+                    const int x = e | j;
+                    const bool desc = ((lane * SELW_PER + e) & k) == 0;
+                    if (sel_before(key[x], col[x], key[e], col[e]) == desc) {
+                        const float t = key[e];
+                        key[e] = key[x], key[x] = t;
+                        const int c = col[e];
+                        col[e] = col[x], col[x] = c;
+                    }
+                }
+            }
+        }
+    }
+    // Sorted position i kept while the mass before it is short of the threshold (or i < top_k).
+    float before[SELW_PER], run = 0.f;
+#pragma unroll
+    for (int e = 0; e < SELW_PER; ++e) {
+        before[e] = run;
+        run += key[e] != neg_inf() ? key[e] : 0.f;
+    }
+    const float lane_before = warp_inclusive_scan(run) - run;
+#pragma unroll
+    for (int e = 0; e < SELW_PER; ++e) {
+        if (key[e] == neg_inf()) continue;
+        const int i = lane * SELW_PER + e;
+        const bool chosen = p.top_k > 0 ? i < p.top_k : (lane_before + before[e] < p.threshold || p.threshold >= 1.f);
+        if (chosen) keep[col[e]] = 1;
+    }
+    __syncwarp();
+    int flag[SELW_PER], n = 0;
+#pragma unroll
+    for (int e = 0; e < SELW_PER; ++e) {
+        const int c = lane * SELW_PER + e;
+        const bool always = c < p.sink_blocks || c == diag || (diag - c >= 0 && diag - c < p.local_blocks);
+        flag[e] = visible(c) && (keep[c] || always) ? 1 : 0;
+        n += flag[e];
+    }
+    int pos = warp_inclusive_scan(n) - n;
+    const int total = __shfl_sync(0xffffffffu, pos + n, 31);
+    i32* index = p.index + (i64)row * p.kb;
+    i32* bitmap = p.bitmap + (i64)row * p.kb;
+#pragma unroll
+    for (int e = 0; e < SELW_PER; ++e) {
+        const int c = lane * SELW_PER + e;
+        if (flag[e]) index[pos] = c, bitmap[pos] = p.causal && c == diag ? 0 : -1, ++pos;
+    }
+    for (int c = total + lane; c < p.kb; c += 32) index[c] = 0, bitmap[c] = -1;
+    if (lane == 0) p.count[row] = total;
+}
+
 // vertical_slash's lists on the GPU (VerticalSlashMask._torch_tiles is the reference): per
 // (batch, head, 128-row query block) the key tiles crossed by the head's diagonals, then the
 // column tiles the block needs, each with the 128-bit row of the columns it takes.
@@ -196,4 +313,57 @@ __device__ __forceinline__ void vs_lists(const SparseVsParams& p) {
         }
     }
     if (tid == 0) p.count[row] = total + n_ct;
+}
+
+// estimate_blocks' pooling (sparse.py: _pool is the torch reference): the mean of each block
+// of tokens of x (batch, n, heads, D) as float32 (batch, heads, blocks, D), times `mul` (the
+// softmax scale folded into q's). One CTA of POOL_THREADS per (block, head, batch): D / 8
+// threads share a token (16 bytes each), the others take the next tokens, so x is read once,
+// 16 bytes per load with every load of a thread in flight together.
+constexpr int POOL_THREADS = 256;
+
+// Mirrors `PoolParams` in src/ops/sparse.rs. Strides in bytes.
+struct SparsePoolParams {
+    const unsigned char* x;
+    float* out;
+    i64 sb, sn, sh;
+    int n, heads, blocks, block;
+    float mul;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void sparse_pool(const SparsePoolParams& p) {
+    constexpr int LANES = D / 8, GROUPS = POOL_THREADS / LANES, PER = (128 + GROUPS - 1) / GROUPS;
+    __shared__ float part[GROUPS][D + 4];  // + 4: the groups' rows on different banks
+    const int c = threadIdx.x % LANES, g = threadIdx.x / LANES;
+    const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int t0 = blk * p.block, t1 = min(t0 + p.block, p.n);
+    const unsigned char* base = p.x + b * p.sb + h * p.sh + c * 16;
+    // Every load unconditional (a token past the end reads the last one again, weighted 0), so
+    // that all of them are in flight before the first add: guarded loads were issued two at a time.
+    uint4 v[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int t = min(t0 + g + i * GROUPS, t1 - 1);
+        v[i] = *reinterpret_cast<const uint4*>(base + t * p.sn);
+    }
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const float in = t0 + g + i * GROUPS < t1 ? 1.f : 0.f;  // a multiply, not a branch the loads sink into
+        const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = fmaf(in, to_float(e[j]), acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) part[g][c * 8 + j] = acc[j];
+    __syncthreads();
+    const float w = p.mul / (float)(t1 - t0);
+    float* out = p.out + (((i64)b * p.heads + h) * p.blocks + blk) * D;
+    for (int d = threadIdx.x; d < D; d += POOL_THREADS) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < GROUPS; ++k) s += part[k][d];
+        out[d] = s * w;
+    }
 }

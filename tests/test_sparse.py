@@ -223,6 +223,53 @@ def test_antidiagonal_scores_are_strided_antidiagonals():
     assert torch.allclose(got.double(), want, atol=1e-4)
 
 
+def test_grouped_scores_read_each_q_heads_kv_head():
+    """GQA without repeating k: q head i meets kv head i // (Hq / Hk), as repeat_interleave has it."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 6, 5, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    want = a @ b.repeat_interleave(2, dim=1).transpose(-1, -2)
+    assert torch.allclose(sp._grouped_scores(a, b), want, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,block", [((2, 300, 3, 64), 64), ((1, 1000, 4, 128), 128), ((1, 130, 2, 256), 128),
+                                         ((3, 64, 1, 128), 64), ((1, 129, 2, 64), 128)])
+def test_pool_kernel_is_the_block_mean(shape, block):
+    """The pooling kernel against the float64 mean of each block (the last over its real
+    tokens), times mul, on a strided view (q of a packed qkv), both 16-bit dtypes."""
+    b, n, h, d = shape
+    for i, dtype in enumerate((torch.float16, torch.bfloat16)):
+        g = torch.Generator().manual_seed(n + d + i)
+        qkv = (torch.randn(b, n, 3, h, d, generator=g) + 0.5).to("cuda", dtype)
+        x = qkv[:, :, 1]  # token stride 3 * h * d
+        assert sp._pool_on_gpu(x)
+        out = torch.full((b, h, -(-n // block), d), float("nan"), device="cuda")
+        fk._native.sparse_pool_blocks(x, out, block=block, mul=0.3)
+        pad = (-n) % block
+        xd = torch.nn.functional.pad(x.double(), (0, 0, 0, 0, 0, pad)).view(b, -1, block, h, d).sum(2)
+        counts = torch.full((xd.shape[1],), float(block), dtype=torch.float64, device="cuda")
+        counts[-1] = block - pad
+        want = (xd / counts[None, :, None, None] * 0.3).transpose(1, 2)
+        assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5), (out.double() - want).abs().max()
+        assert torch.allclose(sp._pool(x, block, 0.3).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_pool_kernel_refuses_bad_input():
+    x = torch.randn(1, 100, 2, 96, device="cuda", dtype=torch.float16)
+    out = torch.empty(1, 2, 1, 96, device="cuda")
+    with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
+        fk._native.sparse_pool_blocks(x, out, block=128)
+    assert not sp._pool_on_gpu(x)  # estimate_blocks pools such inputs with torch
+    x = torch.randn(1, 100, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="block must be 64 or 128"):
+        fk._native.sparse_pool_blocks(x, torch.empty(1, 2, 4, 64, device="cuda"), block=32)
+    with pytest.raises(ValueError, match="out"):
+        fk._native.sparse_pool_blocks(x, torch.empty(1, 2, 3, 64, device="cuda"), block=64)
+    with pytest.raises(fk.DTypeError, match="x must have dtype float16 or bfloat16"):
+        fk._native.sparse_pool_blocks(x.float(), torch.empty(1, 2, 1, 64, device="cuda"), block=128)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("method", ["pooled", "antidiagonal"])
 @pytest.mark.parametrize("causal", [True, False])
@@ -283,6 +330,33 @@ def test_gpu_selection_matches_the_torch_path(method, causal, opts, monkeypatch)
     ref = fk.sparse_attention(q, k, v, fk.BlockMask.from_blocks(
         got[0], full=got[1], seq_lengths=gpu.seq_lengths, mask_mod=gpu.mask_mod))
     assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nq,nk", [(640, 640), (2048, 25600), (4096, 32768), (1024, 32896), (384, 89600)],
+                         ids=["kb5", "kb200", "kb256", "kb257", "kb700"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mode", ["mass", "mass-logits", "topk"])
+def test_selection_kernels_on_random_scores(nq, nk, causal, mode):
+    """Both selection kernels (a warp per row up to 256 key tiles, a CTA per row past it)
+    against the torch selection on random scores (no near-ties): the same blocks per row."""
+    qb, kb = -(-nq // 128), -(-nk // 128)
+    g = torch.Generator().manual_seed(qb * 1000 + kb)
+    logits = (torch.randn(2, 3, qb, kb, generator=g) * 3).cuda()
+    off = nk - nq
+    visible = sp._grid(nq, nk, 128, "cuda")[1] >= 0 if causal else torch.ones(qb, kb, dtype=torch.bool, device="cuda")
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    opts = dict(top_k=7, threshold=None) if mode == "topk" else dict(top_k=None, threshold=0.8)
+    opts.update(sink_blocks=2, local_blocks=3)
+    gpu = sp._select_gpu(logits if mode == "mass-logits" else probs, nq, nk, causal=causal, off=off,
+                         softmax=mode == "mass-logits", **opts)
+    ref = sp._select_torch(probs, nq, nk, causal=causal, block_size=128, **opts)
+    got, want = gpu.to_blocks(), ref.to_blocks()
+    # The blocks, then (causal) the full ones among them: without causal the kernel's lists
+    # call every block whole, the torch mask (no mask_mod) leaves them unclassified.
+    for g_, w_ in zip(got, want) if causal else [(got[0], want[0])]:
+        rows_differ = (g_ != w_).any(-1).float().mean().item()
+        assert rows_differ <= (0.0 if mode == "topk" else 0.01), rows_differ
 
 
 def paged_cache(batch, lens, hk, d, page_size, dtype, device, seed):

@@ -572,6 +572,17 @@ def _select_on_gpu(q, causal, off, block_size, kb) -> bool:
             and (not causal or off % TILE == 0))
 
 
+_CAUSAL_TILE_BITS = {}
+
+
+def _causal_tile_bits(device):
+    """The one bitmap of the selection kernel's lists (the causal diagonal tile), built once
+    per device: a per-call mask pays no torch ops for it."""
+    if device not in _CAUSAL_TILE_BITS:
+        _CAUSAL_TILE_BITS[device] = _pack_bits(torch.ones(TILE, TILE, dtype=torch.bool, device=device).tril()[None])
+    return _CAUSAL_TILE_BITS[device]
+
+
 def _select_gpu(scores, nq, nk, *, causal, off, softmax, top_k, threshold, sink_blocks, local_blocks):
     """The kernel's tile lists straight from the block scores (kernels/sparse.cu), no sync."""
     scores = scores.float().contiguous()
@@ -582,37 +593,54 @@ def _select_gpu(scores, nq, nk, *, causal, off, softmax, top_k, threshold, sink_
     _native.sparse_select_blocks(scores, count, index, bitmap, diag=off // TILE, causal=causal, softmax=softmax,
                                  top_k=top_k or 0, threshold=threshold if threshold is not None else 1.0,
                                  sink_blocks=sink_blocks, local_blocks=local_blocks, stream=stream_of(scores))
-    tri = torch.ones(TILE, TILE, dtype=torch.bool, device=scores.device).tril()
-    tiles = (count, index, bitmap, _pack_bits(tri[None]))
+    tiles = (count, index, bitmap, _causal_tile_bits(scores.device))
     return BlockMask._from_tiles(tiles, seq_lengths=(nq, nk), mask_mod=CausalMod(off) if causal else None)
 
 
-def _pool(x, block_size):
-    """Mean over blocks of tokens: (B, N, H, D) -> (B, H, ceil(N / bs), D) in float32, the last
-    block averaged over its real tokens."""
+def _pool_on_gpu(x) -> bool:
+    """The pooling kernel takes 16-bit floats of head dim 64/128/256 in 16-byte pieces."""
+    return (_SELECT_KERNEL and is_torch(x) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[-1] in (64, 128, 256) and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(st % 8 == 0 for st in x.stride()[:3]))
+
+
+def _pool(x, block_size, mul=1.0):
+    """Mean over blocks of tokens, times ``mul``: (B, N, H, D) -> (B, H, ceil(N / bs), D) in
+    float32, the last block averaged over its real tokens. One read of x either way."""
     b, n, h, d = x.shape
+    if _pool_on_gpu(x):
+        out = torch.empty((b, h, -(-n // block_size), d), dtype=torch.float32, device=x.device)
+        _native.sparse_pool_blocks(x, out, block=block_size, mul=float(mul), stream=stream_of(x))
+        return out
     pad = (-n) % block_size
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-    # One read of x, summed in float32 (no float copy of it).
-    xs = x.view(b, -1, block_size, h, d).sum(2, dtype=torch.float32)
+    xs = x.view(b, -1, block_size, h, d).sum(2, dtype=torch.float32)  # no float copy of x
     if pad:
         xs[:, -1] *= block_size / (block_size - pad)
-    return (xs / block_size).transpose(1, 2)
+    return (xs * (mul / block_size)).transpose(1, 2)
+
+
+def _grouped_scores(a, b):
+    """a (B, Hq, M, E) against b (B, Hk, N, E): (B, Hq, M, N), each q head against its kv head
+    (q head i reads kv head i // (Hq / Hk)), without repeating b per q head."""
+    bs, hq, m, e = a.shape
+    hk, n = b.shape[1], b.shape[2]
+    return (a.reshape(bs, hk, hq // hk * m, e) @ b.transpose(-1, -2)).view(bs, hq, m, n)
 
 
 def _antidiagonal(q, k, block_size, stride):
     """XAttention's block scores: per block, the scores of every stride-th antidiagonal
     (query rows i and keys j with (i + j) % stride == stride - 1), as one strided matmul:
     the rows i = s (mod stride) of q meet the keys j = stride - 1 - s (mod stride) of k.
-    (B, N, H, D) -> (B, H, N / stride, Nk / stride), float32."""
+    q (B, N, Hq, D), k (B, Nk, Hk, D) -> (B, Hq, N / stride, Nk / stride), float32."""
     b, n, h, d = q.shape
-    nk = k.shape[1]
+    nk, hk = k.shape[1], k.shape[2]
     qs = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, (-n) % block_size)).view(b, -1, stride, h, d)
-    ks = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, (-nk) % block_size)).view(b, -1, stride, h, d).flip(2)
+    ks = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, (-nk) % block_size)).view(b, -1, stride, hk, d).flip(2)
     qs = qs.permute(0, 3, 1, 2, 4).reshape(b, h, qs.shape[1], stride * d)
-    ks = ks.permute(0, 3, 1, 2, 4).reshape(b, h, ks.shape[1], stride * d)
-    return (qs @ ks.transpose(-1, -2)).float()
+    ks = ks.permute(0, 3, 1, 2, 4).reshape(b, hk, ks.shape[1], stride * d)
+    return _grouped_scores(qs, ks).float()
 
 
 def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] = None, top_k: Optional[int] = None,
@@ -649,19 +677,15 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
     nk, hk = k.shape[1], k.shape[2]
     if hk == 0 or hq % hk:
         raise ShapeError(f"q has {hq} heads, which must be a multiple of k's {hk} heads (GQA/MQA)")
-    k = k.repeat_interleave(hq // hk, dim=2) if hq != hk else k
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qb, kb = math.ceil(nq / block_size), math.ceil(nk / block_size)
     off = nk - nq
-    d_min, d_max, k0 = _grid(nq, nk, block_size, q.device)
-    visible = d_max >= 0 if causal else torch.ones_like(d_max, dtype=torch.bool)
     on_gpu = _select_on_gpu(q, causal, off, block_size, kb)
     if method == "pooled":
-        s = (_pool(q, block_size) @ _pool(k, block_size).transpose(-1, -2)) * scale
-        score_in = s  # the GPU selection softmaxes the visible logits itself
-        if not on_gpu:
-            s = s.masked_fill(~visible, float("-inf"))
-            score = torch.softmax(s, -1).nan_to_num(0.0)
+        s = _grouped_scores(_pool(q, block_size, scale), _pool(k, block_size))  # logits
+        if on_gpu:  # the selection kernel softmaxes the visible logits itself
+            return _select_gpu(s, nq, nk, causal=causal, off=off, softmax=True, top_k=top_k, threshold=threshold,
+                               sink_blocks=sink_blocks, local_blocks=local_blocks)
     else:
         r = block_size // stride
         s = _antidiagonal(q, k, block_size, stride) * scale
@@ -673,10 +697,23 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
         if causal:
             keep = keep & (kj <= qi)
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-        score = score_in = p.view(b, hq, qb, r, kb, r).sum((3, 5)) / r
-    if on_gpu:
-        return _select_gpu(score_in, nq, nk, causal=causal, off=off, softmax=method == "pooled", top_k=top_k,
-                           threshold=threshold, sink_blocks=sink_blocks, local_blocks=local_blocks)
+        score = p.view(b, hq, qb, r, kb, r).sum((3, 5)) / r
+        if on_gpu:
+            return _select_gpu(score, nq, nk, causal=causal, off=off, softmax=False, top_k=top_k,
+                               threshold=threshold, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    if method == "pooled":
+        if causal:  # blocks past the diagonal out
+            s = s.masked_fill(_grid(nq, nk, block_size, q.device)[1] < 0, float("-inf"))
+        score = torch.softmax(s, -1).nan_to_num(0.0)
+    return _select_torch(score, nq, nk, causal=causal, block_size=block_size, top_k=top_k, threshold=threshold,
+                         sink_blocks=sink_blocks, local_blocks=local_blocks)
+
+
+def _select_torch(score, nq, nk, *, causal, block_size, top_k, threshold, sink_blocks, local_blocks):
+    """The selection kernel's reference: the BlockMask of ``score`` (B, H, QB, KB), each row's
+    probabilities over its visible blocks."""
+    d_min, d_max, k0 = _grid(nq, nk, block_size, score.device)
+    visible = d_max >= 0 if causal else torch.ones_like(d_max, dtype=torch.bool)
     if threshold is not None:
         val, order = score.sort(-1, descending=True)
         # Keep a block while the mass before it is short of the threshold.
@@ -684,16 +721,16 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
         # (threshold 1 keeps every visible block, whatever float32 rounding does to the sums)
         chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, (before < threshold) | (threshold >= 1))
     else:
-        idx = score.topk(min(top_k, kb), -1).indices
+        idx = score.topk(min(top_k, score.shape[-1]), -1).indices
         chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
-    qpos = torch.arange(qb, device=q.device)[:, None] * block_size + off  # a query block's first position
+    qpos = torch.arange(score.shape[-2], device=score.device)[:, None] * block_size + nk - nq  # a query block's first position
     always = (k0 < sink_blocks * block_size) | ((qpos - k0 >= 0) & (qpos - k0 < local_blocks * block_size))
     always = always | ((d_max >= 0) & (d_min < 0))  # the diagonal blocks
     blocks = (chosen | always) & visible
     if not causal:
         return BlockMask.from_blocks(blocks, seq_lengths=(nq, nk), block_size=block_size)
     return BlockMask.from_blocks(blocks, full=blocks & (d_min >= 0), seq_lengths=(nq, nk), block_size=block_size,
-                                 mask_mod=CausalMod(off))
+                                 mask_mod=CausalMod(nk - nq))
 
 
 # --- MInference vertical-slash ---------------------------------------------------------------

@@ -24,7 +24,9 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.extend(gemm_w8a8::W8A8Spec::all_kernels());
     v.extend(quant_attention::PrepSpec::all_kernels());
     v.push(sparse::select_kernel());
+    v.push(sparse::select_warp_kernel());
     v.push(sparse::vs_kernel());
+    v.extend(sparse::pool_kernels());
     v.extend(window_scores::WindowScoresSpec::all().iter().map(|s| s.kernel()));
     v.extend(window_scores::WindowScoresSpec::all().iter().filter(|s| !s.diag).map(|s| s.lse_kernel()));
     v.push(window_scores::lse_merge_kernel());

@@ -198,11 +198,22 @@ struct SelectParams {
     local_blocks: i32,
 }
 
+/// Rows of up to this many key tiles take the warp-per-row selection (kernels/sparse.cu:
+/// SELW_MAX), eight rows per CTA.
+pub const SELECT_WARP_TILES: usize = 256;
+
 pub fn select_kernel() -> KernelSource {
     let source = "#include \"sparse.cu\"\n\
                   extern \"C\" __global__ void __launch_bounds__(SEL_THREADS) sparse_select_blocks(const __grid_constant__ SparseSelectParams p) {\n\
                   \x20   sparse_select(p);\n}\n";
     KernelSource::portable("sparse_select_blocks".into(), source.into())
+}
+
+pub fn select_warp_kernel() -> KernelSource {
+    let source = "#include \"sparse.cu\"\n\
+                  extern \"C\" __global__ void __launch_bounds__(SEL_THREADS) sparse_select_blocks_warp(const __grid_constant__ SparseSelectParams p) {\n\
+                  \x20   sparse_select_warp(p);\n}\n";
+    KernelSource::portable("sparse_select_blocks_warp".into(), source.into())
 }
 
 /// Fills `count`, `index` and `bitmap` from `scores` on the GPU.
@@ -249,15 +260,102 @@ pub fn select(a: &SelectArgs, stream: usize) -> Result<()> {
         sink_blocks: a.sink_blocks.min(i32::MAX as usize) as i32,
         local_blocks: a.local_blocks.min(i32::MAX as usize) as i32,
     };
-    launch_rows(&select_kernel(), s, rows, "the block selection kernel", &mut p as *mut SelectParams as *mut c_void, stream)
+    let params = &mut p as *mut SelectParams as *mut c_void;
+    if kb <= SELECT_WARP_TILES {
+        return launch_rows(&select_warp_kernel(), s, rows.div_ceil(8), "the block selection kernel", params, stream);
+    }
+    launch_rows(&select_kernel(), s, rows, "the block selection kernel", params, stream)
 }
 
-/// Launches a list kernel (kernels/sparse.cu): one CTA of 256 threads per row, its parameter
-/// block `params`, on the GPU of `on`.
-fn launch_rows(kernel: &KernelSource, on: &TensorView, rows: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {
+/// Head dims the pooling kernel is compiled for.
+pub const POOL_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Mirrors `struct SparsePoolParams` in kernels/sparse.cu. Strides in bytes.
+#[repr(C)]
+struct PoolParams {
+    x: u64,
+    out: u64,
+    sb: i64,
+    sn: i64,
+    sh: i64,
+    n: i32,
+    heads: i32,
+    blocks: i32,
+    block: i32,
+    mul: f32,
+    pad_: i32,
+}
+
+fn pool_name(dtype: DType, d: usize) -> String {
+    format!("sparse_pool_{}_d{d}", if dtype == DType::F16 { "f16" } else { "bf16" })
+}
+
+pub fn pool_kernel(dtype: DType, d: usize) -> KernelSource {
+    let source = format!(
+        "#include \"sparse.cu\"\n\
+         extern \"C\" __global__ void __launch_bounds__(POOL_THREADS) {name}(const __grid_constant__ SparsePoolParams p) {{\n\
+         \x20   sparse_pool<{t}, {d}>(p);\n}}\n",
+        name = pool_name(dtype, d),
+        t = attention::ctype(dtype),
+    );
+    KernelSource::portable(pool_name(dtype, d), source)
+}
+
+pub fn pool_kernels() -> Vec<KernelSource> {
+    [DType::F16, DType::BF16].into_iter().flat_map(|t| POOL_HEAD_DIMS.map(|d| pool_kernel(t, d))).collect()
+}
+
+/// `out` (batch, heads, ceil(n / block), D) float32 <- the mean of each `block` (64 or 128)
+/// tokens of `x` (batch, n, heads, D), the last block over its real tokens, times `mul`.
+pub fn pool(x: &TensorView, out: &TensorView, block: usize, mul: f64, stream: usize) -> Result<()> {
+    x.expect_dtype(&[DType::F16, DType::BF16])?;
+    x.expect_rank(4, "(batch, n, heads, head_dim)")?;
+    x.expect_last_contiguous()?;
+    x.expect_aligned(16)?;
+    let (b, n, h, d) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    if !POOL_HEAD_DIMS.contains(&d) {
+        return shape_err(format!("the pooling kernel takes head_dim 64, 128 or 256, {} has {d}", x.name));
+    }
+    if block != 64 && block != TILE {
+        return Err(Error::Value(format!("block must be 64 or 128, got {block}")));
+    }
+    let blocks = n.div_ceil(block);
+    out.expect_same_device(x)?;
+    out.expect_dtype(&[DType::F32])?;
+    expect_contiguous(out)?;
+    out.expect_shape(&[b as i64, h as i64, blocks as i64, d as i64])?;
+    if b == 0 || h == 0 || n == 0 {
+        return Ok(());
+    }
+    if n > i32::MAX as usize - TILE || h > 65535 || b > 65535 {
+        return shape_err(format!("{} is too large for the pooling kernel", x.name));
+    }
+    let e = x.dtype.size() as i64;
+    let mut p = PoolParams {
+        x: x.ptr as u64,
+        out: out.ptr as u64,
+        sb: x.stride(0) * e,
+        sn: x.stride(1) * e,
+        sh: x.stride(2) * e,
+        n: n as i32,
+        heads: h as i32,
+        blocks: blocks as i32,
+        block: block as i32,
+        mul: mul as f32,
+        pad_: 0,
+    };
+    let dev = driver::device_of(x, "the pooling kernel")?;
+    let f = dev.function(&pool_kernel(x.dtype, d), 0)?;
+    let cfg = LaunchConfig { grid: (blocks as u32, h as u32, b as u32), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut PoolParams as *mut c_void])
+}
+
+/// Launches a list kernel (kernels/sparse.cu): `ctas` CTAs of 256 threads (one per row, or
+/// one per eight rows for the warp selection), its parameter block `params`, on the GPU of `on`.
+fn launch_rows(kernel: &KernelSource, on: &TensorView, ctas: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {
     let dev = driver::device_of(on, what)?;
     let f = dev.function(kernel, 0)?;
-    let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
+    let cfg = LaunchConfig { grid: (ctas as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
     dev.launch(f, cfg, stream, &mut [params])
 }
 

@@ -285,6 +285,16 @@ fn sparse_vs_lists(
     py.detach(|| sparse::vs_lists(&args, key_tiles, stream)).map_err(to_py)
 }
 
+/// sparse_pool_blocks(x, out, *, block, mul, stream): estimate_blocks' mean-pooling of x's
+/// token blocks, times mul (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (x, out, *, block=128, mul=1.0, stream=0))]
+fn sparse_pool_blocks(py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, block: usize, mul: f64, stream: usize) -> PyResult<()> {
+    let x = import(x, "x", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    py.detach(|| sparse::pool(&x.view, &out.view, block, mul, stream)).map_err(to_py)
+}
+
 /// Both offset tensors or neither.
 fn packed_seqs<'a>(q: &'a Option<Imported>, k: &'a Option<Imported>, max_q: usize, max_k: usize) -> PyResult<Option<PackedSeqs<'a>>> {
     match (q, k) {
@@ -905,6 +915,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_select_topk, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_gather, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_pool_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
