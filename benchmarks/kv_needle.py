@@ -9,7 +9,7 @@ Perplexity: the NLL of a 64-token continuation of the filler text, fed in decode
 after the compressed prefill. Baseline: the full cache (our PagedCache). Rows: presses at
 several ratios (hf.CompressedCache) and quantized caches (hf.QuantizedKVCache). A kind
 "snapkv,window=32@0.5" is make_press("snapkv", ratio=0.5, window=32); "duo_attention@0.5" has half
-of each layer's heads streaming (sink + recent).
+of each layer's heads streaming (sink + recent); "think@0.5" drops half of the key channels.
 
 python benchmarks/kv_needle.py [--quick] [--results-dir DIR]  (records: bench "kv", op "needle")
 """
@@ -79,8 +79,9 @@ def make_cache(model, kind, new_tokens):
     name, ratio = kind.rsplit("@", 1)
     name, *opts = name.split(",")  # "snapkv,window=32@0.5": press options after commas
     opts = {k: int(v) for k, v in (o.split("=") for o in opts)}
-    # DuoAttention's number is the share of streaming heads (sink + recent only).
-    opts["streaming_ratio" if name == "duo_attention" else "ratio"] = float(ratio)
+    # DuoAttention's number is the share of streaming heads (sink + recent only), ThinK's the
+    # share of key channels dropped.
+    opts[{"duo_attention": "streaming_ratio", "think": "key_ratio"}.get(name, "ratio")] = float(ratio)
     press = fk.kv.make_press(name, **opts)
     return fh.CompressedCache(model.config, press, new_tokens, dtype=model.dtype, device=model.device)
 
@@ -132,7 +133,7 @@ def main():
     kinds = ["full", "snapkv@0.5", "snapkv,window=32@0.5", "streaming_llm@0.5"] if args.quick else [
         "full", "snapkv@0.25", "snapkv@0.5", "snapkv@0.75", "snapkv,window=32@0.25", "snapkv,window=32@0.5",
         "snapkv,window=32@0.75", "snapkv,window=16@0.5", "pyramidkv@0.5", "pyramidkv,window=32@0.5", "streaming_llm@0.5", "knorm@0.5",
-        "tova@0.5", "adakv,window=16@0.5", "duo_attention@0.5", "duo_attention@0.75", "kv-int8", "kv-fp8", "kv-int4",
+        "tova@0.5", "adakv,window=16@0.5", "duo_attention@0.5", "duo_attention@0.75", "think@0.25", "think@0.5", "kv-int8", "kv-fp8", "kv-int4",
         "kv-int2"]
     kinds = args.kinds.split(";") if args.kinds else kinds
     rng = random.Random(0)

@@ -471,12 +471,64 @@ def test_press_context_manager_compresses_and_restores():
     assert model.config._attn_implementation == "eager" and "generate" not in model.__dict__
 
 
-def test_compressed_cache_refuses_think():
+def test_compressed_cache_refuses_bad_page_size():
     model = fk.patch(make64())
-    with pytest.raises(NotImplementedError, match="ThinK"):
-        fh.CompressedCache(model.config, fk.kv.ThinK(0.5), max_new_tokens=4)
     with pytest.raises(ValueError, match="page_size"):
         fh.CompressedCache(model.config, fk.kv.SnapKV(0.5), max_new_tokens=4, page_size=48)
+
+
+def test_think_cache_decode_equals_eager_on_the_zeroed_keys():
+    """CompressedCache with ThinK: decode logits (two steps) against eager attention over a
+    DynamicCache holding the eager prefill's keys with ThinK's dropped channels zeroed
+    (kvpress's ThinK) and the new tokens in full; the layer stores only the kept channels."""
+    model = make64()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (1, 90), generator=g)
+    steps = torch.randint(1, VOCAB, (2, 1), generator=g)
+    pos = lambda i: torch.tensor([[90 + i]])  # noqa: E731
+    p = fk.kv.ThinK(0.5, window=16)
+    with torch.no_grad():
+        fk.patch(model)
+        cache = fh.CompressedCache(model.config, p, max_new_tokens=4)
+        model(ids, past_key_values=cache)
+        got = [model(steps[i:i + 1], past_key_values=cache, position_ids=pos(i)).logits for i in range(2)]
+        fk.unpatch(model)
+        zeroed = eager_pressed(model, ids, lambda k, v, q, **kw: (p(k, v, q)[0], v, p.channels(k, q)), cache)
+        ref = transformers.DynamicCache(config=model.config)
+        for layer, (kz, v, ch) in enumerate(zeroed):
+            ref.update(kz.transpose(1, 2), v.transpose(1, 2), layer)
+            assert torch.equal(cache.channels[layer], ch)
+        want = [model(steps[i:i + 1], past_key_values=ref, position_ids=pos(i)).logits for i in range(2)]
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() < 1e-4
+    assert cache.k[0].shape == (1, 2, 90, 32) and cache.lengths[0] == [92]
+    # Per layer (float32): K on 32 of 64 channels, V whole, room for 4 new tokens' K and V.
+    assert cache.nbytes() == 2 * (90 * 2 * 32 * 4 + 90 * 2 * 64 * 4 + 2 * 4 * 2 * 64 * 4)
+
+
+def test_think_press_on_a_padded_batch_matches_each_sequence_alone():
+    """kv.press(model, "think") through generate on a left-padded batch: each sequence gets the
+    tokens and scores it gets alone (its channels chosen from its own real tokens)."""
+    model = make64()
+    ids, mask = padded_batch(n=50)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), fk.kv.press(model, "think", key_ratio=0.5, window=8) as p:
+        assert isinstance(p, fk.kv.ThinK)
+        batch = model.generate(ids, attention_mask=mask, **kw)
+        for i in range(3):
+            real = ids[i:i + 1, mask[i].bool()]
+            alone = model.generate(real, attention_mask=torch.ones_like(real), **kw)
+            assert torch.equal(batch.sequences[i, -4:], alone.sequences[0, -4:]), i
+            for a, b in zip(batch.scores, alone.scores):
+                assert (a[i] - b[0]).abs().max().item() < 1e-4
+
+
+def test_think_cache_refuses_sliding_window_layers():
+    model = fk.patch(make64())
+    cache = fh.CompressedCache(model.config, fk.kv.ThinK(0.5), max_new_tokens=4)
+    q = torch.randn(1, 1, 4, 64)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        cache._attend_think(0, q, q[:, :, :2], q[:, :, :2], None, (8, 0), 0.0)
 
 
 _HEAD_KEPT = {}  # layer -> (kept per kv head, padded length): the per-head reference's mask

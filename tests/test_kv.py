@@ -325,6 +325,42 @@ def test_think_channels():
     assert compact.keys.shape[-1] == D - int(D * 0.25)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_pruned_attention_is_attention_over_the_zeroed_keys(device, softcap):
+    """pruned_attention against float64 attention where the prefix keys have ThinK's dropped
+    channels zeroed (kvpress's semantics): ragged prefixes (padding poisoned), GQA, 3 new
+    tokens causal among themselves after 2 earlier ones, each dtype."""
+    b, p_len, hq, hk, d, q_len, before = 2, 75, 6, 2, 64, 3, 2
+    lens = torch.tensor([75, 41])
+    for i, dtype in enumerate(dtypes_for(device)):
+        keys, values, window, _ = inputs(b, p_len, hq, hk, d, 16, device, dtype, seed=30 + i)
+        _, compact = kv.ThinK(0.5, window=16)(keys, values, window)
+        g = torch.Generator().manual_seed(i)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+        q, k_new, v_new = rnd(b, q_len, hq, d), rnd(b, before + q_len, hk, d), rnd(b, before + q_len, hk, d)
+        kc, vc = compact.keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+        pad = torch.arange(p_len, device=device) >= lens.to(device)[:, None]                  # (b, P)
+        kc[pad[:, None, :, None].expand_as(kc)] = 1e4  # padding must not count
+        vc[pad[:, None, :, None].expand_as(vc)] = 1e4
+        out = kv.pruned_attention(q, kc, compact.channels, vc, lens.to(device), k_new=k_new, v_new=v_new,
+                                  new_before=before, softcap=softcap)
+        zeroed = torch.zeros(b, p_len, hk, d, dtype=torch.float64, device=device).scatter_(
+            3, compact.channels[:, None].expand(b, p_len, hk, -1), compact.keys.double())
+        ks = torch.cat([zeroed, k_new.double()], 1).repeat_interleave(hq // hk, 2)
+        vs = torch.cat([values.double(), v_new.double()], 1).repeat_interleave(hq // hk, 2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), ks) / math.sqrt(d)
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        j = torch.arange(p_len + before + q_len, device=device)
+        t = torch.arange(q_len, device=device)[:, None]
+        hidden = (j < p_len) & (j >= lens.to(device)[:, None, None, None])  # (b, 1, 1, keys)
+        hidden = hidden | ((j >= p_len) & (j - p_len > before + t))
+        want = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s.masked_fill(hidden, float("-inf")), -1), vs)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel_err(out, want) < tol, (dtype, rel_err(out, want))
+
+
 def test_merge_by_definition():
     """Each kept slot holds the score-weighted mean of itself and the evicted tokens whose key
     is closest (cosine) to its key."""

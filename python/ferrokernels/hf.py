@@ -564,16 +564,17 @@ class CompressedCache(_SelfAttendingCache):
     D). Presses that keep a different count per kv head (AdaKV, DuoAttention) store every
     (sequence, kv head) as a sequence of its own in pages of ``page_size`` tokens, so a
     streaming head really holds only its sink and recent tokens; a decode step attends with
-    the q heads of each kv head as that sequence's group. ThinK's channel pruning is refused
-    (the decode kernel reads whole key rows)."""
+    the q heads of each kv head as that sequence's group.
+
+    ThinK keeps every token but only its chosen key channels: a layer holds the prefill's
+    pruned keys ``(batch, heads_kv, P, kept)``, its values, the channel ids, and the new tokens'
+    full K/V (ThinK prunes the prefill's keys); decode steps run ``kv.pruned_attention``."""
 
     def __init__(self, config, press, max_new_tokens: int, *, dtype=None, device=None, page_size: int = 64):
         super().__init__(config, 0, dtype, device)
         from .kv import ThinK
 
-        if isinstance(press, ThinK):
-            raise NotImplementedError("CompressedCache does not take ThinK: it prunes key channels, and the decode "
-                                      "kernel reads whole key rows (use kv.ChannelPruned with your own attention)")
+        self.think = isinstance(press, ThinK)
         if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
             raise ValueError(f"page_size must be a power of two up to 256, got {page_size}")
         self.press, self.max_new, self.page_size = press, int(max_new_tokens), int(page_size)
@@ -584,15 +585,19 @@ class CompressedCache(_SelfAttendingCache):
         self.v: List = [None] * self.num_layers
         self.lengths: List = [None] * self.num_layers    # per sequence, or per (sequence, kv head) when paged
         self.capacity: List = [None] * self.num_layers   # room of each of those, new tokens included
-        self.seqlens: List = [None] * self.num_layers
+        self.seqlens: List = [None] * self.num_layers    # int32 per sequence (ThinK: the prefill's tokens)
         self.tables: List = [None] * self.num_layers     # block table of a per-head layer, else None
         self.seen_tokens: Optional[List[int]] = None  # real tokens per sequence before compression
+        self.channels: List = [None] * self.num_layers   # ThinK: kept key channels (b, heads_kv, kept)
+        self.k_new: List = [None] * self.num_layers      # ThinK: the new tokens' full K/V (b, max_new, heads_kv, D)
+        self.v_new: List = [None] * self.num_layers
+        self.new_len = [0] * self.num_layers
 
     def get_max_length(self, layer_idx=None) -> int:
         return -1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_new + self.v_new if t is not None)
 
     def _queries(self, q):
         from .kv import ObservedAttention
@@ -672,17 +677,62 @@ class CompressedCache(_SelfAttendingCache):
         self.lengths[layer], self.capacity[layer] = counts, (pages * ps).tolist()
         self.seqlens[layer] = lens.to(torch.int32)
 
+    def _store_think(self, layer, q, k, v, valid) -> None:
+        """ThinK: each sequence's real prefill tokens with their keys on the press's channels,
+        padded to the longest, (b, heads_kv, P, kept) and (b, heads_kv, P, D); room for
+        max_new full new tokens."""
+        b = k.shape[0]
+        rows = [None] * b if valid is None else [valid[i].nonzero().flatten().to(k.device) for i in range(b)]
+        lens = [k.shape[1] if r is None else len(r) for r in rows]
+        kept = self.head_dim - int(self.head_dim * self.press.key_ratio)
+        kc = k.new_zeros(b, self.heads_kv, max(lens), kept)
+        vc = v.new_zeros(b, self.heads_kv, max(lens), v.shape[-1])
+        ch = torch.empty(b, self.heads_kv, kept, dtype=torch.int64, device=k.device)
+        for i, r in enumerate(rows):
+            ki, vi, qi = (t[i:i + 1] if r is None else t[i:i + 1, r] for t in (k, v, q))
+            ch[i:i + 1] = self.press.channels(ki, self._queries(qi))
+            idx = ch[i:i + 1, None].expand(1, lens[i], self.heads_kv, kept)
+            kc[i, :, :lens[i]] = torch.gather(ki, 3, idx)[0].transpose(0, 1)
+            vc[i, :, :lens[i]] = vi[0].transpose(0, 1)
+        self.k[layer], self.v[layer], self.channels[layer] = kc, vc, ch
+        self.k_new[layer] = k.new_zeros(b, self.max_new, self.heads_kv, self.head_dim)
+        self.v_new[layer] = v.new_zeros(b, self.max_new, self.heads_kv, v.shape[-1])
+        self.new_len[layer] = 0
+        self.lengths[layer], self.capacity[layer] = lens, [n + self.max_new for n in lens]
+        self.seqlens[layer] = torch.tensor(lens, dtype=torch.int32, device=k.device)
+
+    def _attend_think(self, layer, q, k, v, scale, window, softcap):
+        """A decode step over a ThinK layer: the new tokens stored in full, attention over the
+        pruned prefill and every new token."""
+        from .kv import pruned_attention
+
+        if tuple(window) != (-1, -1):
+            raise NotImplementedError("CompressedCache with ThinK does not take sliding-window layers")
+        n0, q_len = self.new_len[layer], q.shape[1]
+        self.k_new[layer][:, n0:n0 + q_len] = k
+        self.v_new[layer][:, n0:n0 + q_len] = v
+        self.new_len[layer] = n0 + q_len
+        self.lengths[layer] = [n + q_len for n in self.lengths[layer]]
+        return pruned_attention(q, self.k[layer], self.channels[layer], self.v[layer], self.seqlens[layer],
+                                k_new=self.k_new[layer][:, :n0 + q_len], v_new=self.v_new[layer][:, :n0 + q_len],
+                                new_before=n0, scale=scale, softcap=softcap or 0.0)
+
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]
         if self.k[layer] is None:  # the prefill: attend in full, then keep the press's choice
             out, lse = self._prefill(layer, q, k, v, mask, valid, scale, window, softcap,
-                                     return_lse=self._lse_reusable(q, scale, window, softcap))
-            self._store(layer, self._press_each(layer, q, k, v, valid, lse))
+                                     return_lse=not self.think and self._lse_reusable(q, scale, window, softcap))
+            if self.think:
+                self._store_think(layer, q, k, v, valid)
+            else:
+                self._store(layer, self._press_each(layer, q, k, v, valid, lse))
             return out
         if valid is not None or q_len > MAX_DECODE_Q:
             raise NotImplementedError("CompressedCache takes one prefill, then decode steps of up to 16 tokens")
         if any(n + q_len > c for n, c in zip(self.lengths[layer], self.capacity[layer])):
             raise ValueError(f"the compressed cache has room for {self.max_new} new tokens (max_new_tokens)")
+        if self.think:
+            return self._attend_think(layer, q, k, v, scale, window, softcap)
         table = self.tables[layer]
         if table is not None:  # per head: each kv head is a sequence whose group is its q heads
             hk = self.heads_kv

@@ -365,7 +365,9 @@ class ThinK:
         keep = d - int(d * self.key_ratio)
         return _top(qn * kn, keep)
 
-    def __call__(self, keys, values, queries=None):
+    def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None):
+        """(keys with the dropped channels zeroed, ChannelPruned); ``layer``, ``n_layers`` and
+        ``lse`` are the presses' call and unused here."""
         _check_kv(keys, values, queries, True, "ThinK")
         ch = self.channels(keys, queries)
         b, n, hk, d = keys.shape
@@ -388,6 +390,65 @@ class ChannelPruned:
         hk = self.channels.shape[1]
         ch = self.channels.repeat_interleave(hq // hk, dim=1)                   # (b, hq, kept)
         return torch.gather(q, 3, ch[:, None].expand(b, n, hq, ch.shape[-1]))
+
+
+_BMM_OUT_DTYPE = True  # torch's bmm(out_dtype=float32) for 16-bit inputs (CUDA, torch >= 2.8)
+
+
+def _bmm_f32(a, b):
+    """a (n, M, K) @ b (n, K, N) in float32 with no float copy of b where torch can (16-bit
+    inputs on the GPU accumulate and return float32 themselves)."""
+    global _BMM_OUT_DTYPE
+    if _BMM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE = False
+    return torch.bmm(a.float(), b.float())
+
+
+def pruned_attention(q, keys, channels, values, lengths=None, *, k_new=None, v_new=None, new_before: int = 0,
+                     scale: Optional[float] = None, softcap: float = 0.0):
+    """Attention of q ``(batch, q_len, heads_q, D)`` over a ThinK-pruned prefix plus full new
+    tokens: scores with the prefix are q on each kv head's kept ``channels`` (batch, heads_kv,
+    kept) against ``keys`` ``(batch, heads_kv, P, kept)``, with the new tokens q against
+    ``k_new`` ``(batch, M, heads_kv, D)``; one softmax over both, then ``values`` ``(batch,
+    heads_kv, P, Dv)`` and ``v_new``. ``lengths`` (batch,) int: a sequence's real prefix (the
+    rest is padding, which must be finite: it is weighted by zero); query t sees new tokens up to ``new_before + t`` (q_len new tokens after
+    ``new_before`` earlier ones, all already in ``k_new``). Equal to attention over the keys
+    with the dropped channels zeroed (kvpress's ThinK), without storing them.
+
+    Batched float32-accumulated matmuls (torch): every kept key is read once per step."""
+    b, q_len, hq, d = q.shape
+    hk, p_len, kept = keys.shape[1], keys.shape[2], keys.shape[3]
+    g = hq // hk
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qg = q.view(b, q_len, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b * hk, g * q_len, d)  # rows (group, t)
+    q_kept = torch.gather(qg.view(b, hk, g * q_len, d), 3, channels[:, :, None, :].expand(b, hk, g * q_len, kept))
+
+    def logits(qs, ks, hidden):  # scaled, capped, then masked (a cap would undo -inf)
+        s = _bmm_f32(qs, ks.transpose(1, 2)) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        return s.view(b, hk, g, q_len, -1).masked_fill(hidden, float("-inf"))
+
+    hidden = torch.zeros((), dtype=torch.bool, device=q.device)
+    if lengths is not None:
+        hidden = torch.arange(p_len, device=q.device) >= torch.as_tensor(lengths, device=q.device).view(b, 1, 1, 1, 1)
+    parts = [logits(q_kept.reshape(b * hk, g * q_len, kept), keys.reshape(b * hk, p_len, kept), hidden)]
+    if k_new is not None:
+        m = k_new.shape[1]
+        t = torch.arange(q_len, device=q.device)[:, None]
+        later = torch.arange(m, device=q.device)[None, :] > new_before + t  # (q_len, m): causal among the new
+        parts.append(logits(qg, k_new.permute(0, 2, 1, 3).reshape(b * hk, m, d), later))
+    s = torch.cat(parts, -1)
+    pr = torch.softmax(s, -1).view(b * hk, g * q_len, -1)
+    dv = values.shape[-1]
+    out = _bmm_f32(pr[..., :p_len].to(values.dtype), values.reshape(b * hk, p_len, dv))
+    if k_new is not None:
+        vn = v_new.permute(0, 2, 1, 3).reshape(b * hk, m, dv)
+        out += _bmm_f32(pr[..., p_len:].to(values.dtype), vn)
+    return out.view(b, hk, g, q_len, dv).permute(0, 3, 1, 2, 4).reshape(b, q_len, hq, dv).to(q.dtype)
 
 
 class AdaKV:
@@ -598,5 +659,5 @@ def compressed_attention(q, c: Compressed, *, scale: Optional[float] = None):
 
 
 __all__ = ["Compressed", "Press", "StreamingLLM", "Knorm", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention", "ThinK",
-           "ChannelPruned", "AdaKV", "DuoAttention", "KVMerge", "make_press", "press", "compressed_attention",
+           "ChannelPruned", "pruned_attention", "AdaKV", "DuoAttention", "KVMerge", "make_press", "press", "compressed_attention",
            "QuantizedKV", "quantized_decode"]
