@@ -21,7 +21,10 @@ constexpr int KS_THREADS = 1024;
 struct KvTopkParams {
     const float* scores;  // (rows, n), contiguous
     i64* index;           // (rows, k), contiguous: the k best positions, ascending
-    i32 rows, n, k, pad_;
+    const i32* lookup;    // or, when set, (rows / group, n) with rows `lookup_stride` apart:
+    i32* mapped;          // (rows, k) int32 <- lookup[row / group][position] (sparse decode's pages)
+    i64 lookup_stride;
+    i32 rows, n, k, group;
 };
 
 // Float order as unsigned order (NaN above +inf for positive NaNs; scores have none).
@@ -87,14 +90,19 @@ __device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
     const unsigned long long incl = block_inclusive_scan<unsigned long long, KS_THREADS>(((unsigned long long)gt << 32) | eq, scan_tmp, &total);
     const unsigned long long excl = incl - (((unsigned long long)gt << 32) | eq);
     u32 g_run = (u32)(excl >> 32), e_run = (u32)excl;
-    i64* out = p.index + (i64)blockIdx.x * p.k;
+    const i64 at = (i64)blockIdx.x * p.k;
+    const i32* lookup = p.lookup ? p.lookup + (i64)(blockIdx.x / p.group) * p.lookup_stride : nullptr;
+    auto put = [&](u32 r, int i) {
+        if (lookup) p.mapped[at + r] = lookup[i];
+        else p.index[at + r] = i;
+    };
     for (int i = lo; i < hi; ++i) {
         const u32 key = ks_order(s[i]);
         if (key > prefix) {
-            out[g_run + min(e_run, want)] = i;
+            put(g_run + min(e_run, want), i);
             ++g_run;
         } else if (key == prefix) {
-            if (e_run < want) out[g_run + e_run] = i;
+            if (e_run < want) put(g_run + e_run, i);
             ++e_run;
         }
     }

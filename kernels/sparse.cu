@@ -367,3 +367,74 @@ __device__ __forceinline__ void sparse_pool(const SparsePoolParams& p) {
         out[d] = s * w;
     }
 }
+
+// select_pages' bounds on the GPU (sparse.py: _page_bounds_torch is the reference): Quest's
+// upper bound of each page's attention score per (sequence, kv head), sum_d max(q_d min_d,
+// q_d max_d) summed over the group's query rows = q+ . max + q- . min with q+ / q- the rows'
+// sums of their positive / negative parts. Pages holding the new tokens get +inf (always
+// kept), pages past the sequence -inf. One CTA per PB_PAGES pages of one (sequence, kv head):
+// the group's sums in shared memory, then a warp per page reading its two summary rows.
+constexpr int PB_THREADS = 256;
+constexpr int PB_PAGES = 64;
+
+// Mirrors `PageBoundsParams` in src/ops/sparse.rs. Strides in elements.
+struct SparsePageBoundsParams {
+    const unsigned char* q;   // (batch, q_len, heads_q, D), 16-bit
+    const unsigned char* pmin;  // (pages, heads_kv, D), q's type (a min / max of the cache's values is exact in it)
+    const unsigned char* pmax;
+    const i32* table;         // (batch, max_pages)
+    const i32* seqlens;       // (batch)
+    float* bounds;            // (batch, heads_kv, max_pages)
+    i32* new_lens;            // (batch): the selected sequence's length
+    i64 q_sb, q_st, q_sh;
+    i64 s_sp, s_sh;
+    i64 t_sb;
+    int q_len, hq, hk, d, mp, page_size, keep, pad_;
+};
+
+template <typename T>
+__device__ __forceinline__ void sparse_page_bounds(const SparsePageBoundsParams& p) {
+    __shared__ float pos[256], neg[256];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int bh = blockIdx.y, bi = bh / p.hk, h = bh % p.hk, g = p.hq / p.hk;
+    const int len = p.seqlens[bi];
+    const int n_pages = (len + p.page_size - 1) / p.page_size;
+    const int first_new = max(len - p.q_len, 0) / p.page_size;
+    const T* q = reinterpret_cast<const T*>(p.q);
+    for (int c = tid; c < p.d; c += PB_THREADS) {
+        float sp = 0.f, sn = 0.f;
+        for (int t = 0; t < p.q_len; ++t)
+            for (int j = 0; j < g; ++j) {
+                const float x = to_float(q[bi * p.q_sb + t * p.q_st + (i64)(h * g + j) * p.q_sh + c]);
+                sp += fmaxf(x, 0.f), sn += fminf(x, 0.f);
+            }
+        pos[c] = sp, neg[c] = sn;
+    }
+    __syncthreads();
+    const int j_end = min((blockIdx.x + 1) * PB_PAGES, p.mp);
+    for (int j = blockIdx.x * PB_PAGES + warp; j < j_end; j += PB_THREADS / 32) {
+        float bound;
+        if (j >= n_pages) {
+            bound = neg_inf();
+        } else if (j >= first_new) {
+            bound = -neg_inf();
+        } else {
+            const i64 row = (i64)p.table[bi * p.t_sb + j] * p.s_sp + (i64)h * p.s_sh;
+            const uint2* mx = reinterpret_cast<const uint2*>(reinterpret_cast<const T*>(p.pmax) + row);
+            const uint2* mn = reinterpret_cast<const uint2*>(reinterpret_cast<const T*>(p.pmin) + row);
+            float acc = 0.f;
+            for (int c4 = lane; c4 < p.d / 4; c4 += 32) {  // four channels (8 bytes) per lane
+                const uint2 a = mx[c4], b = mn[c4];
+                const T* ea = reinterpret_cast<const T*>(&a);
+                const T* eb = reinterpret_cast<const T*>(&b);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc += pos[4 * c4 + e] * to_float(ea[e]) + neg[4 * c4 + e] * to_float(eb[e]);
+            }
+            bound = warp_reduce(acc, [](float x, float y) { return x + y; });
+        }
+        if (lane == 0) p.bounds[(i64)bh * p.mp + j] = bound;
+    }
+    // The selected sequence: `keep` pages, the last one the sequence's own (partial) last page.
+    if (blockIdx.x == 0 && h == 0 && tid == 0)
+        p.new_lens[bi] = n_pages > p.keep ? (p.keep - 1) * p.page_size + len - (n_pages - 1) * p.page_size : len;
+}

@@ -213,6 +213,15 @@ def test_topk_kernel_against_torch(rows, n, k):
     keep = above | ((t == kth) & (equal_rank <= need))
     want = torch.where(keep, torch.arange(n, device="cuda"), n).sort(-1).values[..., :k]
     assert torch.equal(got, want)
+    if rows % 2 == 0:  # with a lookup (sparse decode's block table): its entries, int32
+        lookup = torch.randint(-5, 1 << 30, (rows // 2, n), generator=g, dtype=torch.int32).cuda()
+        mapped = torch.full((rows, k), -7, dtype=torch.int32, device="cuda")
+        fk._native.kv_select_topk(t.view(rows, n), mapped, lookup=lookup)
+        assert torch.equal(mapped, torch.gather(lookup.repeat_interleave(2, 0), 1, want.view(rows, k)))
+        with pytest.raises(fk.DTypeError, match="index"):
+            fk._native.kv_select_topk(t.view(rows, n), mapped.long(), lookup=lookup)
+        with pytest.raises(ValueError, match="lookup"):
+            fk._native.kv_select_topk(t.view(rows, n), mapped, lookup=lookup[:, 1:])
 
 
 @pytest.mark.cuda

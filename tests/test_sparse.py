@@ -404,6 +404,54 @@ def test_sparse_decode_attends_the_selected_pages(device, q_len):
         assert torch.equal(sp.sparse_decode(q, kc, vc, lens, table, budget=1024, summaries=summ), full)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("q_len,d,hk,g", [(1, 128, 8, 4), (3, 64, 2, 3), (16, 256, 1, 2), (2, 96, 3, 1)])
+def test_page_bounds_kernel_matches_torch(q_len, d, hk, g, monkeypatch):
+    """The bounds kernel against the torch path on the same GPU: every finite bound within
+    float32 rounding, the same +inf (new tokens' pages) / -inf (past the sequence) pattern,
+    the same selected lengths, and the same pages chosen; ragged lengths, a shuffled table with
+    room past the longest sequence, strided q."""
+    ps, lens = 16, [203, 40, 16 * 70, 17]
+    for i, dtype in enumerate((torch.float16, torch.bfloat16)):
+        kc, _, table, seqlens = paged_cache(len(lens), lens, hk, d, ps, dtype, "cuda", seed=d + i)
+        table = torch.nn.functional.pad(table, (0, 3), value=-1)
+        qkv = torch.randn(len(lens), q_len, 2, hk * g, d, generator=torch.Generator().manual_seed(i)).to("cuda", dtype)
+        q = qkv[:, :, 0]
+        summ = sp.page_summaries(kc)
+        for keep in (1, 5, 80):
+            got = sp._page_bounds(q, summ, seqlens, table, ps, keep)
+            monkeypatch.setattr(sp, "_SELECT_KERNEL", False)
+            want = sp._page_bounds(q, summ, seqlens, table, ps, keep)
+            monkeypatch.setattr(sp, "_SELECT_KERNEL", True)
+            assert torch.equal(got[1], want[1])
+            fin = want[0].isfinite()
+            assert torch.equal(got[0].isfinite(), fin) and torch.equal(got[0][~fin], want[0][~fin])
+            assert torch.allclose(got[0][fin], want[0][fin], rtol=1e-5, atol=1e-4 * q_len * g)
+        sel, _ = sp.select_pages(q, summ, seqlens, table, ps, budget=5 * ps)
+        monkeypatch.setattr(sp, "_SELECT_KERNEL", False)
+        ref, _ = sp.select_pages(q, summ, seqlens, table, ps, budget=5 * ps)
+        monkeypatch.setattr(sp, "_SELECT_KERNEL", True)
+        assert sel.dtype == torch.int32 and (sel == ref).float().mean() > 0.99
+
+
+@pytest.mark.cuda
+def test_page_bounds_kernel_refuses_bad_input():
+    q = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)
+    pmin = pmax = torch.zeros(3, 2, 64, device="cuda", dtype=torch.float16)
+    table, lens = torch.zeros(1, 3, dtype=torch.int32, device="cuda"), torch.ones(1, dtype=torch.int32, device="cuda")
+    bounds, nl = torch.empty(1, 2, 3, device="cuda"), torch.empty(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="bounds"):
+        fk._native.sparse_page_bounds(q, pmin, pmax, table, lens, bounds[:, :1], nl, page_size=16, keep=1)
+    with pytest.raises(fk.DTypeError, match="block_table"):
+        fk._native.sparse_page_bounds(q, pmin, pmax, table.long(), lens, bounds, nl, page_size=16, keep=1)
+    with pytest.raises(ValueError, match="heads"):
+        fk._native.sparse_page_bounds(q[:, :, :3], pmin, pmax, table, lens, bounds, nl, page_size=16, keep=1)
+    with pytest.raises(ValueError, match="keep"):
+        fk._native.sparse_page_bounds(q, pmin, pmax, table, lens, bounds, nl, page_size=16, keep=0)
+    with pytest.raises(fk.DTypeError, match="page_min"):
+        fk._native.sparse_page_bounds(q, pmin.float(), pmax, table, lens, bounds, nl, page_size=16, keep=1)
+
+
 def test_quest_bound_finds_the_relevant_page():
     """A page whose keys point along q has the highest bound: with room for one page besides
     the current one, every head picks it. page_summaries updates pages in place."""

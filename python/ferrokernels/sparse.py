@@ -1052,20 +1052,22 @@ def prefill(model, pattern="vertical_slash", *, min_len: int = 1024, **kwargs):
 # decode_attention reads through a (batch, heads_kv, max_pages) block table.
 
 def page_summaries(k_cache, pages=None, out=None):
-    """Channel-wise (min, max) of each page's keys per kv head, float32 ``(num_pages, heads_kv,
-    head_dim)`` each, from a paged cache ``(num_pages, page_size, heads_kv, head_dim)``. With
+    """Channel-wise (min, max) of each page's keys per kv head, ``(num_pages, heads_kv,
+    head_dim)`` each in the cache's dtype (a min or max of its values is exact there, at half
+    float32's bytes for 16-bit caches), from a paged cache ``(num_pages, page_size, heads_kv,
+    head_dim)``. With
     ``pages`` (int tensor of page ids) and ``out`` (the two tensors) only those pages are
     recomputed, in place: call it after append_kv with the pages the new tokens went to. A
     page's unused slots count too (the page holding a sequence's last tokens is always
     attended, so its bound does not matter)."""
     expect_rank(k_cache, 4, "k_cache", "(num_pages, page_size, heads_kv, head_dim)")
     if pages is None:
-        return k_cache.amin(1).float(), k_cache.amax(1).float()
+        return k_cache.amin(1), k_cache.amax(1)
     if out is None:
         raise ValueError("pass out=(page_min, page_max) to update some pages in place")
     sel = k_cache[pages.long()]
-    out[0][pages.long()] = sel.amin(1).float()
-    out[1][pages.long()] = sel.amax(1).float()
+    out[0][pages.long()] = sel.amin(1).to(out[0].dtype)
+    out[1][pages.long()] = sel.amax(1).to(out[1].dtype)
     return out
 
 
@@ -1085,6 +1087,32 @@ def select_pages(q, summaries, cache_seqlens, block_table, page_size: int, budge
         raise ValueError(f"budget must be at least one page ({page_size} tokens), got {budget}")
     mp = block_table.shape[-1]
     keep = min(mp, budget // page_size)
+    bounds, new_lens = _page_bounds(q, summaries, cache_seqlens, block_table, page_size, keep)
+    if _SELECT_KERNEL and bounds.is_cuda and block_table.dtype == torch.int32:
+        # The radix top-k kernel writes the chosen pages' table entries, in sequence order.
+        table = torch.empty(b, hk, keep, dtype=torch.int32, device=q.device)
+        _native.kv_select_topk(bounds.view(b * hk, mp), table.view(b * hk, keep), lookup=block_table,
+                               stream=stream_of(q))
+        return table, new_lens
+    chosen = bounds.topk(keep, -1).indices.sort(-1).values            # (b, hk, keep)
+    return torch.gather(block_table[:, None].expand(b, hk, mp), -1, chosen).to(torch.int32), new_lens
+
+
+def _page_bounds(q, summaries, cache_seqlens, block_table, page_size, keep):
+    """Quest's bound of every table page per (sequence, kv head), float32 (b, heads_kv,
+    max_pages): +inf for the pages holding the q_len new tokens, -inf past the sequence; and
+    the selected sequences' int32 lengths (``keep`` pages, the last one the sequence's own).
+    One kernel on CUDA (kernels/sparse.cu), else torch."""
+    page_min, page_max = summaries
+    b, q_len, hq, d = q.shape
+    hk, mp = page_min.shape[1], block_table.shape[-1]
+    if (_SELECT_KERNEL and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 4 == 0 and d <= 256
+            and page_min.dtype == q.dtype and page_min.stride() == page_max.stride()):
+        bounds = torch.empty(b, hk, mp, dtype=torch.float32, device=q.device)
+        new_lens = torch.empty(b, dtype=torch.int32, device=q.device)
+        _native.sparse_page_bounds(q, page_min, page_max, block_table, cache_seqlens, bounds, new_lens,
+                                   page_size=page_size, keep=keep, stream=stream_of(q))
+        return bounds, new_lens
     lens = cache_seqlens.long()
     n_pages = (lens + page_size - 1) // page_size                       # (b,)
     first_new = (lens - q_len).clamp(min=0) // page_size                # pages from here hold new tokens
@@ -1093,16 +1121,14 @@ def select_pages(q, summaries, cache_seqlens, block_table, page_size: int, budge
     # needs only the rows' sums of q+ and q-. Bounds of every pool page (one read of the
     # summaries, no gathered copies), then the table's pages picked out.
     pos, neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)          # (b, hk, d)
-    every = (torch.einsum("bhd,phd->bhp", pos, page_max) + torch.einsum("bhd,phd->bhp", neg, page_min))
+    every = (torch.einsum("bhd,phd->bhp", pos, page_max.float()) + torch.einsum("bhd,phd->bhp", neg, page_min.float()))
     bound = torch.gather(every, -1, block_table.long().clamp(min=0)[:, None].expand(b, hk, mp))
     page = torch.arange(mp, device=q.device)
     bound = bound.masked_fill((page >= n_pages[:, None])[:, None], float("-inf"))
     bound = bound.masked_fill(((page >= first_new[:, None]) & (page < n_pages[:, None]))[:, None], float("inf"))
-    chosen = bound.topk(keep, -1).indices.sort(-1).values             # (b, hk, keep), ascending
-    table = torch.gather(block_table.long()[:, None].expand(b, hk, mp), -1, chosen).to(torch.int32).contiguous()
     last = lens - (n_pages - 1) * page_size
     new_lens = torch.where(n_pages > keep, (keep - 1) * page_size + last, lens).to(torch.int32)
-    return table, new_lens
+    return bound, new_lens
 
 
 def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, *, budget: int, summaries=None, **kwargs):

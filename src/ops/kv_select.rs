@@ -32,20 +32,24 @@ pub fn gather_kernel() -> KernelSource {
 struct TopkParams {
     scores: u64,
     index: u64,
+    lookup: u64,
+    mapped: u64,
+    lookup_stride: i64,
     rows: i32,
     n: i32,
     k: i32,
-    pad_: i32,
+    group: i32,
 }
 
-/// `index` (rows, k) int64 <- the k largest of each row of `scores` (rows, n) float32, ascending
-/// positions; ties go to the earlier position.
-pub fn topk(scores: &TensorView, index: &TensorView, stream: usize) -> Result<()> {
+/// `index` (rows, k) <- the k largest of each row of `scores` (rows, n) float32, ascending
+/// positions; ties go to the earlier position. `index` is int64 positions, or with `lookup`
+/// (int32 (L, n), rows a multiple of L) int32 `lookup[row / (rows / L)][position]`.
+pub fn topk(scores: &TensorView, index: &TensorView, lookup: Option<&TensorView>, stream: usize) -> Result<()> {
     scores.expect_dtype(&[DType::F32])?;
     scores.expect_rank(2, "(rows, n)")?;
     scores.expect_contiguous()?;
     index.expect_same_device(scores)?;
-    index.expect_dtype(&[DType::I64])?;
+    index.expect_dtype(&[if lookup.is_some() { DType::I32 } else { DType::I64 }])?;
     index.expect_rank(2, "(rows, k)")?;
     index.expect_contiguous()?;
     let (rows, n, k) = (scores.dim(0), scores.dim(1), index.dim(1));
@@ -55,12 +59,34 @@ pub fn topk(scores: &TensorView, index: &TensorView, stream: usize) -> Result<()
     if n > i32::MAX as usize || rows > i32::MAX as usize {
         return shape_err(format!("{} is too large for the top-k kernel", scores.name));
     }
+    let mut group = 1;
+    if let Some(l) = lookup {
+        l.expect_same_device(scores)?;
+        l.expect_dtype(&[DType::I32])?;
+        l.expect_rank(2, "(rows / group, n)")?;
+        l.expect_last_contiguous()?;
+        if l.dim(1) != n || l.dim(0) == 0 || rows % l.dim(0) != 0 {
+            return shape_err(format!("{} {:?} must have {n} columns and a row count dividing {rows}", l.name, l.shape));
+        }
+        group = rows / l.dim(0);
+    }
     if rows == 0 {
         return Ok(());
     }
     let dev = driver::device_of(scores, "the top-k kernel")?;
     let f = dev.function(&topk_kernel(), 0)?;
-    let mut p = TopkParams { scores: scores.ptr as u64, index: index.ptr as u64, rows: rows as i32, n: n as i32, k: k as i32, pad_: 0 };
+    let (ix, mapped) = if lookup.is_some() { (0, index.ptr as u64) } else { (index.ptr as u64, 0) };
+    let mut p = TopkParams {
+        scores: scores.ptr as u64,
+        index: ix,
+        lookup: lookup.map_or(0, |l| l.ptr as u64),
+        mapped,
+        lookup_stride: lookup.map_or(0, |l| l.stride(0)),
+        rows: rows as i32,
+        n: n as i32,
+        k: k as i32,
+        group: group as i32,
+    };
     let cfg = LaunchConfig { grid: (rows as u32, 1, 1), block: (TOPK_THREADS, 1, 1), smem_bytes: 0 };
     dev.launch(f, cfg, stream, &mut [&mut p as *mut TopkParams as *mut c_void])
 }

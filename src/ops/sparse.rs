@@ -350,6 +350,156 @@ pub fn pool(x: &TensorView, out: &TensorView, block: usize, mul: f64, stream: us
     dev.launch(f, cfg, stream, &mut [&mut p as *mut PoolParams as *mut c_void])
 }
 
+/// Mirrors `struct SparsePageBoundsParams` in kernels/sparse.cu. Strides in elements.
+#[repr(C)]
+struct PageBoundsParams {
+    q: u64,
+    pmin: u64,
+    pmax: u64,
+    table: u64,
+    seqlens: u64,
+    bounds: u64,
+    new_lens: u64,
+    q_sb: i64,
+    q_st: i64,
+    q_sh: i64,
+    s_sp: i64,
+    s_sh: i64,
+    t_sb: i64,
+    q_len: i32,
+    hq: i32,
+    hk: i32,
+    d: i32,
+    mp: i32,
+    page_size: i32,
+    keep: i32,
+    pad_: i32,
+}
+
+/// Pages per CTA of the bounds kernel (kernels/sparse.cu: PB_PAGES).
+const PB_PAGES: usize = 64;
+
+fn page_bounds_name(dtype: DType) -> String {
+    format!("sparse_page_bounds_{}", if dtype == DType::F16 { "f16" } else { "bf16" })
+}
+
+pub fn page_bounds_kernel(dtype: DType) -> KernelSource {
+    let source = format!(
+        "#include \"sparse.cu\"\n\
+         extern \"C\" __global__ void __launch_bounds__(PB_THREADS) {name}(const __grid_constant__ SparsePageBoundsParams p) {{\n\
+         \x20   sparse_page_bounds<{t}>(p);\n}}\n",
+        name = page_bounds_name(dtype),
+        t = attention::ctype(dtype),
+    );
+    KernelSource::portable(page_bounds_name(dtype), source)
+}
+
+pub fn page_bounds_kernels() -> Vec<KernelSource> {
+    vec![page_bounds_kernel(DType::F16), page_bounds_kernel(DType::BF16)]
+}
+
+/// select_pages' Quest bounds (kernels/sparse.cu: sparse_page_bounds).
+#[derive(Debug, Clone, Copy)]
+pub struct PageBoundsArgs<'a> {
+    /// (batch, q_len, heads_q, D) float16/bfloat16, last dim contiguous.
+    pub q: &'a TensorView,
+    /// (num_pages, heads_kv, D) x 2 in q's dtype, last dim contiguous, 8-byte aligned rows.
+    pub page_min: &'a TensorView,
+    pub page_max: &'a TensorView,
+    /// int32 (batch, max_pages) and (batch).
+    pub block_table: &'a TensorView,
+    pub seqlens: &'a TensorView,
+    /// float32 (batch, heads_kv, max_pages) and int32 (batch): the outputs.
+    pub bounds: &'a TensorView,
+    pub new_lens: &'a TensorView,
+    pub page_size: usize,
+    /// Pages the selection keeps per head.
+    pub keep: usize,
+}
+
+pub fn page_bounds(a: &PageBoundsArgs, stream: usize) -> Result<()> {
+    let q = a.q;
+    q.expect_dtype(&[DType::F16, DType::BF16])?;
+    q.expect_rank(4, "(batch, q_len, heads_q, head_dim)")?;
+    q.expect_last_contiguous()?;
+    let (b, q_len, hq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    if d == 0 || d % 4 != 0 || d > 256 {
+        return shape_err(format!("the page bounds kernel takes head_dim a multiple of 4 up to 256, {} has {d}", q.name));
+    }
+    for t in [a.page_min, a.page_max] {
+        t.expect_same_device(q)?;
+        t.expect_same_dtype(q)?;
+        t.expect_rank(3, "(num_pages, heads_kv, head_dim)")?;
+        t.expect_last_contiguous()?;
+        t.expect_aligned(8)?;
+    }
+    a.page_max.expect_shape(&a.page_min.shape)?;
+    if a.page_min.strides != a.page_max.strides {
+        return Err(Error::Layout(format!("{} and {} must share strides", a.page_min.name, a.page_max.name)));
+    }
+    let hk = a.page_min.dim(1);
+    if a.page_min.dim(2) != d || hk == 0 || hq % hk != 0 {
+        return shape_err(format!(
+            "{} {:?} must have head_dim {d} and a number of heads dividing q's {hq}",
+            a.page_min.name, a.page_min.shape
+        ));
+    }
+    a.block_table.expect_same_device(q)?;
+    a.block_table.expect_dtype(&[DType::I32])?;
+    a.block_table.expect_rank(2, "(batch, max_pages)")?;
+    a.block_table.expect_last_contiguous()?;
+    let mp = a.block_table.dim(1);
+    if a.block_table.dim(0) != b {
+        return shape_err(format!("{} must have {b} rows, got {:?}", a.block_table.name, a.block_table.shape));
+    }
+    for (t, dt) in [(a.seqlens, DType::I32), (a.new_lens, DType::I32)] {
+        t.expect_same_device(q)?;
+        t.expect_dtype(&[dt])?;
+        expect_contiguous(t)?;
+        t.expect_shape(&[b as i64])?;
+    }
+    a.bounds.expect_same_device(q)?;
+    a.bounds.expect_dtype(&[DType::F32])?;
+    expect_contiguous(a.bounds)?;
+    a.bounds.expect_shape(&[b as i64, hk as i64, mp as i64])?;
+    if a.page_size == 0 || a.keep == 0 {
+        return Err(Error::Value(format!("page_size and keep must be positive, got {} and {}", a.page_size, a.keep)));
+    }
+    if b == 0 || mp == 0 || q_len == 0 {
+        return Ok(());
+    }
+    if b * hk > 65535 || mp > i32::MAX as usize || a.page_size > i32::MAX as usize / 2 || a.keep > i32::MAX as usize {
+        return shape_err(format!("{} is too large for the page bounds kernel", a.block_table.name));
+    }
+    let mut p = PageBoundsParams {
+        q: q.ptr as u64,
+        pmin: a.page_min.ptr as u64,
+        pmax: a.page_max.ptr as u64,
+        table: a.block_table.ptr as u64,
+        seqlens: a.seqlens.ptr as u64,
+        bounds: a.bounds.ptr as u64,
+        new_lens: a.new_lens.ptr as u64,
+        q_sb: q.stride(0),
+        q_st: q.stride(1),
+        q_sh: q.stride(2),
+        s_sp: a.page_min.stride(0),
+        s_sh: a.page_min.stride(1),
+        t_sb: a.block_table.stride(0),
+        q_len: q_len as i32,
+        hq: hq as i32,
+        hk: hk as i32,
+        d: d as i32,
+        mp: mp as i32,
+        page_size: a.page_size as i32,
+        keep: a.keep as i32,
+        pad_: 0,
+    };
+    let dev = driver::device_of(q, "the page bounds kernel")?;
+    let f = dev.function(&page_bounds_kernel(q.dtype), 0)?;
+    let cfg = LaunchConfig { grid: (mp.div_ceil(PB_PAGES) as u32, (b * hk) as u32, 1), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut PageBoundsParams as *mut c_void])
+}
+
 /// Launches a list kernel (kernels/sparse.cu): `ctas` CTAs of 256 threads (one per row, or
 /// one per eight rows for the warp selection), its parameter block `params`, on the GPU of `on`.
 fn launch_rows(kernel: &KernelSource, on: &TensorView, ctas: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {

@@ -14,7 +14,7 @@ use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::kv_quant::{self, KvFormat, KvQuantArgs};
 use crate::ops::kv_select::{self, GatherArgs};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
-use crate::ops::sparse::{self, Columns, SelectArgs, SparseArgs, VsArgs};
+use crate::ops::sparse::{self, Columns, PageBoundsArgs, SelectArgs, SparseArgs, VsArgs};
 use crate::ops::window_scores::WindowScoresArgs;
 use pyo3::prelude::*;
 
@@ -218,14 +218,21 @@ fn window_lse_workspace(batch: usize, n: usize, w: usize, heads_q: usize, head_d
     crate::ops::window_scores::lse_workspace_floats(batch, n, w, heads_q, head_dim)
 }
 
-/// kv_select_topk(scores, index, *, stream): the k best positions of each row, ascending
-/// (ops::kv_select).
+/// kv_select_topk(scores, index, *, lookup, stream): the k best positions of each row,
+/// ascending, or what `lookup` holds at them (ops::kv_select).
 #[pyfunction]
-#[pyo3(signature = (scores, index, *, stream=0))]
-fn kv_select_topk(py: Python<'_>, scores: &Bound<'_, PyAny>, index: &Bound<'_, PyAny>, stream: usize) -> PyResult<()> {
+#[pyo3(signature = (scores, index, *, lookup=None, stream=0))]
+fn kv_select_topk(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    index: &Bound<'_, PyAny>,
+    lookup: Option<&Bound<'_, PyAny>>,
+    stream: usize,
+) -> PyResult<()> {
     let scores = import(scores, "scores", stream, false)?;
     let index = import(index, "index", stream, true)?;
-    py.detach(|| kv_select::topk(&scores.view, &index.view, stream)).map_err(to_py)
+    let lookup = lookup.map(|l| import(l, "lookup", stream, false)).transpose()?;
+    py.detach(|| kv_select::topk(&scores.view, &index.view, lookup.as_ref().map(|l| &l.view), stream)).map_err(to_py)
 }
 
 /// kv_select_gather(k, v, index, k_out, v_out, *, stream): the kept rows of K and V
@@ -293,6 +300,43 @@ fn sparse_pool_blocks(py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAn
     let x = import(x, "x", stream, false)?;
     let out = import(out, "out", stream, true)?;
     py.detach(|| sparse::pool(&x.view, &out.view, block, mul, stream)).map_err(to_py)
+}
+
+/// sparse_page_bounds(q, page_min, page_max, block_table, cache_seqlens, bounds, new_lens, *,
+/// page_size, keep, stream): select_pages' Quest bounds and the selected lengths (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (q, page_min, page_max, block_table, cache_seqlens, bounds, new_lens, *, page_size, keep, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_page_bounds(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    page_min: &Bound<'_, PyAny>,
+    page_max: &Bound<'_, PyAny>,
+    block_table: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    bounds: &Bound<'_, PyAny>,
+    new_lens: &Bound<'_, PyAny>,
+    page_size: usize,
+    keep: usize,
+    stream: usize,
+) -> PyResult<()> {
+    let q = import(q, "q", stream, false)?;
+    let (pmin, pmax) = (import(page_min, "page_min", stream, false)?, import(page_max, "page_max", stream, false)?);
+    let table = import(block_table, "block_table", stream, false)?;
+    let seqlens = import(cache_seqlens, "cache_seqlens", stream, false)?;
+    let (bounds, new_lens) = (import(bounds, "bounds", stream, true)?, import(new_lens, "new_lens", stream, true)?);
+    let args = PageBoundsArgs {
+        q: &q.view,
+        page_min: &pmin.view,
+        page_max: &pmax.view,
+        block_table: &table.view,
+        seqlens: &seqlens.view,
+        bounds: &bounds.view,
+        new_lens: &new_lens.view,
+        page_size,
+        keep,
+    };
+    py.detach(|| sparse::page_bounds(&args, stream)).map_err(to_py)
 }
 
 /// Both offset tensors or neither.
@@ -916,6 +960,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_select_gather, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_pool_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_page_bounds, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
