@@ -438,3 +438,119 @@ __device__ __forceinline__ void sparse_page_bounds(const SparsePageBoundsParams&
     if (blockIdx.x == 0 && h == 0 && tid == 0)
         p.new_lens[bi] = n_pages > p.keep ? (p.keep - 1) * p.page_size + len - (n_pages - 1) * p.page_size : len;
 }
+
+// estimate_blocks' antidiagonal scores after the strided matmul (sparse.py: the torch path of
+// estimate_blocks is the reference): each antidiagonal row's softmax over its visible columns
+// (keys inside the sequence, causal at the stride's granularity: a prefix of the row), summed
+// per key block of r columns and over the query block's r rows, divided by r. One CTA per
+// query block of one head, a warp per row; the row is read three times (max, sum, sums per
+// block), the last two from L1. Rows come in chunks of query blocks (the matmul skips what
+// the causal mask hides), `row0` the chunk's first row.
+constexpr int AD_THREADS = 256;
+
+// Mirrors `AntidiagParams` in src/ops/sparse.rs.
+struct SparseAntidiagParams {
+    const unsigned char* s;  // (heads, rows, ld) logits of the chunk, 16-bit, unscaled
+    float* out;              // (heads, qb, kb)
+    i64 s_sh;                // elements between heads
+    int rows, ld, row0, cols_valid, causal, off, stride, r, qb, kb;
+    float scale;
+    int pad_;
+};
+
+template <typename T>
+__device__ __forceinline__ void sparse_antidiag(const SparseAntidiagParams& p) {
+    __shared__ float acc[SEL_MAX];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int lq = blockIdx.x, bh = blockIdx.y;
+    for (int c = tid; c < p.kb; c += AD_THREADS) acc[c] = 0.f;
+    __syncthreads();
+    const T* base = reinterpret_cast<const T*>(p.s) + bh * p.s_sh;
+    // A lane takes 8 consecutive columns (16 bytes) at a time; with r >= 8 they lie in one key
+    // block and `group` lanes share it, with r < 8 a lane's 8 columns span 8 / r blocks.
+    const int group = min(max(p.r / 8, 1), 32);
+    for (int w = warp; w < p.r; w += AD_THREADS / 32) {
+        const int li = lq * p.r + w;
+        const i64 qi = (i64)(p.row0 + li) * p.stride + p.stride - 1 + p.off;  // the row's last query
+        int lim = min(p.ld, p.cols_valid);
+        if (p.causal) lim = qi < 0 ? 0 : (int)min((i64)lim, qi / p.stride + 1);
+        if (lim <= 0) continue;
+        const uint4* row = reinterpret_cast<const uint4*>(base + (i64)li * p.ld);  // ld % 8 == 0
+        const int chunks = (lim + 7) / 8;
+        float x[8];
+        auto load = [&](int c8) {
+            const uint4 v = row[c8];
+            const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[i] = c8 * 8 + i < lim ? to_float(e[i]) * p.scale : neg_inf();
+        };
+        // Pass 1: the row's max and sum of exp, online per lane, then across the warp.
+        float m = neg_inf(), sum = 0.f;
+        for (int c8 = lane; c8 < chunks; c8 += 32) {
+            load(c8);
+            float cm = x[0];
+#pragma unroll
+            for (int i = 1; i < 8; ++i) cm = fmaxf(cm, x[i]);
+            const float nm = fmaxf(m, cm);
+            float cs = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) cs += __expf(x[i] - nm);  // exp(-inf) = 0
+            sum = (m == neg_inf() ? 0.f : sum * __expf(m - nm)) + cs;
+            m = nm;
+        }
+        const float rm = warp_reduce(m, [](float a, float b) { return fmaxf(a, b); });
+        sum = m == neg_inf() ? 0.f : sum * __expf(m - rm);
+        sum = warp_reduce(sum, [](float a, float b) { return a + b; });
+        const float norm = 1.f / (sum * (float)p.r);
+        // Pass 2 (from L1): the probabilities summed per key block.
+        for (int c0 = 0; c0 < chunks; c0 += 32) {
+            const int c8 = c0 + lane;
+            if (c8 < chunks) load(c8);
+            else for (int i = 0; i < 8; ++i) x[i] = neg_inf();
+            if (p.r >= 8) {
+                float v = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v += __expf(x[i] - rm);
+                for (int o = 1; o < group; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane % group == 0 && c8 < chunks) atomicAdd(&acc[c8 * 8 / p.r], v * norm);
+            } else if (c8 < chunks) {
+                float v = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    v += __expf(x[i] - rm);
+                    if ((i + 1) % p.r == 0) {
+                        if (v > 0.f) atomicAdd(&acc[(c8 * 8 + i) / p.r], v * norm);
+                        v = 0.f;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    float* out = p.out + ((i64)bh * p.qb + p.row0 / p.r + lq) * p.kb;
+    for (int c = tid; c < p.kb; c += AD_THREADS) out[c] = acc[c];
+}
+
+// _strided's copy: x (batch, n, heads, D) -> (batch, heads, rows, stride * D) with row a
+// holding tokens a * stride .. a * stride + stride - 1 (in reverse with `reverse`), zeros past
+// n. One thread per 16 bytes of the output, so both sides move in whole 16-byte pieces.
+struct SparseStridedParams {
+    const unsigned char* x;   // 16-bit, strides in elements
+    unsigned char* out;
+    i64 sb, sn, sh;
+    u32 pieces;               // total 16-byte pieces of out
+    int n, heads, rows, stride, d8, reverse;
+};
+
+__device__ __forceinline__ void sparse_strided(const SparseStridedParams& p) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.pieces) return;
+    const u32 c = i % p.d8, t0 = i / p.d8;          // piece of D, then (b, h, row, s)
+    const u32 s = t0 % p.stride, t1 = t0 / p.stride;
+    const u32 row = t1 % p.rows, bh = t1 / p.rows;
+    const int h = bh % p.heads, b = bh / p.heads;
+    const int tok = row * p.stride + (p.reverse ? p.stride - 1 - s : s);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (tok < p.n) v = *reinterpret_cast<const uint4*>(p.x + 2 * (b * p.sb + tok * p.sn + h * p.sh) + 16 * c);
+    reinterpret_cast<uint4*>(p.out)[i] = v;
+}

@@ -255,7 +255,7 @@ def test_pool_kernel_is_the_block_mean(shape, block):
 
 
 @pytest.mark.cuda
-def test_pool_kernel_refuses_bad_input():
+def test_estimate_kernels_refuse_bad_input():
     x = torch.randn(1, 100, 2, 96, device="cuda", dtype=torch.float16)
     out = torch.empty(1, 2, 1, 96, device="cuda")
     with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
@@ -268,6 +268,26 @@ def test_pool_kernel_refuses_bad_input():
         fk._native.sparse_pool_blocks(x, torch.empty(1, 2, 3, 64, device="cuda"), block=64)
     with pytest.raises(fk.DTypeError, match="x must have dtype float16 or bfloat16"):
         fk._native.sparse_pool_blocks(x.float(), torch.empty(1, 2, 1, 64, device="cuda"), block=128)
+    # The antidiagonal operands' copy: rows must cover the tokens, shapes and dtypes match.
+    rows = torch.empty(1, 2, 6, 16 * 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="fewer than"):
+        fk._native.sparse_strided_rows(x, rows, stride=16)
+    with pytest.raises(ValueError, match="out"):
+        fk._native.sparse_strided_rows(x, rows[..., :8 * 64], stride=16)
+    with pytest.raises(fk.DTypeError, match="out"):
+        fk._native.sparse_strided_rows(x, torch.empty(1, 2, 7, 16 * 64, device="cuda"), stride=16)
+    # The antidiagonal scores: 16-byte logit rows, whole blocks of rows, a float32 output.
+    logits = torch.randn(2, 8, 12, device="cuda", dtype=torch.float16)
+    out = torch.empty(2, 1, 3, device="cuda")
+    kw = dict(row0=0, cols_valid=12, causal=False, off=0, stride=16, r=8, scale=1.0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fk._native.sparse_antidiag_scores(logits, out, **kw)
+    with pytest.raises(ValueError, match="whole blocks"):
+        fk._native.sparse_antidiag_scores(logits[:, :6, :8].contiguous(), out, **kw)
+    with pytest.raises(fk.DTypeError, match="out"):
+        fk._native.sparse_antidiag_scores(logits[..., :8].contiguous(), out.half(), **kw)
+    with pytest.raises(ValueError, match="power of two"):
+        fk._native.sparse_antidiag_scores(logits[..., :8].contiguous(), out, **dict(kw, r=6))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -289,6 +309,31 @@ def test_estimated_blocks_attend(device, method, causal):
                 last = torch.arange(present.shape[-2], device=present.device) * 128 + 127 + 400
                 assert not (present & (kb[None, :] > last[:, None])).any()
             run(q, k, v, bm)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nq,nk,stride,causal", [(2048, 2304, 16, True), (4096, 4096, 8, True), (1000, 1300, 16, False),
+                                                 (384, 384, 32, True), (640, 4480, 4, True), (512, 700, 128, False)])
+def test_antidiagonal_kernel_matches_torch(nq, nk, stride, causal, monkeypatch):
+    """The chunked matmul + sparse_antidiag against the torch scores on the same GPU: every
+    block's score within 16-bit logit rounding, rows summing to 1 where a row sees keys; GQA,
+    ragged ends, strides 4 to 128 (r = 32 to 1 rows per block)."""
+    g = torch.Generator().manual_seed(nq + stride)
+    for dtype in (torch.float16, torch.bfloat16):
+        q = (torch.randn(2, nq, 4, 64, generator=g) * 2).to("cuda", dtype)
+        k = torch.randn(2, nk, 2, 64, generator=g).to("cuda", dtype)
+        scale = 64 ** -0.5
+        got = sp._antidiagonal_gpu(q, k, 128, stride, scale, causal)
+        kernel_rows = sp._strided(q, k, 128, stride)
+        monkeypatch.setattr(sp, "_SELECT_KERNEL", False)  # torch's pad / flip / permute copies
+        want = sp._antidiagonal_torch(q, k, 128, stride, scale, causal)
+        for a, b in zip(kernel_rows, sp._strided(q, k, 128, stride)):
+            assert torch.equal(a, b)
+        monkeypatch.setattr(sp, "_SELECT_KERNEL", True)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=2e-3, rtol=2e-2), (got - want).abs().max()
+        sums = want.sum(-1)
+        assert torch.allclose(got.sum(-1)[sums > 0.5], sums[sums > 0.5], atol=1e-4)
 
 
 def test_estimated_blocks_follow_the_scores():

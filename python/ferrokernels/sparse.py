@@ -629,18 +629,94 @@ def _grouped_scores(a, b):
     return (a.reshape(bs, hk, hq // hk * m, e) @ b.transpose(-1, -2)).view(bs, hq, m, n)
 
 
-def _antidiagonal(q, k, block_size, stride):
-    """XAttention's block scores: per block, the scores of every stride-th antidiagonal
-    (query rows i and keys j with (i + j) % stride == stride - 1), as one strided matmul:
-    the rows i = s (mod stride) of q meet the keys j = stride - 1 - s (mod stride) of k.
-    q (B, N, Hq, D), k (B, Nk, Hk, D) -> (B, Hq, N / stride, Nk / stride), float32."""
+def _strided_on_gpu(x) -> bool:
+    return (_SELECT_KERNEL and is_torch(x) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[-1] % 8 == 0 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(st % 8 == 0 for st in x.stride()[:3]))
+
+
+def _strided(q, k, block_size, stride):
+    """The operands of XAttention's strided matmul: the rows i = s (mod stride) of q meet the
+    keys j = stride - 1 - s (mod stride) of k, so q (B, N, Hq, D) -> (B, Hq, N / stride,
+    stride * D) and k (B, Nk, Hk, D) -> (B, Hk, Nk / stride, stride * D), each padded to whole
+    blocks (one copy each)."""
     b, n, h, d = q.shape
     nk, hk = k.shape[1], k.shape[2]
-    qs = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, (-n) % block_size)).view(b, -1, stride, h, d)
-    ks = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, (-nk) % block_size)).view(b, -1, stride, hk, d).flip(2)
-    qs = qs.permute(0, 3, 1, 2, 4).reshape(b, h, qs.shape[1], stride * d)
-    ks = ks.permute(0, 3, 1, 2, 4).reshape(b, hk, ks.shape[1], stride * d)
-    return _grouped_scores(qs, ks).float()
+    if _strided_on_gpu(q) and _strided_on_gpu(k):  # one copy kernel each (torch: pad, flip, permute)
+        def rows(x, reverse):
+            out = torch.empty(b, x.shape[2], -(-x.shape[1] // block_size) * block_size // stride, stride * d,
+                              dtype=x.dtype, device=x.device)
+            _native.sparse_strided_rows(x, out, stride=stride, reverse=reverse, stream=stream_of(x))
+            return out
+
+        return rows(q, False), rows(k, True)
+    if n % block_size:
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, (-n) % block_size))
+    if nk % block_size:
+        k = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, (-nk) % block_size))
+    qs = q.view(b, -1, stride, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, -1, stride * d)
+    ks = k.view(b, -1, stride, hk, d).flip(2).permute(0, 3, 1, 2, 4).reshape(b, hk, -1, stride * d)
+    return qs, ks
+
+
+def _antidiagonal(q, k, block_size, stride):
+    """XAttention's block scores before the softmax: per block, the scores of every stride-th
+    antidiagonal (query rows i and keys j with (i + j) % stride == stride - 1), as one strided
+    matmul. (B, Hq, N / stride, Nk / stride), float32."""
+    return _grouped_scores(*_strided(q, k, block_size, stride)).float()
+
+
+def _antidiagonal_torch(q, k, block_size, stride, scale, causal):
+    """The antidiagonal block scores (B, Hq, QB, KB) float32: each antidiagonal row's softmax
+    summed per key block and averaged over the block's rows (sparse_antidiag's reference)."""
+    b, nq, hq, _ = q.shape
+    nk = k.shape[1]
+    r = block_size // stride
+    s = _antidiagonal(q, k, block_size, stride) * scale
+    # Antidiagonal row i / col j stand for query i * stride + s and key j * stride + ...;
+    # causal at that granularity, and keys past the sequence out.
+    qi = torch.arange(s.shape[-2], device=q.device)[:, None] * stride + stride - 1 + nk - nq
+    kj = torch.arange(s.shape[-1], device=q.device)[None, :] * stride
+    keep = kj < nk
+    if causal:
+        keep = keep & (kj <= qi)
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return p.view(b, hq, s.shape[-2] // r, r, s.shape[-1] // r, r).sum((3, 5)) / r
+
+
+_ANTIDIAG_CHUNKS = 4  # causal: the strided matmul in this many row chunks, each up to its last visible key
+
+
+def _antidiagonal_gpu(q, k, block_size, stride, scale, causal):
+    """The antidiagonal block scores on CUDA: the strided matmul in 16-bit (float32
+    accumulation) in row chunks that stop at the chunk's last visible key, each chunk's softmax
+    and block sums in one kernel (kernels/sparse.cu: sparse_antidiag). (B, Hq, QB, KB) float32,
+    each row's probabilities summed per key block."""
+    b, nq, hq, _ = q.shape
+    nk = k.shape[1]
+    r, off = block_size // stride, nk - nq
+    qs, ks = _strided(q, k, block_size, stride)
+    rows, cols = qs.shape[2], ks.shape[2]
+    qb, kb = rows // r, cols // r
+    if cols % 8:  # the scores kernel reads 16-byte pieces of logit rows: zero keys up to a multiple of 8
+        ks = torch.nn.functional.pad(ks, (0, 0, 0, (-cols) % 8))
+        cols = ks.shape[2]
+    out = torch.empty(b * hq, qb, kb, dtype=torch.float32, device=q.device)
+    cols_valid = -(-nk // stride)
+    per = -(-qb // (_ANTIDIAG_CHUNKS if causal else 1)) * r
+    for row0 in range(0, rows, per):
+        row1 = min(rows, row0 + per)
+        last = (row1 - 1) * stride + stride - 1 + off  # the chunk's last query
+        ld = min(cols, cols_valid, last // stride + 1) if causal else min(cols, cols_valid)
+        if ld <= 0:
+            out[:, row0 // r:row1 // r] = 0
+            continue
+        ld = min(cols, -(-ld // 8) * 8)  # 16-byte logit rows
+        logits = _grouped_scores(qs[:, :, row0:row1], ks[:, :, :ld])
+        _native.sparse_antidiag_scores(logits.view(b * hq, row1 - row0, ld), out, row0=row0, cols_valid=cols_valid,
+                                       causal=causal, off=off, stride=stride, r=r, scale=scale,
+                                       stream=stream_of(q))
+    return out.view(b, hq, qb, kb)
 
 
 def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] = None, top_k: Optional[int] = None,
@@ -687,17 +763,8 @@ def estimate_blocks(q, k, *, method: str = "pooled", threshold: Optional[float] 
             return _select_gpu(s, nq, nk, causal=causal, off=off, softmax=True, top_k=top_k, threshold=threshold,
                                sink_blocks=sink_blocks, local_blocks=local_blocks)
     else:
-        r = block_size // stride
-        s = _antidiagonal(q, k, block_size, stride) * scale
-        # Antidiagonal row i / col j stand for query i * stride + s and key j * stride + ...;
-        # causal at that granularity, and keys past the sequence out.
-        qi = torch.arange(s.shape[-2], device=q.device)[:, None] * stride + stride - 1 + off
-        kj = torch.arange(s.shape[-1], device=q.device)[None, :] * stride
-        keep = kj < nk
-        if causal:
-            keep = keep & (kj <= qi)
-        p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-        score = p.view(b, hq, qb, r, kb, r).sum((3, 5)) / r
+        scorer = _antidiagonal_gpu if on_gpu and q.dtype in (torch.float16, torch.bfloat16) else _antidiagonal_torch
+        score = scorer(q, k, block_size, stride, scale, causal)
         if on_gpu:
             return _select_gpu(score, nq, nk, causal=causal, off=off, softmax=False, top_k=top_k,
                                threshold=threshold, sink_blocks=sink_blocks, local_blocks=local_blocks)

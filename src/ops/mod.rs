@@ -28,6 +28,8 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.push(sparse::vs_kernel());
     v.extend(sparse::pool_kernels());
     v.extend(sparse::page_bounds_kernels());
+    v.extend(sparse::antidiag_kernels());
+    v.push(sparse::strided_kernel());
     v.extend(window_scores::WindowScoresSpec::all().iter().map(|s| s.kernel()));
     v.extend(window_scores::WindowScoresSpec::all().iter().filter(|s| !s.diag).map(|s| s.lse_kernel()));
     v.push(window_scores::lse_merge_kernel());

@@ -500,6 +500,196 @@ pub fn page_bounds(a: &PageBoundsArgs, stream: usize) -> Result<()> {
     dev.launch(f, cfg, stream, &mut [&mut p as *mut PageBoundsParams as *mut c_void])
 }
 
+/// Mirrors `struct SparseAntidiagParams` in kernels/sparse.cu.
+#[repr(C)]
+struct AntidiagParams {
+    s: u64,
+    out: u64,
+    s_sh: i64,
+    rows: i32,
+    ld: i32,
+    row0: i32,
+    cols_valid: i32,
+    causal: i32,
+    off: i32,
+    stride: i32,
+    r: i32,
+    qb: i32,
+    kb: i32,
+    scale: f32,
+    pad_: i32,
+}
+
+fn antidiag_name(dtype: DType) -> String {
+    format!("sparse_antidiag_{}", if dtype == DType::F16 { "f16" } else { "bf16" })
+}
+
+pub fn antidiag_kernel(dtype: DType) -> KernelSource {
+    let source = format!(
+        "#include \"sparse.cu\"\n\
+         extern \"C\" __global__ void __launch_bounds__(AD_THREADS) {name}(const __grid_constant__ SparseAntidiagParams p) {{\n\
+         \x20   sparse_antidiag<{t}>(p);\n}}\n",
+        name = antidiag_name(dtype),
+        t = attention::ctype(dtype),
+    );
+    KernelSource::portable(antidiag_name(dtype), source)
+}
+
+pub fn antidiag_kernels() -> Vec<KernelSource> {
+    vec![antidiag_kernel(DType::F16), antidiag_kernel(DType::BF16)]
+}
+
+/// The antidiagonal block scores of a chunk of query blocks (kernels/sparse.cu:
+/// sparse_antidiag), from the strided matmul's logits.
+#[derive(Debug, Clone, Copy)]
+pub struct AntidiagArgs<'a> {
+    /// (heads, rows, ld) float16/bfloat16, contiguous: rows `row0 ..` of the strided q against
+    /// the first `ld` strided keys, unscaled.
+    pub logits: &'a TensorView,
+    /// float32 (heads, q_blocks, k_blocks), contiguous: rows row0 / r .. of it are written.
+    pub out: &'a TensorView,
+    pub row0: usize,
+    /// Columns inside the sequence: ceil(kv_len / stride).
+    pub cols_valid: usize,
+    pub causal: bool,
+    /// kv_len - q_len.
+    pub off: i64,
+    pub stride: usize,
+    /// Rows (and columns) per block: block_size / stride, a power of two.
+    pub r: usize,
+    pub scale: f64,
+}
+
+pub fn antidiag(a: &AntidiagArgs, stream: usize) -> Result<()> {
+    let s = a.logits;
+    s.expect_dtype(&[DType::F16, DType::BF16])?;
+    s.expect_rank(3, "(heads, rows, columns)")?;
+    expect_contiguous(s)?;
+    a.out.expect_same_device(s)?;
+    a.out.expect_dtype(&[DType::F32])?;
+    a.out.expect_rank(3, "(heads, q_blocks, k_blocks)")?;
+    expect_contiguous(a.out)?;
+    let (heads, rows, ld) = (s.dim(0), s.dim(1), s.dim(2));
+    let (qb, kb) = (a.out.dim(1), a.out.dim(2));
+    if !a.r.is_power_of_two() || a.stride == 0 {
+        return Err(Error::Value(format!("r must be a power of two and stride positive, got {} and {}", a.r, a.stride)));
+    }
+    if a.out.dim(0) != heads || rows % a.r != 0 || a.row0 % a.r != 0 || (a.row0 + rows) / a.r > qb {
+        return shape_err(format!(
+            "{} {:?} (from row {}) must hold whole blocks of {} rows inside {} {:?}",
+            s.name, s.shape, a.row0, a.r, a.out.name, a.out.shape
+        ));
+    }
+    if kb == 0 || kb > SELECT_MAX_TILES || ld.min(a.cols_valid) > kb * a.r {
+        return shape_err(format!("{} must have 1 to {SELECT_MAX_TILES} key blocks covering {ld} columns", a.out.name));
+    }
+    if ld % 8 != 0 {
+        return shape_err(format!("the antidiagonal kernel reads 16-byte pieces: {}'s rows ({ld}) must be a multiple of 8", s.name));
+    }
+    s.expect_aligned(16)?;
+    if heads == 0 || rows == 0 || ld == 0 {
+        return Ok(());
+    }
+    if heads > 65535 || qb * a.r > i32::MAX as usize || a.off.unsigned_abs() > i32::MAX as u64 / 2 || a.stride > 4096 {
+        return shape_err(format!("{} is too large for the antidiagonal kernel", s.name));
+    }
+    let mut p = AntidiagParams {
+        s: s.ptr as u64,
+        out: a.out.ptr as u64,
+        s_sh: s.stride(0),
+        rows: rows as i32,
+        ld: ld as i32,
+        row0: a.row0 as i32,
+        cols_valid: a.cols_valid.min(i32::MAX as usize) as i32,
+        causal: a.causal as i32,
+        off: a.off as i32,
+        stride: a.stride as i32,
+        r: a.r as i32,
+        qb: qb as i32,
+        kb: kb as i32,
+        scale: a.scale as f32,
+        pad_: 0,
+    };
+    let dev = driver::device_of(s, "the antidiagonal kernel")?;
+    let f = dev.function(&antidiag_kernel(s.dtype), 0)?;
+    let cfg = LaunchConfig { grid: ((rows / a.r) as u32, heads as u32, 1), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut AntidiagParams as *mut c_void])
+}
+
+/// Mirrors `struct SparseStridedParams` in kernels/sparse.cu.
+#[repr(C)]
+struct StridedParams {
+    x: u64,
+    out: u64,
+    sb: i64,
+    sn: i64,
+    sh: i64,
+    pieces: u32,
+    n: i32,
+    heads: i32,
+    rows: i32,
+    stride: i32,
+    d8: i32,
+    reverse: i32,
+    pad_: i32,
+}
+
+pub fn strided_kernel() -> KernelSource {
+    let source = "#include \"sparse.cu\"\n\
+                  extern \"C\" __global__ void __launch_bounds__(256) sparse_strided_rows(const __grid_constant__ SparseStridedParams p) {\n\
+                  \x20   sparse_strided(p);\n}\n";
+    KernelSource::portable("sparse_strided_rows".into(), source.into())
+}
+
+/// `out` (batch, heads, rows, stride * D) <- x (batch, n, heads, D) with row a holding tokens
+/// a * stride .. + stride - 1 (reversed with `reverse`), zeros past n: the operands of the
+/// antidiagonal matmul, in one copy.
+pub fn strided_rows(x: &TensorView, out: &TensorView, stride: usize, reverse: bool, stream: usize) -> Result<()> {
+    x.expect_dtype(&[DType::F16, DType::BF16])?;
+    x.expect_rank(4, "(batch, n, heads, head_dim)")?;
+    x.expect_last_contiguous()?;
+    x.expect_aligned(16)?;
+    let (b, n, h, d) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    out.expect_same_device(x)?;
+    out.expect_same_dtype(x)?;
+    out.expect_rank(4, "(batch, heads, rows, stride * head_dim)")?;
+    expect_contiguous(out)?;
+    let rows = out.dim(2);
+    if stride == 0 || d % 8 != 0 {
+        return shape_err(format!("stride must be positive and {}'s head_dim a multiple of 8, got {stride} and {d}", x.name));
+    }
+    out.expect_shape(&[b as i64, h as i64, rows as i64, (stride * d) as i64])?;
+    if rows * stride < n {
+        return shape_err(format!("{} has {rows} rows of {stride} tokens, fewer than {}'s {n}", out.name, x.name));
+    }
+    let pieces = out.numel() as usize / 8;
+    if pieces == 0 {
+        return Ok(());
+    }
+    if pieces > u32::MAX as usize - 256 || rows * stride > i32::MAX as usize {
+        return shape_err(format!("{} is too large for the strided copy", out.name));
+    }
+    let mut p = StridedParams {
+        x: x.ptr as u64,
+        out: out.ptr as u64,
+        sb: x.stride(0),
+        sn: x.stride(1),
+        sh: x.stride(2),
+        pieces: pieces as u32,
+        n: n as i32,
+        heads: h as i32,
+        rows: rows as i32,
+        stride: stride as i32,
+        d8: (d / 8) as i32,
+        reverse: reverse as i32,
+        pad_: 0,
+    };
+    let dev = driver::device_of(x, "the strided copy")?;
+    let f = dev.function(&strided_kernel(), 0)?;
+    let cfg = LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 };
+    dev.launch(f, cfg, stream, &mut [&mut p as *mut StridedParams as *mut c_void])
+}
+
 /// Launches a list kernel (kernels/sparse.cu): `ctas` CTAs of 256 threads (one per row, or
 /// one per eight rows for the warp selection), its parameter block `params`, on the GPU of `on`.
 fn launch_rows(kernel: &KernelSource, on: &TensorView, ctas: usize, what: &str, params: *mut c_void, stream: usize) -> Result<()> {

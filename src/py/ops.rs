@@ -14,7 +14,7 @@ use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::kv_quant::{self, KvFormat, KvQuantArgs};
 use crate::ops::kv_select::{self, GatherArgs};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
-use crate::ops::sparse::{self, Columns, PageBoundsArgs, SelectArgs, SparseArgs, VsArgs};
+use crate::ops::sparse::{self, AntidiagArgs, Columns, PageBoundsArgs, SelectArgs, SparseArgs, VsArgs};
 use crate::ops::window_scores::WindowScoresArgs;
 use pyo3::prelude::*;
 
@@ -337,6 +337,40 @@ fn sparse_page_bounds(
         keep,
     };
     py.detach(|| sparse::page_bounds(&args, stream)).map_err(to_py)
+}
+
+/// sparse_antidiag_scores(logits, out, *, row0, cols_valid, causal, off, stride, r, scale,
+/// stream): estimate_blocks' antidiagonal block scores of a chunk of query blocks (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (logits, out, *, row0, cols_valid, causal, off, stride, r, scale, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_antidiag_scores(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    row0: usize,
+    cols_valid: usize,
+    causal: bool,
+    off: i64,
+    stride: usize,
+    r: usize,
+    scale: f64,
+    stream: usize,
+) -> PyResult<()> {
+    let logits = import(logits, "logits", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    let args = AntidiagArgs { logits: &logits.view, out: &out.view, row0, cols_valid, causal, off, stride, r, scale };
+    py.detach(|| sparse::antidiag(&args, stream)).map_err(to_py)
+}
+
+/// sparse_strided_rows(x, out, *, stride, reverse, stream): the antidiagonal matmul's operand
+/// layout in one copy (ops::sparse).
+#[pyfunction]
+#[pyo3(signature = (x, out, *, stride, reverse=false, stream=0))]
+fn sparse_strided_rows(py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, stride: usize, reverse: bool, stream: usize) -> PyResult<()> {
+    let x = import(x, "x", stream, false)?;
+    let out = import(out, "out", stream, true)?;
+    py.detach(|| sparse::strided_rows(&x.view, &out.view, stride, reverse, stream)).map_err(to_py)
 }
 
 /// Both offset tensors or neither.
@@ -961,6 +995,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_pool_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_page_bounds, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_antidiag_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_strided_rows, m)?)?;
     m.add_function(wrap_pyfunction!(check_seqlens, m)?)?;
     m.add_function(wrap_pyfunction!(decode_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
