@@ -340,20 +340,25 @@ __device__ __forceinline__ void sparse_pool(const SparsePoolParams& p) {
     const int t0 = blk * p.block, t1 = min(t0 + p.block, p.n);
     const unsigned char* base = p.x + b * p.sb + h * p.sh + c * 16;
     // Every load unconditional (a token past the end reads the last one again, weighted 0), so
-    // that all of them are in flight before the first add: guarded loads were issued two at a time.
-    uint4 v[PER];
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int t = min(t0 + g + i * GROUPS, t1 - 1);
-        v[i] = *reinterpret_cast<const uint4*>(base + t * p.sn);
-    }
+    // that a batch of them is in flight before the first add: guarded loads were issued two at
+    // a time. Batches of 8 loads (32 registers): D = 256's 16 at once spilled on sm_80.
+    constexpr int BATCH = PER < 8 ? PER : 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const float in = t0 + g + i * GROUPS < t1 ? 1.f : 0.f;  // a multiply, not a branch the loads sink into
-        const T* e = reinterpret_cast<const T*>(&v[i]);
+    for (int i0 = 0; i0 < PER; i0 += BATCH) {
+        uint4 v[BATCH];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = fmaf(in, to_float(e[j]), acc[j]);
+        for (int i = 0; i < BATCH; ++i) {
+            const int t = min(t0 + g + (i0 + i) * GROUPS, t1 - 1);
+            v[i] = *reinterpret_cast<const uint4*>(base + t * p.sn);
+        }
+#pragma unroll
+        for (int i = 0; i < BATCH; ++i) {
+            const float in = t0 + g + (i0 + i) * GROUPS < t1 ? 1.f : 0.f;  // a multiply, not a branch the loads sink into
+            const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(in, to_float(e[j]), acc[j]);
+        }
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) part[g][c * 8 + j] = acc[j];
