@@ -316,8 +316,8 @@ __device__ __forceinline__ void vs_lists(const SparseVsParams& p) {
 }
 
 // estimate_blocks' pooling (sparse.py: _pool is the torch reference): the mean of each block
-// of tokens of x (batch, n, heads, D) as float32 (batch, heads, blocks, D), times `mul` (the
-// softmax scale folded into q's). One CTA of POOL_THREADS per (block, head, batch): D / 8
+// of tokens of x (batch, n, heads, D) as O (float32, or x's type for a 16-bit matmul) (batch,
+// heads, blocks, D), times `mul` (the softmax scale folded into q's). One CTA of POOL_THREADS per (block, head, batch): D / 8
 // threads share a token (16 bytes each), the others take the next tokens, so x is read once,
 // 16 bytes per load with every load of a thread in flight together.
 constexpr int POOL_THREADS = 256;
@@ -325,13 +325,17 @@ constexpr int POOL_THREADS = 256;
 // Mirrors `PoolParams` in src/ops/sparse.rs. Strides in bytes.
 struct SparsePoolParams {
     const unsigned char* x;
-    float* out;
+    unsigned char* out;
     i64 sb, sn, sh;
     int n, heads, blocks, block;
     float mul;
 };
 
-template <typename T, int D>
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename T, int D, typename O>
 __device__ __forceinline__ void sparse_pool(const SparsePoolParams& p) {
     constexpr int LANES = D / 8, GROUPS = POOL_THREADS / LANES, PER = (128 + GROUPS - 1) / GROUPS;
     __shared__ float part[GROUPS][D + 4];  // + 4: the groups' rows on different banks
@@ -364,12 +368,12 @@ __device__ __forceinline__ void sparse_pool(const SparsePoolParams& p) {
     for (int j = 0; j < 8; ++j) part[g][c * 8 + j] = acc[j];
     __syncthreads();
     const float w = p.mul / (float)(t1 - t0);
-    float* out = p.out + (((i64)b * p.heads + h) * p.blocks + blk) * D;
+    O* out = reinterpret_cast<O*>(p.out) + (((i64)b * p.heads + h) * p.blocks + blk) * D;
     for (int d = threadIdx.x; d < D; d += POOL_THREADS) {
         float s = 0.f;
 #pragma unroll
         for (int k = 0; k < GROUPS; ++k) s += part[k][d];
-        out[d] = s * w;
+        store_as(out + d, s * w);
     }
 }
 

@@ -252,6 +252,9 @@ def test_pool_kernel_is_the_block_mean(shape, block):
         want = (xd / counts[None, :, None, None] * 0.3).transpose(1, 2)
         assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5), (out.double() - want).abs().max()
         assert torch.allclose(sp._pool(x, block, 0.3).double(), want, atol=1e-5, rtol=1e-5)
+        out16 = torch.full_like(out, float("nan"), dtype=dtype)  # the means in x's dtype: rounded once
+        fk._native.sparse_pool_blocks(x, out16, block=block, mul=0.3)
+        assert torch.equal(out16, out.to(dtype))
 
 
 @pytest.mark.cuda

@@ -69,3 +69,18 @@ def float32_of(like):
     import numpy as np
 
     return np.float32
+
+
+_BMM_OUT_DTYPE = True  # torch's bmm(out_dtype=float32) for 16-bit inputs (CUDA, torch >= 2.8)
+
+
+def bmm_f32(a, b):
+    """a (n, M, K) @ b (n, K, N) in float32 with no float copy of the inputs where torch can
+    (16-bit inputs on the GPU accumulate and return float32 themselves)."""
+    global _BMM_OUT_DTYPE
+    if _BMM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE = False
+    return torch.bmm(a.float(), b.float())

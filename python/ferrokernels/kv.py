@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _native
-from ._runtime import ShapeError, expect_rank, stream_of, torch
+from ._runtime import ShapeError, bmm_f32, expect_rank, stream_of, torch
 from .attention import LAYOUT
 from .kv_quant import QuantizedKV, quantized_decode  # noqa: F401  (quantized KV lives beside the presses)
 
@@ -392,21 +392,6 @@ class ChannelPruned:
         return torch.gather(q, 3, ch[:, None].expand(b, n, hq, ch.shape[-1]))
 
 
-_BMM_OUT_DTYPE = True  # torch's bmm(out_dtype=float32) for 16-bit inputs (CUDA, torch >= 2.8)
-
-
-def _bmm_f32(a, b):
-    """a (n, M, K) @ b (n, K, N) in float32 with no float copy of b where torch can (16-bit
-    inputs on the GPU accumulate and return float32 themselves)."""
-    global _BMM_OUT_DTYPE
-    if _BMM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _BMM_OUT_DTYPE = False
-    return torch.bmm(a.float(), b.float())
-
-
 def pruned_attention(q, keys, channels, values, lengths=None, *, k_new=None, v_new=None, new_before: int = 0,
                      scale: Optional[float] = None, softcap: float = 0.0):
     """Attention of q ``(batch, q_len, heads_q, D)`` over a ThinK-pruned prefix plus full new
@@ -427,7 +412,7 @@ def pruned_attention(q, keys, channels, values, lengths=None, *, k_new=None, v_n
     q_kept = torch.gather(qg.view(b, hk, g * q_len, d), 3, channels[:, :, None, :].expand(b, hk, g * q_len, kept))
 
     def logits(qs, ks, hidden):  # scaled, capped, then masked (a cap would undo -inf)
-        s = _bmm_f32(qs, ks.transpose(1, 2)) * scale
+        s = bmm_f32(qs, ks.transpose(1, 2)) * scale
         if softcap:
             s = torch.tanh(s / softcap) * softcap
         return s.view(b, hk, g, q_len, -1).masked_fill(hidden, float("-inf"))
@@ -444,10 +429,10 @@ def pruned_attention(q, keys, channels, values, lengths=None, *, k_new=None, v_n
     s = torch.cat(parts, -1)
     pr = torch.softmax(s, -1).view(b * hk, g * q_len, -1)
     dv = values.shape[-1]
-    out = _bmm_f32(pr[..., :p_len].to(values.dtype), values.reshape(b * hk, p_len, dv))
+    out = bmm_f32(pr[..., :p_len].to(values.dtype), values.reshape(b * hk, p_len, dv))
     if k_new is not None:
         vn = v_new.permute(0, 2, 1, 3).reshape(b * hk, m, dv)
-        out += _bmm_f32(pr[..., p_len:].to(values.dtype), vn)
+        out += bmm_f32(pr[..., p_len:].to(values.dtype), vn)
     return out.view(b, hk, g, q_len, dv).permute(0, 3, 1, 2, 4).reshape(b, q_len, hq, dv).to(q.dtype)
 
 

@@ -286,27 +286,37 @@ struct PoolParams {
     pad_: i32,
 }
 
-fn pool_name(dtype: DType, d: usize) -> String {
-    format!("sparse_pool_{}_d{d}", if dtype == DType::F16 { "f16" } else { "bf16" })
+/// `sparse_pool_<x dtype>_d<D>`, `_o16` when the means are written in x's dtype.
+fn pool_name(dtype: DType, d: usize, out16: bool) -> String {
+    format!("sparse_pool_{}_d{d}{}", if dtype == DType::F16 { "f16" } else { "bf16" }, if out16 { "_o16" } else { "" })
 }
 
-pub fn pool_kernel(dtype: DType, d: usize) -> KernelSource {
+pub fn pool_kernel(dtype: DType, d: usize, out16: bool) -> KernelSource {
+    let t = attention::ctype(dtype);
     let source = format!(
         "#include \"sparse.cu\"\n\
          extern \"C\" __global__ void __launch_bounds__(POOL_THREADS) {name}(const __grid_constant__ SparsePoolParams p) {{\n\
-         \x20   sparse_pool<{t}, {d}>(p);\n}}\n",
-        name = pool_name(dtype, d),
-        t = attention::ctype(dtype),
+         \x20   sparse_pool<{t}, {d}, {o}>(p);\n}}\n",
+        name = pool_name(dtype, d, out16),
+        o = if out16 { t } else { "float" },
     );
-    KernelSource::portable(pool_name(dtype, d), source)
+    KernelSource::portable(pool_name(dtype, d, out16), source)
 }
 
 pub fn pool_kernels() -> Vec<KernelSource> {
-    [DType::F16, DType::BF16].into_iter().flat_map(|t| POOL_HEAD_DIMS.map(|d| pool_kernel(t, d))).collect()
+    let mut v = Vec::new();
+    for t in [DType::F16, DType::BF16] {
+        for d in POOL_HEAD_DIMS {
+            v.push(pool_kernel(t, d, false));
+            v.push(pool_kernel(t, d, true));
+        }
+    }
+    v
 }
 
-/// `out` (batch, heads, ceil(n / block), D) float32 <- the mean of each `block` (64 or 128)
-/// tokens of `x` (batch, n, heads, D), the last block over its real tokens, times `mul`.
+/// `out` (batch, heads, ceil(n / block), D), float32 or x's dtype <- the mean of each `block`
+/// (64 or 128) tokens of `x` (batch, n, heads, D), the last block over its real tokens, times
+/// `mul`.
 pub fn pool(x: &TensorView, out: &TensorView, block: usize, mul: f64, stream: usize) -> Result<()> {
     x.expect_dtype(&[DType::F16, DType::BF16])?;
     x.expect_rank(4, "(batch, n, heads, head_dim)")?;
@@ -321,7 +331,7 @@ pub fn pool(x: &TensorView, out: &TensorView, block: usize, mul: f64, stream: us
     }
     let blocks = n.div_ceil(block);
     out.expect_same_device(x)?;
-    out.expect_dtype(&[DType::F32])?;
+    out.expect_dtype(&[DType::F32, x.dtype])?;
     expect_contiguous(out)?;
     out.expect_shape(&[b as i64, h as i64, blocks as i64, d as i64])?;
     if b == 0 || h == 0 || n == 0 {
@@ -345,7 +355,7 @@ pub fn pool(x: &TensorView, out: &TensorView, block: usize, mul: f64, stream: us
         pad_: 0,
     };
     let dev = driver::device_of(x, "the pooling kernel")?;
-    let f = dev.function(&pool_kernel(x.dtype, d), 0)?;
+    let f = dev.function(&pool_kernel(x.dtype, d, out.dtype != DType::F32), 0)?;
     let cfg = LaunchConfig { grid: (blocks as u32, h as u32, b as u32), block: (256, 1, 1), smem_bytes: 0 };
     dev.launch(f, cfg, stream, &mut [&mut p as *mut PoolParams as *mut c_void])
 }
