@@ -598,6 +598,11 @@ def test_vertical_slash_mask_and_lists(b, nq, nk, h, n_cols, n_diag):
     want = vertical_slash_definition(cols, diags, nq, nk)
     assert torch.equal(bm.to_dense(), want)
     assert torch.equal(kernel_lists_to_dense(bm, nq, nk), want)
+    # vertical_slash's columns (distinct, ascending, in range) skip the sorts: the same mask.
+    distinct = torch.stack([torch.stack([torch.unique(c[(c >= 0) & (c < nk)])[:10] for c in row]) for row in cols])
+    fast = sp.VerticalSlashMask(distinct, diags, seq_lengths=(nq, nk), _distinct_sorted=True)
+    assert torch.equal(fast.columns, sp.VerticalSlashMask(distinct, diags, seq_lengths=(nq, nk)).columns)
+    assert torch.equal(kernel_lists_to_dense(fast, nq, nk), vertical_slash_definition(distinct, diags, nq, nk))
 
 
 @pytest.mark.parametrize("device", devices())

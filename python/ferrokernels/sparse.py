@@ -826,6 +826,9 @@ class _VerticalSlashMod:
         return (tiles[b, h, q // TILE, kv // TILE] | is_col[b, h, kv]) & (kv <= q + self.mask._off)
 
 
+_VS_CUT_BITS = {}  # (off % 128, device) -> VerticalSlashMask._bitmaps
+
+
 class VerticalSlashMask(BlockMask):
     """MInference's vertical-slash pattern for one (q_len, kv_len) causal (bottom-right) call:
     query at position ``p`` (row + kv_len - q_len) attends key ``c <= p`` when ``c`` is one of its
@@ -843,7 +846,7 @@ class VerticalSlashMask(BlockMask):
     blocks there.
     """
 
-    def __init__(self, columns, diagonals, *, seq_lengths: Tuple[int, int]):
+    def __init__(self, columns, diagonals, *, seq_lengths: Tuple[int, int], _distinct_sorted: bool = False):
         nq, nk = (int(n) for n in seq_lengths)
         if nk < nq or nq < 1:
             raise ValueError(f"vertical-slash masks need 1 <= q_len <= kv_len, got {seq_lengths!r}")
@@ -859,11 +862,16 @@ class VerticalSlashMask(BlockMask):
         dev = columns.device
         b, h = columns.shape[:2]
         # Columns sorted, duplicates and ids out of range turned into `nk` (never visible), padded
-        # to whole tiles with it.
-        cols = torch.where((columns >= 0) & (columns < nk), columns.long(), nk)
-        cols = torch.cat([cols, torch.full((b, h, (-cols.shape[-1]) % TILE), nk, device=dev)], -1).sort(-1).values
-        dup = torch.cat([torch.zeros_like(cols[..., :1], dtype=torch.bool), cols[..., 1:] == cols[..., :-1]], -1)
-        self.columns = torch.where(dup, nk, cols).sort(-1).values
+        # to whole tiles with it. (`_distinct_sorted`: vertical_slash's top-k gives ascending,
+        # distinct, in-range ids already; the two sorts cost more host time than its kernels.)
+        pad = (-columns.shape[-1]) % TILE
+        if _distinct_sorted:
+            self.columns = torch.nn.functional.pad(columns.long(), (0, pad), value=nk)
+        else:
+            cols = torch.where((columns >= 0) & (columns < nk), columns.long(), nk)
+            cols = torch.cat([cols, torch.full((b, h, pad), nk, device=dev)], -1).sort(-1).values
+            dup = torch.cat([torch.zeros_like(cols[..., :1], dtype=torch.bool), cols[..., 1:] == cols[..., :-1]], -1)
+            self.columns = torch.where(dup, nk, cols).sort(-1).values
         # Diagonal d crosses, in query block i, key tiles i + floor((off - d) / 128) and
         # i + floor((off - d + 127) / 128): the relative tiles r, stored at r - r_min (one
         # spare slot at the end for the dropped ones).
@@ -930,10 +938,14 @@ class VerticalSlashMask(BlockMask):
 
     def _bitmaps(self):
         """The two causal bitmaps of a diagonal cut: key tile j = i + off // 128 + t of query
-        block i, row r sees key c iff 128 t + c <= r + off % 128."""
-        r = torch.arange(TILE, device=self.device)[:, None] + self._off % TILE
-        c = torch.arange(TILE, device=self.device)[None, :]
-        return _pack_bits(torch.stack([c <= r, TILE + c <= r]))
+        block i, row r sees key c iff 128 t + c <= r + off % 128. Built once per (off % 128,
+        device)."""
+        key = (self._off % TILE, self.device)
+        if key not in _VS_CUT_BITS:
+            r = torch.arange(TILE, device=self.device)[:, None] + self._off % TILE
+            c = torch.arange(TILE, device=self.device)[None, :]
+            _VS_CUT_BITS[key] = _pack_bits(torch.stack([c <= r, TILE + c <= r]))
+        return _VS_CUT_BITS[key]
 
     def _gpu_tiles(self):
         nq, nk = self.seq_lengths
@@ -1061,7 +1073,7 @@ def vertical_slash(q, k, *, vertical_size: int = 1000, slash_size: int = 6096, l
     from .kv import _top
     columns = _top(vert, min(vertical_size, nk))
     diagonals = _top(slash, min(slash_size, nk))
-    return VerticalSlashMask(columns, diagonals, seq_lengths=(nq, nk))
+    return VerticalSlashMask(columns, diagonals, seq_lengths=(nq, nk), _distinct_sorted=True)
 
 
 # --- transformers: sparse prefill ---------------------------------------------------------------
