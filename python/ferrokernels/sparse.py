@@ -597,11 +597,14 @@ def _select_gpu(scores, nq, nk, *, causal, off, softmax, top_k, threshold, sink_
     return BlockMask._from_tiles(tiles, seq_lengths=(nq, nk), mask_mod=CausalMod(off) if causal else None)
 
 
-def _pool_on_gpu(x) -> bool:
-    """The pooling kernel takes 16-bit floats of head dim 64/128/256 in 16-byte pieces."""
+def _pieces_on_gpu(x) -> bool:
+    """x a 16-bit CUDA tensor the estimate kernels can read in 16-byte pieces (kernels on)."""
     return (_SELECT_KERNEL and is_torch(x) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[-1] in (64, 128, 256) and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st % 8 == 0 for st in x.stride()[:3]))
+            and x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in x.stride()[:3]))
+
+
+def _pool_on_gpu(x) -> bool:
+    return _pieces_on_gpu(x) and x.shape[-1] in (64, 128, 256)  # the pooling kernel's head dims
 
 
 def _pool(x, block_size, mul=1.0, dtype=None):
@@ -631,9 +634,7 @@ def _grouped_scores(a, b):
 
 
 def _strided_on_gpu(x) -> bool:
-    return (_SELECT_KERNEL and is_torch(x) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[-1] % 8 == 0 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st % 8 == 0 for st in x.stride()[:3]))
+    return _pieces_on_gpu(x) and x.shape[-1] % 8 == 0
 
 
 def _strided(q, k, block_size, stride):
