@@ -21,7 +21,7 @@ for b, n in [(1, 8192), (1, 32768), (16, 8192)]:
     kc = torch.gather(k[:, :n], 3, ch[:, None].expand(b, n, HK, D // 2)).transpose(1, 2).contiguous()
     vc = v[:, :n].transpose(1, 2).contiguous()
     lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-    kn, vn = k[:, n:].contiguous(), v[:, n:].contiguous()
+    kn, vn = k[:, n:].transpose(1, 2).contiguous(), v[:, n:].transpose(1, 2).contiguous()  # heads first
     think = lambda: kv.pruned_attention(q, kc, ch, vc, lens, k_new=kn, v_new=vn, new_before=NEW - 1)  # noqa: E731
     full_lens = torch.full((b,), n + NEW, dtype=torch.int32, device="cuda")
     full = lambda: fk.decode_attention(q, k, v, full_lens)  # noqa: E731

@@ -352,8 +352,10 @@ def test_pruned_attention_is_attention_over_the_zeroed_keys(device, softcap):
         pad = torch.arange(p_len, device=device) >= lens.to(device)[:, None]                  # (b, P)
         kc[pad[:, None, :, None].expand_as(kc)] = 1e4  # padding must not count
         vc[pad[:, None, :, None].expand_as(vc)] = 1e4
-        out = kv.pruned_attention(q, kc, compact.channels, vc, lens.to(device), k_new=k_new, v_new=v_new,
-                                  new_before=before, softcap=softcap)
+        q_before = q.clone()
+        out = kv.pruned_attention(q, kc, compact.channels, vc, lens.to(device), k_new=k_new.transpose(1, 2),
+                                  v_new=v_new.transpose(1, 2), new_before=before, softcap=softcap)
+        assert torch.equal(q, q_before)  # the inputs are left as they were
         zeroed = torch.zeros(b, p_len, hk, d, dtype=torch.float64, device=device).scatter_(
             3, compact.channels[:, None].expand(b, p_len, hk, -1), compact.keys.double())
         ks = torch.cat([zeroed, k_new.double()], 1).repeat_interleave(hq // hk, 2)

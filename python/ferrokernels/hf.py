@@ -589,7 +589,7 @@ class CompressedCache(_SelfAttendingCache):
         self.tables: List = [None] * self.num_layers     # block table of a per-head layer, else None
         self.seen_tokens: Optional[List[int]] = None  # real tokens per sequence before compression
         self.channels: List = [None] * self.num_layers   # ThinK: kept key channels (b, heads_kv, kept)
-        self.k_new: List = [None] * self.num_layers      # ThinK: the new tokens' full K/V (b, max_new, heads_kv, D)
+        self.k_new: List = [None] * self.num_layers      # ThinK: the new tokens' full K/V (b, heads_kv, max_new, D)
         self.v_new: List = [None] * self.num_layers
         self.new_len = [0] * self.num_layers
 
@@ -680,7 +680,7 @@ class CompressedCache(_SelfAttendingCache):
     def _store_think(self, layer, q, k, v, valid) -> None:
         """ThinK: each sequence's real prefill tokens with their keys on the press's channels,
         padded to the longest, (b, heads_kv, P, kept) and (b, heads_kv, P, D); room for
-        max_new full new tokens."""
+        max_new full new tokens (b, heads_kv, max_new, D)."""
         b = k.shape[0]
         rows = [None] * b if valid is None else [valid[i].nonzero().flatten().to(k.device) for i in range(b)]
         lens = [k.shape[1] if r is None else len(r) for r in rows]
@@ -695,8 +695,8 @@ class CompressedCache(_SelfAttendingCache):
             kc[i, :, :lens[i]] = torch.gather(ki, 3, idx)[0].transpose(0, 1)
             vc[i, :, :lens[i]] = vi[0].transpose(0, 1)
         self.k[layer], self.v[layer], self.channels[layer] = kc, vc, ch
-        self.k_new[layer] = k.new_zeros(b, self.max_new, self.heads_kv, self.head_dim)
-        self.v_new[layer] = v.new_zeros(b, self.max_new, self.heads_kv, v.shape[-1])
+        self.k_new[layer] = k.new_zeros(b, self.heads_kv, self.max_new, self.head_dim)  # heads first, as kept
+        self.v_new[layer] = v.new_zeros(b, self.heads_kv, self.max_new, v.shape[-1])
         self.new_len[layer] = 0
         self.lengths[layer], self.capacity[layer] = lens, [n + self.max_new for n in lens]
         self.seqlens[layer] = torch.tensor(lens, dtype=torch.int32, device=k.device)
@@ -709,13 +709,16 @@ class CompressedCache(_SelfAttendingCache):
         if tuple(window) != (-1, -1):
             raise NotImplementedError("CompressedCache with ThinK does not take sliding-window layers")
         n0, q_len = self.new_len[layer], q.shape[1]
-        self.k_new[layer][:, n0:n0 + q_len] = k
-        self.v_new[layer][:, n0:n0 + q_len] = v
+        self.k_new[layer][:, :, n0:n0 + q_len] = k.transpose(1, 2)
+        self.v_new[layer][:, :, n0:n0 + q_len] = v.transpose(1, 2)
         self.new_len[layer] = n0 + q_len
+        prefix = [n - n0 for n in self.lengths[layer]]  # the prefill's tokens per sequence
         self.lengths[layer] = [n + q_len for n in self.lengths[layer]]
-        return pruned_attention(q, self.k[layer], self.channels[layer], self.v[layer], self.seqlens[layer],
-                                k_new=self.k_new[layer][:, :n0 + q_len], v_new=self.v_new[layer][:, :n0 + q_len],
-                                new_before=n0, scale=scale, softcap=softcap or 0.0)
+        padded = any(n != self.k[layer].shape[2] for n in prefix)  # known on the host: no mask without padding
+        return pruned_attention(q, self.k[layer], self.channels[layer], self.v[layer],
+                                self.seqlens[layer] if padded else None, k_new=self.k_new[layer][:, :, :n0 + q_len],
+                                v_new=self.v_new[layer][:, :, :n0 + q_len], new_before=n0, scale=scale,
+                                softcap=softcap or 0.0)
 
     def _attend_layer(self, layer, q, k, v, mask, valid, scale, window, softcap):
         b, q_len = q.shape[:2]

@@ -36,6 +36,7 @@ per-head lengths (presses with per-head budgets pad to the longest head).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -392,48 +393,60 @@ class ChannelPruned:
         return torch.gather(q, 3, ch[:, None].expand(b, n, hq, ch.shape[-1]))
 
 
+@functools.lru_cache(maxsize=64)
+def _later_than(q_len: int, m: int, before: int, device) -> "torch.Tensor":
+    """bool (q_len, m): new token j is past query t (j > before + t), built once per step shape."""
+    t = torch.arange(q_len, device=device)[:, None]
+    return torch.arange(m, device=device)[None, :] > before + t
+
+
 def pruned_attention(q, keys, channels, values, lengths=None, *, k_new=None, v_new=None, new_before: int = 0,
                      scale: Optional[float] = None, softcap: float = 0.0):
     """Attention of q ``(batch, q_len, heads_q, D)`` over a ThinK-pruned prefix plus full new
-    tokens: scores with the prefix are q on each kv head's kept ``channels`` (batch, heads_kv,
-    kept) against ``keys`` ``(batch, heads_kv, P, kept)``, with the new tokens q against
-    ``k_new`` ``(batch, M, heads_kv, D)``; one softmax over both, then ``values`` ``(batch,
-    heads_kv, P, Dv)`` and ``v_new``. ``lengths`` (batch,) int: a sequence's real prefix (the
-    rest is padding, which must be finite: it is weighted by zero); query t sees new tokens up to ``new_before + t`` (q_len new tokens after
+    tokens, every K/V heads first: scores with the prefix are q on each kv head's kept
+    ``channels`` (batch, heads_kv, kept) against ``keys`` ``(batch, heads_kv, P, kept)``, with
+    the new tokens q against ``k_new`` ``(batch, heads_kv, M, D)``; one softmax over both, then
+    ``values`` ``(batch, heads_kv, P, Dv)`` and ``v_new``. ``lengths`` (batch,) int: a
+    sequence's real prefix (the rest is padding, which must be finite: it is weighted by zero;
+    None: no padding); query t sees new tokens up to ``new_before + t`` (q_len new tokens after
     ``new_before`` earlier ones, all already in ``k_new``). Equal to attention over the keys
     with the dropped channels zeroed (kvpress's ThinK), without storing them.
 
-    Batched float32-accumulated matmuls (torch): every kept key is read once per step."""
+    Batched float32-accumulated matmuls (torch), every kept key read once per step; about a
+    dozen launches (a decode step is host-bound in eager mode)."""
     b, q_len, hq, d = q.shape
     hk, p_len, kept = keys.shape[1], keys.shape[2], keys.shape[3]
-    g = hq // hk
+    g, dv = hq // hk, values.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    qg = q.view(b, q_len, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b * hk, g * q_len, d)  # rows (group, t)
+    # Rows (group, t) per kv head, scaled once here rather than in both score tensors: one
+    # launch into a new tensor (an in-place scale of a reshape could write into q itself).
+    qg = torch.empty(b, hk, g, q_len, d, dtype=q.dtype, device=q.device)
+    torch.mul(q.view(b, q_len, hk, g, d).permute(0, 2, 3, 1, 4), scale, out=qg)
+    qg = qg.view(b * hk, g * q_len, d)
     q_kept = torch.gather(qg.view(b, hk, g * q_len, d), 3, channels[:, :, None, :].expand(b, hk, g * q_len, kept))
 
-    def logits(qs, ks, hidden):  # scaled, capped, then masked (a cap would undo -inf)
-        s = bmm_f32(qs, ks.transpose(1, 2)) * scale
+    def logits(qs, ks, hidden):  # capped, then masked (a cap would undo -inf)
+        s = bmm_f32(qs, ks.transpose(1, 2))
         if softcap:
             s = torch.tanh(s / softcap) * softcap
-        return s.view(b, hk, g, q_len, -1).masked_fill(hidden, float("-inf"))
+        s = s.view(b, hk, g, q_len, -1)
+        return s if hidden is None else s.masked_fill(hidden, float("-inf"))
 
-    hidden = torch.zeros((), dtype=torch.bool, device=q.device)
+    hidden = None
     if lengths is not None:
         hidden = torch.arange(p_len, device=q.device) >= torch.as_tensor(lengths, device=q.device).view(b, 1, 1, 1, 1)
-    parts = [logits(q_kept.reshape(b * hk, g * q_len, kept), keys.reshape(b * hk, p_len, kept), hidden)]
+    s = logits(q_kept.reshape(b * hk, g * q_len, kept), keys.reshape(b * hk, p_len, kept), hidden)
     if k_new is not None:
-        m = k_new.shape[1]
-        t = torch.arange(q_len, device=q.device)[:, None]
-        later = torch.arange(m, device=q.device)[None, :] > new_before + t  # (q_len, m): causal among the new
-        parts.append(logits(qg, k_new.permute(0, 2, 1, 3).reshape(b * hk, m, d), later))
-    s = torch.cat(parts, -1)
-    pr = torch.softmax(s, -1).view(b * hk, g * q_len, -1)
-    dv = values.shape[-1]
-    out = bmm_f32(pr[..., :p_len].to(values.dtype), values.reshape(b * hk, p_len, dv))
+        m = k_new.shape[2]
+        s_new = logits(qg, k_new.reshape(b * hk, m, d), _later_than(q_len, m, new_before, q.device))
+        s = torch.cat([s, s_new], -1)
+    pr = torch.softmax(s, -1).view(b * hk, g * q_len, -1).to(values.dtype)
+    out = bmm_f32(pr[..., :p_len], values.reshape(b * hk, p_len, dv))
     if k_new is not None:
-        vn = v_new.permute(0, 2, 1, 3).reshape(b * hk, m, dv)
-        out += bmm_f32(pr[..., p_len:].to(values.dtype), vn)
-    return out.view(b, hk, g, q_len, dv).permute(0, 3, 1, 2, 4).reshape(b, q_len, hq, dv).to(q.dtype)
+        out += bmm_f32(pr[..., p_len:], v_new.reshape(b * hk, m, dv))
+    result = torch.empty(b, q_len, hq, dv, dtype=q.dtype, device=q.device)
+    result.view(b, q_len, hk, g, dv).permute(0, 2, 3, 1, 4).copy_(out.view(b, hk, g, q_len, dv))  # one launch
+    return result
 
 
 class AdaKV:
