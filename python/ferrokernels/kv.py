@@ -470,10 +470,11 @@ class AdaKV:
         safe = int(n_kept * self.alpha)
         s = scores.clone()
         if safe > 0:
-            s.scatter_(-1, s.topk(safe, -1).indices, torch.finfo(s.dtype).max)
-        pruned = hk * (n - n_kept)
-        drop = (-s.reshape(b, -1)).topk(pruned, -1).indices
-        keep = torch.ones(b, hk * n, dtype=torch.bool, device=s.device).scatter_(1, drop, False)
+            s.scatter_(-1, _top(s, safe), torch.finfo(s.dtype).max)
+        # kvpress drops the hk * (n - n_kept) lowest of the layer; keeping the hk * n_kept best
+        # is the same set (up to ties), and one radix select on CUDA instead of torch's top-k.
+        kept = _top(s.reshape(b, 1, hk * n), hk * n_kept).view(b, -1)
+        keep = torch.zeros(b, hk * n, dtype=torch.bool, device=s.device).scatter_(1, kept, True)
         return keep.view(b, hk, n)
 
     def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
@@ -487,12 +488,15 @@ class AdaKV:
 def _from_mask(keys, values, keep):
     """Compressed from a per-head kept mask (batch, heads_kv, seqlen): kept positions first,
     ascending, padded with -1 to the longest head (one host sync for that length)."""
-    lengths = keep.sum(-1).to(torch.int32)
+    lengths = keep.sum(-1, dtype=torch.int32)
     longest = max(1, int(lengths.max()))
     n = keep.shape[-1]
-    order = torch.where(keep, torch.arange(n, device=keep.device), n).sort(-1).values[..., :longest]
-    idx = torch.where(order < n, order, -1)
-    return _gather(keys, values, idx, lengths, padded=True)
+    # A kept position goes to its rank among its head's kept ones, the rest to a spare column
+    # n: a compaction in a few element-wise launches (a sort of the positions was ~85 us at 8K).
+    rank = torch.where(keep, keep.cumsum(-1) - 1, n)
+    idx = torch.full((*keep.shape[:-1], n + 1), -1, dtype=torch.int64, device=keep.device)
+    idx.scatter_(-1, rank, torch.arange(n, device=keep.device).expand_as(rank))
+    return _gather(keys, values, idx[..., :longest].contiguous(), lengths, padded=True)
 
 
 class DuoAttention:
@@ -553,46 +557,63 @@ class KVMerge:
     def __call__(self, keys, values, queries=None, *, layer: int = 0, n_layers: int = 1, lse=None) -> Compressed:
         _check_kv(keys, values, queries, self.needs_queries, "KVMerge")
         b, n, hk, d = keys.shape
+        dv = values.shape[3]
         scores = self.press.score(keys, values, queries, lse=lse)
         kept = min(n, self.press.budget(n, layer, n_layers))
         idx = _top(scores, kept)                                                 # (b, hk, kept)
-        keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)
         w = (scores - scores.amin(-1, keepdim=True) + 1e-3).float()             # positive weights
-        kf, vf = keys.float().transpose(1, 2), values.float().transpose(1, 2)  # (b, hk, n, d)
         # Kept tokens merge into themselves; evicted ones into their most similar kept key.
-        slot = torch.full((b, hk, n), 0, dtype=torch.long, device=keys.device)
+        slot = torch.empty(b, hk, n, dtype=torch.long, device=keys.device)      # every position is one or the other
         slot.scatter_(-1, idx, torch.arange(kept, device=keys.device).expand(b, hk, kept))
         if kept < n:
+            keep = torch.zeros(b, hk, n, dtype=torch.bool, device=keys.device).scatter_(-1, idx, True)
             evicted = _top((~keep).float(), n - kept)                            # (b, hk, n - kept)
             slot.scatter_(-1, evicted, self._most_similar(keys, idx, evicted))
+        lengths = torch.full((b, hk), kept, dtype=torch.int32, device=keys.device)
+        if _merge_kernels(keys, values):
+            kout = torch.empty(b, kept, hk, d, dtype=keys.dtype, device=keys.device)
+            vout = torch.empty(b, kept, hk, dv, dtype=values.dtype, device=values.device)
+            ws = torch.zeros(b * hk * kept * (d + dv + 1), dtype=torch.float32, device=keys.device)
+            _native.kv_merge_rows(keys, values, slot, idx, w.contiguous(), ws, kout, vout, stream=stream_of(keys))
+            return Compressed(kout, vout, idx, lengths)
         wsum = torch.zeros(b, hk, kept, device=keys.device).scatter_add_(-1, slot, w)
+        kf, vf = keys.float().transpose(1, 2), values.float().transpose(1, 2)  # (b, hk, n, d)
         kout = torch.zeros(b, hk, kept, d, device=keys.device).scatter_add_(2, slot[..., None].expand(b, hk, n, d), kf * w[..., None])
-        dv = values.shape[3]
         vout = torch.zeros(b, hk, kept, dv, device=keys.device).scatter_add_(2, slot[..., None].expand(b, hk, n, dv), vf * w[..., None])
         kout, vout = kout / wsum[..., None], vout / wsum[..., None]
-        lengths = torch.full((b, hk), kept, dtype=torch.int32, device=keys.device)
         return Compressed(kout.transpose(1, 2).to(keys.dtype).contiguous(), vout.transpose(1, 2).to(values.dtype).contiguous(),
                           idx, lengths)
 
     @staticmethod
     def _most_similar(keys, kept_idx, evicted_idx):
         """(b, hk, evicted): for each evicted token, the slot of the kept key with the highest
-        cosine similarity. Only evicted rows are compared, a chunk of them at a time (the
-        (evicted x kept) matrix is never whole); on CUDA in the keys' 16-bit dtype on the
-        tensor cores, on the CPU in float32."""
+        cosine similarity. On CUDA one kernel (kernels/kv_merge.cu: the similarities stay in
+        registers, float32); else only evicted rows are compared, a chunk of them at a time (the
+        (evicted x kept) matrix is never whole), in float32 (the reference)."""
         b, n, hk, d = keys.shape
-        fast = keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
-        unit = torch.nn.functional.normalize(keys.float(), dim=-1).to(keys.dtype if fast else torch.float32)
-        unit = unit.transpose(1, 2)                                              # (b, hk, n, d)
-        kk = torch.gather(unit, 2, kept_idx[..., None].expand(*kept_idx.shape, d)).transpose(-1, -2)
         ne = evicted_idx.shape[-1]
         out = torch.empty(b, hk, ne, dtype=torch.long, device=keys.device)
+        if _merge_kernels(keys, keys) and d <= 256:
+            # argmax_j k_e . k_j / max(|k_j|, eps): F.normalize's division, |k_e| left out.
+            norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).transpose(1, 2)   # (b, hk, n)
+            inv = torch.gather(norms, 2, kept_idx).clamp_min_(1e-12).reciprocal_()
+            _native.kv_merge_match(keys, kept_idx.contiguous(), evicted_idx.contiguous(), inv, out, stream=stream_of(keys))
+            return out
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1).transpose(1, 2)  # (b, hk, n, d)
+        kk = torch.gather(unit, 2, kept_idx[..., None].expand(*kept_idx.shape, d)).transpose(-1, -2)
         step = max(1, _CHUNK // max(1, b * hk * kept_idx.shape[-1]))
         for r0 in range(0, ne, step):
             rows = evicted_idx[..., r0:r0 + step]
             ke = torch.gather(unit, 2, rows[..., None].expand(*rows.shape, d))
             out[..., r0:r0 + step] = (ke @ kk).argmax(-1)
         return out
+
+
+def _merge_kernels(keys, values) -> bool:
+    """Whether KVMerge runs on its kernels: 16-bit K and V of one dtype on CUDA, rows the
+    kernels read in 16-byte pieces."""
+    return (_SCORE_KERNEL and keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
+            and values.dtype == keys.dtype and _rows_copyable(keys) and _rows_copyable(values))
 
 
 PRESSES = {"streaming_llm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "observed_attention": ObservedAttention,

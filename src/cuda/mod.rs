@@ -51,6 +51,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("kv_quant.cu", include_str!("../../kernels/kv_quant.cu")),
     ("window_scores.cu", include_str!("../../kernels/window_scores.cu")),
     ("kv_select.cu", include_str!("../../kernels/kv_select.cu")),
+    ("kv_merge.cu", include_str!("../../kernels/kv_merge.cu")),
     ("append_kv.cu", include_str!("../../kernels/append_kv.cu")),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     ("gemm_w8a8.cu", include_str!("../../kernels/gemm_w8a8.cu")),

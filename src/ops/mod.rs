@@ -5,6 +5,7 @@ pub mod attention;
 pub mod decode;
 pub mod gemm;
 pub mod gemm_w8a8;
+pub mod kv_merge;
 pub mod kv_quant;
 pub mod kv_select;
 pub mod quant_attention;
@@ -35,5 +36,6 @@ pub fn all_kernels() -> Vec<KernelSource> {
     v.push(window_scores::lse_merge_kernel());
     v.push(kv_select::topk_kernel());
     v.push(kv_select::gather_kernel());
+    v.extend(kv_merge::all_kernels());
     v
 }

@@ -12,6 +12,7 @@ use crate::ops::decode::{self, CacheDims, DecodeArgs, DecodeDims};
 use crate::ops::gemm::{self, Act, GemmArgs, PackedArgs, Zeros};
 use crate::ops::gemm_w8a8::{self, W8A8Args};
 use crate::ops::kv_quant::{self, KvFormat, KvQuantArgs};
+use crate::ops::kv_merge::{self, MatchArgs, MergeArgs};
 use crate::ops::kv_select::{self, GatherArgs};
 use crate::ops::quant_attention::{self, PackedSeqs, PrepArgs, QuantArgs};
 use crate::ops::sparse::{self, AntidiagArgs, Columns, PageBoundsArgs, SelectArgs, SparseArgs, VsArgs};
@@ -253,6 +254,63 @@ fn kv_select_gather(
     let (k_out, v_out) = (import(k_out, "k_out", stream, true)?, import(v_out, "v_out", stream, true)?);
     let args = GatherArgs { k: &k.view, v: &v.view, index: &index.view, k_out: &k_out.view, v_out: &v_out.view };
     py.detach(|| kv_select::gather(&args, stream)).map_err(to_py)
+}
+
+/// kv_merge_match(k, kept, evicted, inv_norm, slot, *, stream): each evicted token's most
+/// similar kept key (ops::kv_merge).
+#[pyfunction]
+#[pyo3(signature = (k, kept, evicted, inv_norm, slot, *, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn kv_merge_match(
+    py: Python<'_>,
+    k: &Bound<'_, PyAny>,
+    kept: &Bound<'_, PyAny>,
+    evicted: &Bound<'_, PyAny>,
+    inv_norm: &Bound<'_, PyAny>,
+    slot: &Bound<'_, PyAny>,
+    stream: usize,
+) -> PyResult<()> {
+    let k = import(k, "keys", stream, false)?;
+    let (kept, evicted) = (import(kept, "kept", stream, false)?, import(evicted, "evicted", stream, false)?);
+    let inv_norm = import(inv_norm, "inv_norm", stream, false)?;
+    let slot = import(slot, "slot", stream, true)?;
+    let args = MatchArgs { k: &k.view, kept: &kept.view, evicted: &evicted.view, inv_norm: &inv_norm.view, slot: &slot.view };
+    py.detach(|| kv_merge::match_kept(&args, stream)).map_err(to_py)
+}
+
+/// kv_merge_rows(k, v, slot, kept, w, workspace, k_out, v_out, *, stream): every token's K
+/// and V rows merged into its slot, weighted (ops::kv_merge).
+#[pyfunction]
+#[pyo3(signature = (k, v, slot, kept, w, workspace, k_out, v_out, *, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn kv_merge_rows(
+    py: Python<'_>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    slot: &Bound<'_, PyAny>,
+    kept: &Bound<'_, PyAny>,
+    w: &Bound<'_, PyAny>,
+    workspace: &Bound<'_, PyAny>,
+    k_out: &Bound<'_, PyAny>,
+    v_out: &Bound<'_, PyAny>,
+    stream: usize,
+) -> PyResult<()> {
+    let (k, v) = (import(k, "keys", stream, false)?, import(v, "values", stream, false)?);
+    let (slot, w) = (import(slot, "slot", stream, false)?, import(w, "weights", stream, false)?);
+    let kept = import(kept, "kept", stream, false)?;
+    let workspace = import(workspace, "workspace", stream, true)?;
+    let (k_out, v_out) = (import(k_out, "k_out", stream, true)?, import(v_out, "v_out", stream, true)?);
+    let args = MergeArgs {
+        k: &k.view,
+        v: &v.view,
+        slot: &slot.view,
+        kept: &kept.view,
+        w: &w.view,
+        workspace: &workspace.view,
+        k_out: &k_out.view,
+        v_out: &v_out.view,
+    };
+    py.detach(|| kv_merge::merge(&args, stream)).map_err(to_py)
 }
 
 /// sparse_vs_lists(rel, cols, count, index, bitmap, col_bits, *, key_tiles, r_min, off,
@@ -992,6 +1050,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(window_lse_workspace, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_topk, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_merge_match, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_merge_rows, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_vs_lists, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_pool_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_page_bounds, m)?)?;
