@@ -7,13 +7,13 @@
 // patterns (four 8-bit digits, a shared-memory histogram per digit) finds the k-th best value
 // t and how many of the values equal to t are taken; then one ordered pass writes every
 // position above t, and the first of those equal to t, at its rank among the kept (a block
-// scan), so the list comes out ascending without a sort. Ties go to the earlier position.
+// scan of warp counts, then ballots), so the list comes out ascending without a sort. Ties go
+// to the earlier position.
 //
 // kv_select_gather: one thread per 16-byte piece of a kept row, K and V alike; a negative
 // index (past a head's length) writes zeros.
 #pragma once
 #include "common/types.cuh"
-#include "common/block.cuh"
 
 constexpr int KS_THREADS = 1024;
 
@@ -36,7 +36,7 @@ __device__ __forceinline__ u32 ks_order(float x) {
 __device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
     __shared__ int hist[256];
     __shared__ u32 s_prefix, s_want;
-    __shared__ unsigned long long scan_tmp[32];
+    __shared__ u32 s_gt[KS_THREADS / 32], s_eq[KS_THREADS / 32];
     const int tid = threadIdx.x;
     const float* s = p.scores + (i64)blockIdx.x * p.n;
     // The k-th best key: fixed digit by digit from the top, `want` its rank among the keys
@@ -76,35 +76,53 @@ __device__ __forceinline__ void kv_select_topk(const KvTopkParams& p) {
         __syncthreads();
         prefix = s_prefix, want = s_want, mask |= 255u << shift;
     }
-    // prefix is the k-th best key; `want` of the keys equal to it are kept. Thread tid walks
-    // positions [lo, hi) in order; its first write lands after every kept key before lo.
-    const int per = (p.n + KS_THREADS - 1) / KS_THREADS;
-    const int lo = min(p.n, tid * per), hi = min(p.n, lo + per);
+    // prefix is the k-th best key; `want` of the keys equal to it are kept. Warp w walks
+    // positions [w * seg, (w + 1) * seg) 32 at a time, coalesced; a key's rank among the kept
+    // is the kept keys of the warps before (a scan of the warps' counts) plus ballots of its own
+    // warp's earlier lanes. (A thread per contiguous range made every load instruction of a
+    // warp touch 32 lines: ~100 us for one CTA over 64K scores.)
+    constexpr int WARPS = KS_THREADS / 32;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int seg = ((p.n + WARPS - 1) / WARPS + 31) & ~31;
+    const int lo = min(p.n, warp * seg), hi = min(p.n, lo + seg);
     u32 gt = 0, eq = 0;
-    for (int i = lo; i < hi; ++i) {
+    for (int i = lo + lane; i < hi; i += 32) {
         const u32 key = ks_order(s[i]);
         gt += key > prefix;
         eq += key == prefix;
     }
-    unsigned long long total;
-    const unsigned long long incl = block_inclusive_scan<unsigned long long, KS_THREADS>(((unsigned long long)gt << 32) | eq, scan_tmp, &total);
-    const unsigned long long excl = incl - (((unsigned long long)gt << 32) | eq);
-    u32 g_run = (u32)(excl >> 32), e_run = (u32)excl;
+    gt = __reduce_add_sync(0xffffffffu, gt);
+    eq = __reduce_add_sync(0xffffffffu, eq);
+    if (lane == 0) s_gt[warp] = gt, s_eq[warp] = eq;
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the warps' counts
+        u32 g = s_gt[lane], e = s_eq[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 yg = __shfl_up_sync(0xffffffffu, g, o), ye = __shfl_up_sync(0xffffffffu, e, o);
+            if (lane >= o) g += yg, e += ye;
+        }
+        s_gt[lane] = g - s_gt[lane], s_eq[lane] = e - s_eq[lane];
+    }
+    __syncthreads();
+    u32 g_run = s_gt[warp], e_run = s_eq[warp];
     const i64 at = (i64)blockIdx.x * p.k;
     const i32* lookup = p.lookup ? p.lookup + (i64)(blockIdx.x / p.group) * p.lookup_stride : nullptr;
     auto put = [&](u32 r, int i) {
         if (lookup) p.mapped[at + r] = lookup[i];
         else p.index[at + r] = i;
     };
-    for (int i = lo; i < hi; ++i) {
-        const u32 key = ks_order(s[i]);
-        if (key > prefix) {
-            put(g_run + min(e_run, want), i);
-            ++g_run;
-        } else if (key == prefix) {
-            if (e_run < want) put(g_run + e_run, i);
-            ++e_run;
-        }
+    const u32 earlier = (1u << lane) - 1;
+    for (int base = lo; base < hi; base += 32) {  // warp-uniform trips: the ballots need every lane
+        const int i = base + lane;
+        const u32 key = i < hi ? ks_order(s[i]) : 0u;
+        const bool is_gt = i < hi && key > prefix, is_eq = i < hi && key == prefix;
+        const u32 bg = __ballot_sync(0xffffffffu, is_gt), be = __ballot_sync(0xffffffffu, is_eq);
+        const u32 my_g = g_run + __popc(bg & earlier), my_e = e_run + __popc(be & earlier);
+        if (is_gt) put(my_g + min(my_e, want), i);
+        else if (is_eq && my_e < want) put(my_g + my_e, i);
+        g_run += __popc(bg);
+        e_run += __popc(be);
     }
 }
 

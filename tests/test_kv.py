@@ -191,7 +191,8 @@ def test_presses_on_the_score_kernel_keep_what_torch_keeps(dtype, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows,n,k", [(16, 8192, 4096), (3, 1000, 1), (5, 777, 777), (2, 100_003, 31_337), (7, 64, 33)])
+@pytest.mark.parametrize("rows,n,k", [(16, 8192, 4096), (3, 1000, 1), (5, 777, 777), (2, 100_003, 31_337), (7, 64, 33),
+                                    (1, 65_541, 32_768)])
 def test_topk_kernel_against_torch(rows, n, k):
     """The radix-select kernel keeps exactly torch's top-k set, ascending, on distinct scores
     (negative and positive, a few huge); on ties it takes the earliest positions."""
