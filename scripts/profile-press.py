@@ -1,10 +1,12 @@
 """Where a press's time goes: the GPU kernels it launches (torch profiler, summed per kernel
-name over 5 calls) beside its eager and CUDA-graph time per call, at (1, 8K).
+name over 5 calls) beside its eager and CUDA-graph time per call, at batch 1.
 
-python scripts/profile-press.py [press ...]   (names for kv.make_press; default kvmerge adakv duo_attention)
-32 q / 8 kv heads, D=128, bf16, ratio 0.5, a 64-query window, the prefill's LSE given.
+N=32768 python scripts/profile-press.py [press ...]   (names for kv.make_press; default kvmerge adakv
+duo_attention; N the layer's tokens, default 8192) 32 q / 8 kv heads, D=128, bf16, ratio 0.5,
+a 64-query window, the prefill's LSE given.
 """
 
+import os
 import sys
 
 import torch
@@ -14,7 +16,8 @@ import ferrokernels as fk
 import ferrokernels.kv as kv
 from ferrokernels.bench import time_graph_ms, time_ms
 
-HQ, HK, D, W, N = 32, 8, 128, 64, 8192
+HQ, HK, D, W = 32, 8, 128, 64
+N = int(os.environ.get("N", 8192))
 names = sys.argv[1:] or ["kvmerge", "adakv", "duo_attention"]
 q = torch.randn(1, N, HQ, D, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(1, N, HK, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -59,13 +59,15 @@ impl MatchSpec {
     pub fn kernel(&self) -> KernelSource {
         let source = format!(
             "#include \"kv_merge.cu\"\n\
-             extern \"C\" __global__ void __launch_bounds__(128, 1) {name}(const __grid_constant__ KvMatchParams p) {{\n\
+             extern \"C\" __global__ void __launch_bounds__(128, {min_blocks}) {name}(const __grid_constant__ KvMatchParams p) {{\n\
              \x20   extern __shared__ __align__(16) unsigned char smem_raw[];\n\
              \x20   kv_merge_match<{t}, {d}, {mt}>(p, smem_raw);\n}}\n",
             name = self.name(),
             t = ctype(self.dtype),
             d = self.head_dim,
             mt = self.m_tiles(),
+            // Three CTAs per SM at D <= 128 (<= 170 registers): a 32K layer has ~8 CTAs per SM of work.
+            min_blocks = if self.head_dim <= 128 { 3 } else { 1 },
         );
         KernelSource::portable(self.name(), source)
     }
