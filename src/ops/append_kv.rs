@@ -8,7 +8,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{batch_strides, ctype, ptr, shape_err};
+use crate::ops::attention::{batch_strides, ctype, dtype_name, ptr, shape_err};
 use crate::ops::decode::{CacheDims, check_cache};
 use std::ffi::c_void;
 
@@ -129,7 +129,7 @@ impl AppendSpec {
     }
 
     pub fn name(&self) -> String {
-        format!("append_kv_{}", if self.dtype == DType::F16 { "f16" } else { "bf16" })
+        format!("append_kv_{}", dtype_name(self.dtype))
     }
 
     pub fn kernel(&self) -> KernelSource {

@@ -161,9 +161,14 @@ pub(crate) fn ctype(dtype: DType) -> &'static str {
     if dtype == DType::F16 { "__half" } else { "__nv_bfloat16" }
 }
 
+/// A 16-bit dtype's short name in kernel symbols: `f16` or `bf16`.
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
+    if dtype == DType::F16 { "f16" } else { "bf16" }
+}
+
 /// `<prefix>_<f16|bf16>_d<D>[_dv<DV>][_x]`: the symbol and cache-file stem of a kernel variant.
 fn variant_name(prefix: &str, dtype: DType, d: usize, dv: usize, extras: bool) -> String {
-    let t = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let t = dtype_name(dtype);
     let dv = if dv == d { String::new() } else { format!("_dv{dv}") };
     let x = if extras { "_x" } else { "" };
     format!("{prefix}_{t}_d{d}{dv}{x}")

@@ -14,7 +14,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{WINDOW_NONE, batch_strides, ctype, ptr, shape_err, window_side};
+use crate::ops::attention::{WINDOW_NONE, batch_strides, ctype, dtype_name, ptr, shape_err, window_side};
 use std::ffi::c_void;
 
 pub const Q_LAYOUT: &str = "(batch, q_len, heads_q, head_dim)";
@@ -423,18 +423,14 @@ impl DecodeSpec {
         ((16 * self.warps_on_rows * srow + self.stages * 2 * Self::BLOCK_N * srow) * 2) as u32
     }
 
-    fn tname(&self) -> &'static str {
-        if self.dtype == DType::F16 { "f16" } else { "bf16" }
-    }
-
     pub fn name(&self) -> String {
         let default = if self.head_dim_pad > 128 { 2 } else { 3 };
         let stages = if self.stages == default { String::new() } else { format!("_s{}", self.stages) };
-        format!("decode_fwd_{}_d{}_r{}{stages}", self.tname(), self.head_dim_pad, self.warps_on_rows)
+        format!("decode_fwd_{}_d{}_r{}{stages}", dtype_name(self.dtype), self.head_dim_pad, self.warps_on_rows)
     }
 
     pub fn merge_name(&self) -> String {
-        format!("decode_merge_{}_d{}", self.tname(), self.head_dim_pad)
+        format!("decode_merge_{}_d{}", dtype_name(self.dtype), self.head_dim_pad)
     }
 
     pub fn kernel(&self) -> KernelSource {

@@ -13,7 +13,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, ptr, shape_err};
+use crate::ops::attention::{ctype, dtype_name, ptr, shape_err};
 use std::ffi::c_void;
 
 /// How codes turn into weights, per group.
@@ -236,7 +236,7 @@ impl GemmSpec {
     }
 
     pub fn name(&self) -> String {
-        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let t = dtype_name(self.dtype);
         let (stages, kts) = Self::default_pipeline(self.mt);
         let pipe = if (self.stages, self.kts) == (stages, kts) { String::new() } else { format!("_s{}k{}", self.stages, self.kts) };
         format!("gemm_w{}_{t}_{}_m{}{pipe}", self.bits, self.zk().0, self.mt * 8)
@@ -259,7 +259,7 @@ impl GemmSpec {
     }
 
     pub fn dequant_name(&self) -> String {
-        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let t = dtype_name(self.dtype);
         format!("gemm_dequant_w{}_{t}_{}", self.bits, self.zk().0)
     }
 

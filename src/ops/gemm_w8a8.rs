@@ -8,7 +8,7 @@ use crate::cuda::driver::{self, LaunchConfig};
 use crate::cuda::tma::{self, TensorMap};
 use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, ptr, shape_err};
+use crate::ops::attention::{ctype, dtype_name, ptr, shape_err};
 use crate::ops::gemm::{Act, GemmPlan, cuda_ordinal, expect_contiguous, split_k, split_k_buffers};
 use std::ffi::c_void;
 
@@ -23,10 +23,6 @@ fn kind_name(act: Act) -> (&'static str, &'static str) {
         Act::Int8 => ("int8", "W8_INT8"),
         _ => ("fp8", "W8_FP8"),
     }
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    if dtype == DType::F16 { "f16" } else { "bf16" }
 }
 
 /// One specialisation of `gemm_w8a8_sm90`: tokens per CTA `bt` (8..256).

@@ -6,17 +6,13 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, TensorView};
 use crate::error::Result;
-use crate::ops::attention::{ctype, shape_err};
+use crate::ops::attention::{ctype, dtype_name, shape_err};
 use std::ffi::c_void;
 
 /// Head dims of the match kernel (head_dim is padded up to one of them with zero channels).
 const MATCH_DIMS: [usize; 3] = [64, 128, 256];
 const KM_BN: usize = 64;
 const KM_STAGES: usize = 3;
-
-fn dtype_tag(dtype: DType) -> &'static str {
-    if dtype == DType::F16 { "f16" } else { "bf16" }
-}
 
 /// One match kernel: the keys' dtype and the padded head dim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +49,7 @@ impl MatchSpec {
     }
 
     pub fn name(&self) -> String {
-        format!("kv_merge_match_{}_d{}", dtype_tag(self.dtype), self.head_dim)
+        format!("kv_merge_match_{}_d{}", dtype_name(self.dtype), self.head_dim)
     }
 
     pub fn kernel(&self) -> KernelSource {
@@ -75,7 +71,7 @@ impl MatchSpec {
 
 /// kv_merge_add / kv_merge_finish for one dtype.
 fn merge_kernel(step: &str, dtype: DType) -> KernelSource {
-    let name = format!("kv_merge_{step}_{}", dtype_tag(dtype));
+    let name = format!("kv_merge_{step}_{}", dtype_name(dtype));
     let source = format!(
         "#include \"kv_merge.cu\"\n\
          extern \"C\" __global__ void __launch_bounds__(256) {name}(const __grid_constant__ KvMergeParams p) {{\n\

@@ -12,7 +12,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver;
 use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, ptr, shape_err};
+use crate::ops::attention::{ctype, dtype_name, ptr, shape_err};
 use crate::ops::decode::{self, CacheDims, DecodeDims, DecodeLaunch, DecodeParams, Plan};
 use std::ffi::c_void;
 
@@ -252,7 +252,7 @@ impl KvQuantSpec {
     }
 
     pub fn name(&self) -> String {
-        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let t = dtype_name(self.dtype);
         let stages = if self.stages == Self::default_stages(self.format) { String::new() } else { format!("_s{}", self.stages) };
         format!("kv_quant_decode_{t}_d{}_r{}_{}{stages}", self.head_dim, self.warps_on_rows, self.format.name())
     }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::cuda::tma::{self, TensorMap};
 use crate::ops::attention::{
     self, AttentionArgs, AttentionSm90Params, CausalAlign, Dims, MaskKind, Sm90Grid, TileList, VARLEN_LAYOUT, Varlen,
-    WINDOW_NONE, ctype, shape_err,
+    WINDOW_NONE, ctype, dtype_name, shape_err,
 };
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
@@ -32,7 +32,7 @@ pub struct PrepSpec {
 
 impl PrepSpec {
     fn suffix(&self) -> String {
-        format!("{}_d{}", if self.dtype == DType::F16 { "f16" } else { "bf16" }, self.d)
+        format!("{}_d{}", dtype_name(self.dtype), self.d)
     }
 
     fn source(&self, name: &str, params: &str, body: &str) -> KernelSource {
@@ -118,7 +118,7 @@ impl QuantSpec {
 
     pub fn name(&self) -> String {
         let pp = if self.pingpong { "" } else { "_free" };
-        let dt = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let dt = dtype_name(self.dtype);
         let op = if self.fp8_qk { "fp8_attention" } else { "quant_attention" };
         let vr = if self.v_residual { "_vx2" } else { "" };
         let sum = if self.mma_sum { "" } else { "_alusum" };

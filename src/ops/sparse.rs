@@ -8,7 +8,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{self, AttentionArgs, SparseTiles, TileList, shape_err};
+use crate::ops::attention::{self, AttentionArgs, SparseTiles, TileList, dtype_name, shape_err};
 use crate::ops::gemm::expect_contiguous;
 use std::ffi::c_void;
 
@@ -288,7 +288,7 @@ struct PoolParams {
 
 /// `sparse_pool_<x dtype>_d<D>`, `_o16` when the means are written in x's dtype.
 fn pool_name(dtype: DType, d: usize, out16: bool) -> String {
-    format!("sparse_pool_{}_d{d}{}", if dtype == DType::F16 { "f16" } else { "bf16" }, if out16 { "_o16" } else { "" })
+    format!("sparse_pool_{}_d{d}{}", dtype_name(dtype), if out16 { "_o16" } else { "" })
 }
 
 pub fn pool_kernel(dtype: DType, d: usize, out16: bool) -> KernelSource {
@@ -390,7 +390,7 @@ struct PageBoundsParams {
 const PB_PAGES: usize = 64;
 
 fn page_bounds_name(dtype: DType) -> String {
-    format!("sparse_page_bounds_{}", if dtype == DType::F16 { "f16" } else { "bf16" })
+    format!("sparse_page_bounds_{}", dtype_name(dtype))
 }
 
 pub fn page_bounds_kernel(dtype: DType) -> KernelSource {
@@ -531,7 +531,7 @@ struct AntidiagParams {
 }
 
 fn antidiag_name(dtype: DType) -> String {
-    format!("sparse_antidiag_{}", if dtype == DType::F16 { "f16" } else { "bf16" })
+    format!("sparse_antidiag_{}", dtype_name(dtype))
 }
 
 pub fn antidiag_kernel(dtype: DType) -> KernelSource {

@@ -7,7 +7,7 @@ use crate::cuda::KernelSource;
 use crate::cuda::driver::{self, LaunchConfig};
 use crate::dlpack::{DType, TensorView};
 use crate::error::{Error, Result};
-use crate::ops::attention::{ctype, shape_err};
+use crate::ops::attention::{ctype, dtype_name, shape_err};
 use std::ffi::c_void;
 
 /// Query rows per chunk (kernels/window_scores.cu: WS_ROWS).
@@ -76,7 +76,7 @@ impl WindowScoresSpec {
     }
 
     pub fn name(&self) -> String {
-        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let t = dtype_name(self.dtype);
         format!("window_scores_{t}_d{}{}", self.head_dim, if self.diag { "_diag" } else { "" })
     }
 
@@ -201,7 +201,7 @@ pub struct WindowLseArgs<'a> {
 
 impl WindowScoresSpec {
     pub fn lse_name(&self) -> String {
-        let t = if self.dtype == DType::F16 { "f16" } else { "bf16" };
+        let t = dtype_name(self.dtype);
         format!("window_lse_{t}_d{}", self.head_dim)
     }
 
